@@ -1,0 +1,52 @@
+"""``create_app(settings)``: the one factory that wires the service layer to the routes."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from cache_server.errors import ServiceError
+from cache_server.routes import corpora, datasets, harvests, system, zarr_http
+from cache_server.services import build_services
+from cache_server.settings import Settings
+
+log = logging.getLogger("cache_server")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services.jobs.start()
+        yield
+        services.jobs.stop()
+
+    app = FastAPI(title="Activation cache server", version="0.1.0", lifespan=lifespan,
+                  description="Harvest transformer activations into chunked Zarr stores and serve them.")
+    app.state.services = services
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    for module in (system, corpora, harvests, datasets, zarr_http):
+        app.include_router(module.router)
+    return app
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))

@@ -1,0 +1,69 @@
+"""``cache-server``: start the service. Flags override ``CACHE_SERVER_*`` environment variables."""
+
+import argparse
+import errno
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from cache_server.settings import Settings
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(prog="cache-server", description=__doc__)
+    parser.add_argument("--store", type=Path, help="folder for datasets, corpora and jobs (default ./store)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--token", help="bearer token required by mutating endpoints")
+    parser.add_argument("--models-dir", type=Path, help="folder of local Hugging Face model folders")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
+                        help="never load models from the Hugging Face hub")
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return Settings(**args)
+
+
+def _check_store(store: Path) -> str | None:
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create store folder {store}: {exc.strerror}"
+    if not os.access(store, os.W_OK):
+        return f"store folder {store} is not writable; pick another with --store"
+    return None
+
+
+def _check_port(host: str, port: int) -> str | None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use; stop the other server or pass --port"
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except Exception as exc:  # pydantic's message names the bad setting
+        print(f"cache-server: error: {exc}", file=sys.stderr)
+        return 2
+    problem = _check_store(settings.store) or _check_port(settings.host, settings.port)
+    if problem:
+        print(f"cache-server: error: {problem}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from cache_server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Corpora: text to harvest from. Uploaded files are stored under their content hash.
+
+A text file is one document; a JSONL file holds one ``{"text": ...}`` document per line.
+Tokenised corpora are cached in memory per tokenizer, since every harvest of a corpus re-reads it.
+"""
+
+import codecs
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from cache_server.errors import ServiceError
+from cache_server.files import atomic_write
+from shared.ids import bytes_id, is_valid_id
+from shared.schemas import CorpusInfo
+
+DEFAULT_NAME = "default"
+_BUILTIN_FILE = "tiny_shakespeare.txt.gz"
+_LINES_PER_BLOCK = 64
+
+
+class CorpusError(ServiceError):
+    """A bad corpus reference or upload."""
+
+
+def _builtin_text() -> bytes:
+    return gzip.decompress(resources.files("cache_server").joinpath("data", _BUILTIN_FILE).read_bytes())
+
+
+class CorpusStore:
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder = folder
+        self.max_bytes = max_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self._ensure_builtin()
+        self._tokens: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _ensure_builtin(self) -> None:
+        data = _builtin_text()
+        self.builtin_id = bytes_id(hashlib.sha256(data).hexdigest())
+        if not (self.folder / f"{self.builtin_id}.json").exists():
+            self._write(self.builtin_id, data, CorpusInfo(
+                corpus_id=self.builtin_id, name="tiny-shakespeare", format="text", n_bytes=len(data), builtin=True))
+
+    def _write(self, corpus_id: str, data: bytes, info: CorpusInfo) -> None:
+        (self.folder / f"{corpus_id}.data").write_bytes(data)
+        atomic_write(self.folder / f"{corpus_id}.json", info.model_dump_json().encode())
+
+    def list(self) -> list[CorpusInfo]:
+        infos = [CorpusInfo.model_validate_json(p.read_bytes()) for p in sorted(self.folder.glob("*.json"))]
+        return sorted(infos, key=lambda c: (not c.builtin, c.name))
+
+    def resolve(self, ref: str) -> CorpusInfo:
+        corpus_id = self.builtin_id if ref == DEFAULT_NAME else ref
+        if not is_valid_id(corpus_id):
+            raise CorpusError(f"unknown corpus '{ref}': use 'default' or a corpus_id from GET /v1/corpora", 404)
+        meta = self.folder / f"{corpus_id}.json"
+        if not meta.exists():
+            raise CorpusError(f"unknown corpus '{ref}': see GET /v1/corpora", 404)
+        return CorpusInfo.model_validate_json(meta.read_bytes())
+
+    async def upload(self, chunks: AsyncIterator[bytes], name: str, fmt: str) -> CorpusInfo:
+        """Stream an upload to disk while hashing it and checking UTF-8 (and JSONL) on the fly."""
+        digest = hashlib.sha256()
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        jsonl = _JsonlChecker() if fmt == "jsonl" else None
+        n_bytes = 0
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    n_bytes += len(chunk)
+                    if n_bytes > self.max_bytes:
+                        raise CorpusError(f"corpus is larger than the limit of {self.max_bytes} bytes", 413)
+                    try:
+                        text = decoder.decode(chunk)
+                    except UnicodeDecodeError as exc:
+                        raise CorpusError(f"corpus is not UTF-8 text (byte {n_bytes - len(chunk) + exc.start})", 415) from None
+                    if jsonl:
+                        jsonl.feed(text)
+                    digest.update(chunk)
+                    f.write(chunk)
+            try:
+                tail = decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise CorpusError("corpus is not UTF-8 text (truncated character at the end)", 415) from None
+            if jsonl:
+                jsonl.feed(tail)
+                jsonl.finish()
+            if n_bytes == 0:
+                raise CorpusError("corpus is empty", 422)
+            corpus_id = bytes_id(digest.hexdigest())
+            info = CorpusInfo(corpus_id=corpus_id, name=name, format=fmt, n_bytes=n_bytes)
+            os.replace(tmp, self.folder / f"{corpus_id}.data")
+            atomic_write(self.folder / f"{corpus_id}.json", info.model_dump_json().encode())
+            return info
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def tokens(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None) -> np.ndarray:
+        """The corpus as one int32 token stream; documents joined by the separator token."""
+        key = (info.corpus_id, tokenizer_key)
+        with self._lock:
+            if key not in self._tokens:
+                self._tokens[key] = self._tokenize(info, tokenizer, separator)
+            return self._tokens[key]
+
+    def _tokenize(self, info: CorpusInfo, tokenizer, separator: int | None) -> np.ndarray:
+        text = (self.folder / f"{info.corpus_id}.data").read_bytes().decode("utf-8")
+        documents = [text] if info.format == "text" else [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        pieces: list[np.ndarray] = []
+        for doc in documents:
+            lines = doc.splitlines(keepends=True)
+            # Short blocks: fast batch tokenisation, and no model-max-length warnings.
+            blocks = ["".join(lines[i : i + _LINES_PER_BLOCK]) for i in range(0, len(lines), _LINES_PER_BLOCK)]
+            for ids in _encode_batch(tokenizer, blocks):
+                pieces.append(np.asarray(ids, dtype=np.int32))
+            if separator is not None and len(documents) > 1:
+                pieces.append(np.asarray([separator], dtype=np.int32))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def _encode_batch(tokenizer, blocks: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [enc.ids for enc in backend.encode_batch(blocks, add_special_tokens=False)]
+    return tokenizer(blocks, add_special_tokens=False)["input_ids"]
+
+
+class _JsonlChecker:
+    """Checks JSONL line by line as text streams in: each line an object with a string 'text'."""
+
+    def __init__(self):
+        self.buffer = ""
+        self.line_no = 0
+
+    def feed(self, text: str) -> None:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self._check(line)
+
+    def finish(self) -> None:
+        self._check(self.buffer)
+
+    def _check(self, line: str) -> None:
+        self.line_no += 1
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"JSONL line {self.line_no} is not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CorpusError(f'JSONL line {self.line_no} must be an object with a string "text" field')

@@ -1,0 +1,198 @@
+"""The harvest loop: token windows -> one forward pass for all hooks -> rows -> Zarr chunks.
+
+Chunks hold whole sequences (except the last), and forward batches never straddle a chunk, so the
+rows of a chunk are the same whether a harvest ran straight through or resumed after a crash.
+A writer thread encodes and stores chunk ``c`` while the model computes chunk ``c + 1``.
+"""
+
+import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache_server.models import SourceModel
+from cache_server.store import TOKENS_ARRAY, DatasetStore
+from shared.codec import to_storage
+from shared.reshape import reshape_hook
+from shared.schemas import DatasetManifest, HookSpec, HookStats
+
+
+class HarvestCancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How rows, sequences and chunks line up."""
+
+    context_size: int
+    n_items: int
+    chunk_rows: int
+
+    @property
+    def seqs_per_chunk(self) -> int:
+        return self.chunk_rows // self.context_size
+
+    @property
+    def n_sequences(self) -> int:
+        return math.ceil(self.n_items / self.context_size)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_items / self.chunk_rows)
+
+
+def choose_chunk_rows(context_size: int, widest_row_bytes: int, target_bytes: int) -> int:
+    """Rows per chunk: whole sequences, about ``target_bytes`` for the widest hook."""
+    seqs = max(1, target_bytes // (widest_row_bytes * context_size))
+    return seqs * context_size
+
+
+def token_windows(corpus: np.ndarray, layout: Layout, bos: int | None) -> np.ndarray:
+    """``[n_sequences, context_size]`` windows of the corpus stream, each led by BOS if given."""
+    body = layout.context_size - (bos is not None)
+    windows = corpus[: layout.n_sequences * body].reshape(layout.n_sequences, body)
+    if bos is not None:
+        windows = np.concatenate([np.full((layout.n_sequences, 1), bos, dtype=np.int32), windows], axis=1)
+    return windows
+
+
+def empty_state(hooks: list[HookSpec], widths: dict[str, int]) -> dict:
+    return {h.name: {"sum": [0.0] * widths[h.name], "norm_sum": 0.0, "sq_norm_sum": 0.0, "count": 0} for h in hooks}
+
+
+def add_stats(state: dict, chunk_stats: dict) -> dict:
+    """Running sums in float64, added chunk by chunk in order: resume gives identical numbers."""
+    out = {}
+    for name, s in state.items():
+        c = chunk_stats[name]
+        out[name] = {
+            "sum": (np.asarray(s["sum"], dtype=np.float64) + c["sum"]).tolist(),
+            "norm_sum": s["norm_sum"] + c["norm_sum"],
+            "sq_norm_sum": s["sq_norm_sum"] + c["sq_norm_sum"],
+            "count": s["count"] + c["count"],
+        }
+    return out
+
+
+def stats_view(s: dict) -> HookStats:
+    n = max(s["count"], 1)
+    return HookStats(count=s["count"], mean=(np.asarray(s["sum"]) / n).tolist(),
+                     mean_norm=s["norm_sum"] / n, mean_squared_norm=s["sq_norm_sum"] / n)
+
+
+def _row_stats(rows: torch.Tensor) -> dict:
+    x = rows.double()
+    norms = x.norm(dim=1)
+    return {"sum": x.sum(0).cpu().numpy(), "norm_sum": float(norms.sum()),
+            "sq_norm_sum": float((norms**2).sum()), "count": rows.shape[0]}
+
+
+@dataclass
+class _Chunk:
+    index: int
+    start: int
+    arrays: dict[str, np.ndarray]
+    stats: dict
+
+
+class Harvester:
+    """Runs one harvest from the dataset's committed chunk to the end."""
+
+    def __init__(self, model: SourceModel, store: DatasetStore, manifest: DatasetManifest, corpus: np.ndarray,
+                 on_commit: Callable[[DatasetManifest], None], cancel: threading.Event):
+        self.model = model
+        self.store = store
+        self.manifest = manifest
+        self.hooks = [HookSpec(name=h.name, concat_dims=h.concat_dims) for h in manifest.hooks]
+        self.layout = Layout(manifest.context_size, manifest.n_items_total, manifest.chunk_rows)
+        bos = model.bos_token_id if manifest.prepend_bos else None
+        self.windows = token_windows(corpus, self.layout, bos)
+        self.on_commit = on_commit
+        self.cancel = cancel
+
+    def run(self) -> DatasetManifest:
+        chunks: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+        errors: list[BaseException] = []
+        writer = threading.Thread(target=self._write_loop, args=(chunks, errors), name="harvest-writer", daemon=True)
+        writer.start()
+        try:
+            for index in range(self.manifest.n_chunks, self.layout.n_chunks):
+                if self.cancel.is_set():
+                    raise HarvestCancelled()
+                chunk = self._compute_chunk(index)
+                while writer.is_alive():
+                    try:
+                        chunks.put(chunk, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if errors:
+                    break
+        finally:
+            while writer.is_alive():
+                try:
+                    chunks.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            writer.join()
+        if errors:
+            raise errors[0]
+        return self.manifest
+
+    def _compute_chunk(self, index: int) -> _Chunk:
+        layout = self.layout
+        start = index * layout.chunk_rows
+        n_rows = min(layout.chunk_rows, layout.n_items - start)
+        first_seq = index * layout.seqs_per_chunk
+        last_seq = min(first_seq + layout.seqs_per_chunk, layout.n_sequences)
+        dtype = getattr(torch, self.manifest.dtype)
+        parts: dict[str, list[torch.Tensor]] = {h.name: [] for h in self.hooks}
+        batch = self.manifest.batch_size
+        for lo in range(first_seq, last_seq, batch):
+            hi = min(lo + batch, last_seq)
+            tokens = torch.from_numpy(self.windows[lo:hi]).long().to(self.model.device)
+            cache = self.model.run(tokens, self.hooks)
+            for hook in self.hooks:
+                parts[hook.name].append(reshape_hook(cache[hook.name], hook.concat_dims).to(dtype))
+        arrays, stats = {}, {}
+        for hook in self.hooks:
+            rows = torch.cat(parts[hook.name])[:n_rows]
+            stats[hook.name] = _row_stats(rows)
+            arrays[hook.name] = to_storage(rows, self.manifest.dtype)
+        arrays[TOKENS_ARRAY] = self._token_rows(first_seq, last_seq)[:n_rows]
+        return _Chunk(index=index, start=start, arrays=arrays, stats=stats)
+
+    def _token_rows(self, first_seq: int, last_seq: int) -> np.ndarray:
+        ctx = self.layout.context_size
+        seqs = np.arange(first_seq, last_seq, dtype=np.int32)
+        return np.stack([
+            self.windows[first_seq:last_seq].reshape(-1),
+            np.repeat(seqs, ctx),
+            np.tile(np.arange(ctx, dtype=np.int32), last_seq - first_seq),
+        ], axis=1)
+
+    def _write_loop(self, chunks: "queue.Queue[_Chunk | None]", errors: list[BaseException]) -> None:
+        try:
+            state = self.store.harvest_state(self.manifest.dataset_id)
+            while (chunk := chunks.get()) is not None:
+                self.store.write_rows(self.manifest.dataset_id, chunk.start, chunk.arrays)
+                state = add_stats(state, chunk.stats)
+                n_chunks = chunk.index + 1
+                manifest = self.manifest.model_copy(update={
+                    "n_chunks": n_chunks,
+                    "n_items": min(n_chunks * self.layout.chunk_rows, self.layout.n_items),
+                    "complete": n_chunks == self.layout.n_chunks,
+                    "hooks": [h.model_copy(update={"stats": stats_view(state[h.name])}) for h in self.manifest.hooks],
+                })
+                self.store.commit(manifest, state)
+                self.manifest = manifest
+                self.on_commit(manifest)
+        except BaseException as exc:  # surfaced by run() as the job's failure reason
+            errors.append(exc)
+

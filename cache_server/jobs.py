@@ -1,0 +1,225 @@
+"""Harvest jobs: validated, deduplicated by dataset id, persisted, run one at a time, resumable.
+
+Each job is a JSON file under ``<store>/jobs`` replaced whole on every change. On start-up, jobs
+that were queued or running when the server stopped (or was killed) are queued again; they resume
+from the dataset's last committed chunk.
+"""
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cache_server.corpora import CorpusStore
+from cache_server.errors import ServiceError
+from cache_server.files import atomic_write
+from cache_server.harvester import Harvester, HarvestCancelled, choose_chunk_rows, empty_state
+from cache_server.metrics import ServerMetrics
+from cache_server.models import ModelError, ModelRegistry, SourceModel
+from cache_server.store import TOKENS_ARRAY, DatasetStore
+from shared.codec import STORAGE_DTYPES
+from shared.ids import content_id, is_valid_id
+from shared.schemas import (
+    ACTIVE_STATUSES, ArrayInfo, CodecInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
+)
+
+log = logging.getLogger("cache_server.jobs")
+
+
+class JobError(ServiceError):
+    """A harvest request the service refuses."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _Plan:
+    dataset_id: str
+    model: SourceModel
+    widths: dict[str, int]
+
+
+class JobManager:
+    def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
+                 metrics: ServerMetrics, max_tokens: int, chunk_bytes: int):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
+        self.max_tokens, self.chunk_bytes = max_tokens, chunk_bytes
+        self._jobs: dict[str, HarvestJob] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        for path in sorted(self.folder.glob("*.json")):
+            job = HarvestJob.model_validate_json(path.read_bytes())
+            self._jobs[job.job_id] = job
+        for job in sorted(self._jobs.values(), key=lambda j: j.created_at):
+            if job.status in ACTIVE_STATUSES:
+                self._set(job, status="queued")
+                self._enqueue(job)
+        self._worker = threading.Thread(target=self._work, name="harvest-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Stop after the current chunk; an unfinished job stays queued and resumes next start."""
+        self._stopping.set()
+        for event in self._cancel.values():
+            event.set()
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
+        """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
+        plan = self._plan(request)
+        with self._lock:
+            manifest = self.store.manifest(plan.dataset_id)
+            if manifest is not None and manifest.complete:
+                done = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status == "completed"]
+                job_id = done[-1].job_id if done else None
+                return HarvestAccepted(job_id=job_id, dataset_id=plan.dataset_id, status="completed"), False
+            active = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status in ACTIVE_STATUSES]
+            if active:
+                return HarvestAccepted(job_id=active[0].job_id, dataset_id=plan.dataset_id, status=active[0].status), False
+            if manifest is None:
+                self._create_dataset(request, plan)
+                manifest = self.store.manifest(plan.dataset_id)
+            now = _now()
+            job = HarvestJob(job_id=secrets.token_hex(12), dataset_id=plan.dataset_id, status="queued",
+                             request=request, tokens_done=manifest.n_items, tokens_total=manifest.n_items_total,
+                             created_at=now, updated_at=now)
+            self._jobs[job.job_id] = job
+            self._persist(job)
+            self._enqueue(job)
+            return HarvestAccepted(job_id=job.job_id, dataset_id=job.dataset_id, status="queued"), True
+
+    def get(self, job_id: str) -> HarvestJob | None:
+        return self._jobs.get(job_id) if is_valid_id(job_id) else None
+
+    def list(self) -> list[HarvestJob]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at)
+
+    def cancel(self, job_id: str) -> HarvestJob:
+        with self._lock:
+            job = self.get(job_id)
+            if job is None:
+                raise JobError(f"unknown job '{job_id}'", 404)
+            if job.status not in ACTIVE_STATUSES:
+                raise JobError(f"job '{job_id}' is already {job.status}", 409)
+            self._cancel[job_id].set()
+            if job.status == "queued":
+                job = self._set(job, status="cancelled")
+            return job
+
+    def dataset_busy(self, dataset_id: str) -> bool:
+        return any(j.dataset_id == dataset_id and j.status in ACTIVE_STATUSES for j in self._jobs.values())
+
+    # -- planning ----------------------------------------------------------------------------
+    def _plan(self, request: HarvestRequest) -> _Plan:
+        if request.n_tokens > self.max_tokens:
+            raise JobError(f"n_tokens={request.n_tokens} is over this server's limit of {self.max_tokens}")
+        corpus = self.corpora.resolve(request.corpus)
+        model = self.models.get(request.model)
+        if request.context_size > model.info.n_ctx:
+            raise JobError(f"context_size={request.context_size} is larger than model '{request.model}' "
+                           f"supports (n_ctx={model.info.n_ctx})")
+        if request.prepend_bos and model.bos_token_id is None:
+            raise JobError(f"model '{request.model}' has no BOS token; set prepend_bos to false")
+        hooks = request.hook_specs()
+        widths = model.check_hooks(hooks)
+        tokens = self._corpus_tokens(corpus, model)
+        body = request.context_size - request.prepend_bos
+        available = (len(tokens) // body) * request.context_size
+        if request.n_tokens > available:
+            raise JobError(f"corpus '{request.corpus}' holds {len(tokens)} tokens for this model: at most "
+                           f"{available} rows at context_size={request.context_size}; asked for n_tokens={request.n_tokens}")
+        identity = {
+            "model": model.info.name, "fingerprint": model.info.fingerprint,
+            "hooks": [h.model_dump() for h in hooks], "corpus": corpus.corpus_id,
+            "context_size": request.context_size, "prepend_bos": request.prepend_bos,
+            "dtype": request.dtype, "n_tokens": request.n_tokens,
+        }
+        return _Plan(dataset_id=content_id(identity), model=model, widths=widths)
+
+    def _corpus_tokens(self, corpus, model: SourceModel):
+        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+
+    def _create_dataset(self, request: HarvestRequest, plan: _Plan) -> None:
+        hooks = request.hook_specs()
+        storage = STORAGE_DTYPES[request.dtype]
+        itemsize = 4 if request.dtype == "float32" else 2
+        chunk_rows = choose_chunk_rows(request.context_size, itemsize * max(plan.widths.values()), self.chunk_bytes)
+        n_chunks = -(-request.n_tokens // chunk_rows)
+        manifest = DatasetManifest(
+            dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=self.corpora.resolve(request.corpus).corpus_id,
+            context_size=request.context_size, prepend_bos=request.prepend_bos, dtype=request.dtype,
+            hooks=[HookInfo(name=h.name, concat_dims=h.concat_dims, d=plan.widths[h.name],
+                            storage_dtype=storage, logical_dtype=request.dtype) for h in hooks],
+            tokens=ArrayInfo(name=TOKENS_ARRAY, d=3, storage_dtype="int32", logical_dtype="int32"),
+            chunk_rows=chunk_rows, n_items_total=request.n_tokens, n_items=0, n_chunks_total=n_chunks,
+            n_chunks=0, codec=CodecInfo(), complete=False, batch_size=request.batch_size, created_at=_now(),
+        )
+        self.store.create(manifest, empty_state(hooks, plan.widths))
+
+    # -- the worker --------------------------------------------------------------------------
+    def _enqueue(self, job: HarvestJob) -> None:
+        self._cancel[job.job_id] = threading.Event()
+        self._queue.put(job.job_id)
+
+    def _work(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            job = self._jobs[job_id]
+            if job.status != "queued" or self._stopping.is_set():
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:  # the job fails with its reason; the server stays up
+                log.exception("harvest %s failed", job_id)
+                self._set(self._jobs[job_id], status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _run(self, job: HarvestJob) -> None:
+        cancel = self._cancel[job.job_id]
+        job = self._set(job, status="running", error=None)
+        manifest = self.store.manifest(job.dataset_id)
+        if manifest is None:
+            raise RuntimeError(f"dataset {job.dataset_id} was deleted")
+        model = self.models.get(manifest.model.name)
+        corpus = self._corpus_tokens(self.corpora.resolve(manifest.corpus_id), model)
+        t0, rows0 = time.perf_counter(), manifest.n_items
+
+        def on_commit(m: DatasetManifest) -> None:
+            rate = (m.n_items - rows0) / max(time.perf_counter() - t0, 1e-9)
+            self.metrics.harvest_tokens.inc(m.n_items - self._jobs[job.job_id].tokens_done)
+            self._set(self._jobs[job.job_id], tokens_done=m.n_items, tokens_per_second=rate,
+                      eta_seconds=(m.n_items_total - m.n_items) / rate if rate > 0 else None)
+
+        try:
+            Harvester(model, self.store, manifest, corpus, on_commit, cancel).run()
+        except HarvestCancelled:
+            status = "queued" if self._stopping.is_set() else "cancelled"
+            self._set(self._jobs[job.job_id], status=status, tokens_per_second=None, eta_seconds=None)
+            return
+        self._set(self._jobs[job.job_id], status="completed", eta_seconds=0.0)
+
+    def _set(self, job: HarvestJob, **changes) -> HarvestJob:
+        with self._lock:
+            job = job.model_copy(update={**changes, "updated_at": _now()})
+            self._jobs[job.job_id] = job
+            self._persist(job)
+            self.metrics.set_job_counts(self._jobs.values())
+            return job
+
+    def _persist(self, job: HarvestJob) -> None:
+        atomic_write(self.folder / f"{job.job_id}.json", job.model_dump_json(indent=1).encode())

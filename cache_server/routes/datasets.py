@@ -1,0 +1,82 @@
+import xxhash
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response
+
+from cache_server.routes.deps import require_token, services
+from cache_server.services import Services
+from cache_server.store import chunk_key
+from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _manifest(svc: Services, dataset_id: str) -> DatasetManifest:
+    manifest = svc.store.manifest(dataset_id)
+    if manifest is None:
+        raise HTTPException(404, f"unknown dataset '{dataset_id}'")
+    return manifest
+
+
+@router.get("")
+def list_datasets(svc: Services = Depends(services)) -> list[DatasetSummary]:
+    return svc.store.list()
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, svc: Services = Depends(services)) -> DatasetManifest:
+    return _manifest(svc, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require_token)])
+def delete_dataset(dataset_id: str, svc: Services = Depends(services)) -> Response:
+    _manifest(svc, dataset_id)
+    if svc.jobs.dataset_busy(dataset_id):
+        raise HTTPException(409, f"dataset '{dataset_id}' is being harvested; cancel its job first")
+    svc.store.delete(dataset_id)
+    return Response(status_code=204)
+
+
+_CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},
+                         "description": "The chunk's stored bytes (zstd), decoded by shared.codec.decode_chunk."}}
+
+
+@router.get("/{dataset_id}/hooks/{hook}/chunks/{index}", response_class=Response, responses=_CHUNK_RESPONSE)
+async def get_hook_chunk(dataset_id: str, hook: str, index: int, request: Request,
+                         svc: Services = Depends(services)) -> Response:
+    manifest = _manifest(svc, dataset_id)
+    array = manifest.hook(hook)
+    if array is None:
+        valid = ", ".join(h.name for h in manifest.hooks)
+        raise HTTPException(404, f"unknown hook '{hook}' in dataset '{dataset_id}'; it holds: {valid}")
+    return await _chunk(svc, manifest, array, index, request)
+
+
+@router.get("/{dataset_id}/tokens/chunks/{index}", response_class=Response, responses=_CHUNK_RESPONSE)
+async def get_tokens_chunk(dataset_id: str, index: int, request: Request,
+                           svc: Services = Depends(services)) -> Response:
+    """int32 rows of (token id, sequence, position), aligned with the hooks' rows."""
+    manifest = _manifest(svc, dataset_id)
+    return await _chunk(svc, manifest, manifest.tokens, index, request)
+
+
+async def _chunk(svc: Services, manifest: DatasetManifest, array: ArrayInfo, index: int, request: Request) -> Response:
+    if not 0 <= index < manifest.n_chunks:
+        raise HTTPException(404, f"chunk {index} out of range: dataset '{manifest.dataset_id}' has "
+                                 f"{manifest.n_chunks} committed chunks of {manifest.n_chunks_total}")
+    data = await svc.store.read_key(chunk_key(manifest.dataset_id, array.name, index))
+    if data is None:
+        raise HTTPException(404, f"chunk {index} of '{array.name}' is missing from the store")
+    etag = f'"{xxhash.xxh3_64_hexdigest(data)}"'
+    headers = {
+        "ETag": etag,
+        "X-Chunk-Codec": f"{manifest.codec.name};level={manifest.codec.level}",
+        "X-Chunk-Shape": f"{manifest.chunk_rows},{array.d}",
+        "X-Chunk-Rows": str(manifest.rows_in_chunk(index)),
+        "X-Storage-Dtype": array.storage_dtype,
+        "Cache-Control": "public, max-age=31536000, immutable",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    svc.metrics.served("v1", len(data))
+    return Response(data, media_type="application/octet-stream", headers=headers)
+

@@ -1,0 +1,30 @@
+"""The service layer an app holds: store, corpora, models and jobs, built from settings."""
+
+from dataclasses import dataclass
+
+from cache_server.corpora import CorpusStore
+from cache_server.jobs import JobManager
+from cache_server.metrics import ServerMetrics
+from cache_server.models import ModelRegistry, pick_device
+from cache_server.settings import Settings
+from cache_server.store import DatasetStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: DatasetStore
+    corpora: CorpusStore
+    jobs: JobManager
+    metrics: ServerMetrics
+
+
+def build_services(settings: Settings) -> Services:
+    root = settings.store
+    root.mkdir(parents=True, exist_ok=True)
+    metrics = ServerMetrics()
+    store = DatasetStore(root)
+    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
+    models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
+    jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes)
+    return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, metrics=metrics)

@@ -1,0 +1,21 @@
+"""Server settings, from flags or ``CACHE_SERVER_*`` environment variables."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CACHE_SERVER_", frozen=True)
+
+    store: Path = Field(Path("./store"), description="Folder holding datasets, corpora and jobs.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = Field(None, description="Bearer token required by mutating endpoints.")
+    models_dir: Path | None = Field(None, description="Folder of local Hugging Face model folders.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
+    max_corpus_bytes: int = 256 * 1024 * 1024
+    max_tokens: int = 2_000_000_000
+    chunk_bytes: int = Field(2 * 1024 * 1024, description="Target stored size of one chunk.")
+    allow_hub: bool = Field(True, description="Let unknown model names load from the HF hub.")

@@ -1,0 +1,119 @@
+"""The dataset store: one Zarr v3 group per dataset, rows aligned across arrays.
+
+Layout of group ``<dataset_id>``:
+- one array per hook, ``[n_items, d]`` (bfloat16 kept as uint16 bits), chunked along rows only;
+- ``tokens``, int32 ``[n_items, 3]``: token id, sequence index, position;
+- attributes ``manifest`` (a :class:`DatasetManifest`) and ``harvest_state`` (exact running sums
+  of the statistics, so a resumed harvest ends with the same numbers as an uninterrupted one).
+
+A chunk becomes visible only when the manifest's committed count moves past it, and the manifest
+is written after the chunk's bytes (zarr's LocalStore writes through a temp file + rename), so a
+reader never sees a half-written chunk or a row past the committed count.
+"""
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
+
+from shared.codec import zarr_compressors
+from shared.ids import is_valid_id
+from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
+
+TOKENS_ARRAY = "tokens"
+
+
+def chunk_key(dataset_id: str, array: str, index: int) -> str:
+    return f"{dataset_id}/{array}/c/{index}/0"
+
+
+class DatasetStore:
+    def __init__(self, root: Path):
+        self.root = root / "datasets"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.zarr_store = LocalStore(self.root)
+        self._manifests: dict[str, DatasetManifest] = {}
+        self._lock = threading.Lock()
+
+    # -- reading -----------------------------------------------------------------------------
+    def manifest(self, dataset_id: str) -> DatasetManifest | None:
+        """The dataset's manifest, or None for an id that is not one of ours."""
+        if not is_valid_id(dataset_id):
+            return None
+        cached = self._manifests.get(dataset_id)
+        if cached is not None:
+            return cached
+        meta = self.root / dataset_id / "zarr.json"
+        if not meta.exists():
+            return None
+        attrs = json.loads(meta.read_bytes()).get("attributes", {})
+        if "manifest" not in attrs:
+            return None
+        manifest = DatasetManifest.model_validate(attrs["manifest"])
+        self._manifests[dataset_id] = manifest
+        return manifest
+
+    def harvest_state(self, dataset_id: str) -> dict:
+        return dict(self._group(dataset_id).attrs.get("harvest_state", {}))
+
+    def list(self) -> list[DatasetSummary]:
+        out = []
+        for meta in sorted(self.root.glob("*/zarr.json")):
+            manifest = self.manifest(meta.parent.name)
+            if manifest is not None:
+                out.append(DatasetSummary(
+                    dataset_id=manifest.dataset_id, model=manifest.model.name,
+                    hooks=[h.name for h in manifest.hooks], n_items=manifest.n_items,
+                    n_items_total=manifest.n_items_total, complete=manifest.complete))
+        return out
+
+    async def read_key(self, key: str) -> bytes | None:
+        """Stored bytes of one key, as they are (no decode). Keys are built by our own code."""
+        buffer = await self.zarr_store.get(key, prototype=default_buffer_prototype())
+        return None if buffer is None else buffer.to_bytes()
+
+    # -- writing -----------------------------------------------------------------------------
+    def create(self, manifest: DatasetManifest, harvest_state: dict) -> None:
+        group = zarr.create_group(store=self.zarr_store, path=manifest.dataset_id, overwrite=True)
+        for array in [*manifest.hooks, manifest.tokens]:
+            self._create_array(group, array, manifest)
+        group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
+        self._manifests[manifest.dataset_id] = manifest
+
+    def _create_array(self, group: zarr.Group, array: ArrayInfo, manifest: DatasetManifest) -> None:
+        group.create_array(
+            name=array.name,
+            shape=(manifest.n_items_total, array.d),
+            chunks=(manifest.chunk_rows, array.d),
+            dtype=array.storage_dtype,
+            compressors=zarr_compressors(manifest.codec),
+            fill_value=0,
+            attributes={"logical_dtype": array.logical_dtype},
+            config={"write_empty_chunks": True},  # every committed chunk exists as a key
+        )
+
+    def write_rows(self, dataset_id: str, start: int, arrays: dict[str, np.ndarray]) -> None:
+        group = self._group(dataset_id)
+        for name, rows in arrays.items():
+            group[name][start : start + len(rows)] = rows
+
+    def commit(self, manifest: DatasetManifest, harvest_state: dict) -> None:
+        """Publish progress: one atomic rewrite of the group metadata."""
+        group = self._group(manifest.dataset_id)
+        group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
+        self._manifests[manifest.dataset_id] = manifest
+
+    def delete(self, dataset_id: str) -> bool:
+        if self.manifest(dataset_id) is None:
+            return False
+        self._manifests.pop(dataset_id, None)
+        shutil.rmtree(self.root / dataset_id)
+        return True
+
+    def _group(self, dataset_id: str) -> zarr.Group:
+        return zarr.open_group(store=self.zarr_store, path=dataset_id, mode="r+")

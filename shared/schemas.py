@@ -1,0 +1,170 @@
+"""Pydantic models of the HTTP API and of a dataset manifest: the API's documentation.
+
+The server validates requests with these and the trainer parses responses with them, so the two
+sides cannot drift apart.
+"""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Dtype = Literal["float16", "bfloat16", "float32"]
+JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
+
+_HOOK_NAME = r"^[A-Za-z0-9_.]{1,200}$"
+
+
+class HookSpec(BaseModel):
+    """One hook to harvest and how to reshape it to ``[item, neuron]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=_HOOK_NAME, examples=["blocks.0.hook_resid_post"])]
+    concat_dims: Annotated[int, Field(ge=1, le=4)] = Field(
+        1,
+        description="1: keep the last axis as neurons (reshape_to_last_dimension); "
+        "n>1: concatenate the last n axes, e.g. 2 for the heads of attn.hook_z "
+        "(reshape_concat_last_dimensions).",
+    )
+
+
+class HarvestRequest(BaseModel):
+    """What to harvest. Everything here but ``batch_size`` is part of the dataset's identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=200, examples=["all-MiniLM-L6-v2"])]
+    hooks: Annotated[list[HookSpec | str], Field(min_length=1, max_length=64)]
+    corpus: Annotated[str, Field(min_length=1, max_length=100)] = Field(
+        "default", description="A corpus_id from GET /v1/corpora, or 'default' (built-in)."
+    )
+    n_tokens: Annotated[int, Field(gt=0, description="Rows to store (one per token).")]
+    context_size: Annotated[int, Field(ge=2, le=1_000_000)] = 128
+    dtype: Dtype = "float16"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    prepend_bos: bool = Field(True, description="Start every sequence with the BOS/CLS token.")
+
+    @field_validator("hooks")
+    @classmethod
+    def _unique_hooks(cls, hooks: list[HookSpec | str]) -> list[HookSpec | str]:
+        names = [h if isinstance(h, str) else h.name for h in hooks]
+        if len(set(names)) != len(names):
+            raise ValueError("hooks must be distinct")
+        return hooks
+
+    def hook_specs(self) -> list[HookSpec]:
+        """Hooks as specs, sorted by name: hook order does not change the dataset."""
+        specs = [HookSpec(name=h) if isinstance(h, str) else h for h in self.hooks]
+        return sorted(specs, key=lambda s: s.name)
+
+
+class HarvestAccepted(BaseModel):
+    job_id: str | None = Field(description="None when the dataset was already complete.")
+    dataset_id: str
+    status: JobStatus
+
+
+class HarvestJob(BaseModel):
+    """A harvest job and its progress."""
+
+    job_id: str
+    dataset_id: str
+    status: JobStatus
+    request: HarvestRequest
+    tokens_done: int = 0
+    tokens_total: int
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class CorpusInfo(BaseModel):
+    corpus_id: str
+    name: str
+    format: Literal["text", "jsonl"]
+    n_bytes: int
+    builtin: bool = False
+
+
+class HookStats(BaseModel):
+    """Running statistics of one hook's rows, over every committed row."""
+
+    count: int = 0
+    mean: list[float] = Field(default_factory=list, description="Mean activation vector.")
+    mean_norm: float = 0.0
+    mean_squared_norm: float = 0.0
+
+
+class ArrayInfo(BaseModel):
+    """One stored array: ``[n_items, d]``, chunked along rows only."""
+
+    name: str = Field(description="Zarr array name inside the dataset group.")
+    d: int
+    storage_dtype: str = Field(description="Dtype of the stored bytes (uint16 holds bfloat16 bits).")
+    logical_dtype: str
+
+
+class HookInfo(ArrayInfo):
+    concat_dims: int = 1
+    stats: HookStats = Field(default_factory=HookStats)
+
+
+class CodecInfo(BaseModel):
+    name: Literal["zstd"] = "zstd"
+    level: int = 1
+    endian: Literal["little"] = "little"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    fingerprint: str = Field(description="Weights/revision hash: part of the dataset id.")
+    n_layers: int
+    d_model: int
+    n_ctx: int
+
+
+class DatasetManifest(BaseModel):
+    """Everything a reader needs to stream a dataset: shapes, codec, progress, statistics."""
+
+    dataset_id: str
+    model: ModelInfo
+    corpus_id: str
+    context_size: int
+    prepend_bos: bool
+    dtype: Dtype
+    hooks: list[HookInfo]
+    tokens: ArrayInfo = Field(
+        description="int32 [n_items, 3]: token id, sequence index, position in the sequence."
+    )
+    chunk_rows: int
+    n_items_total: int
+    n_items: int = Field(description="Committed rows: readers never see rows past this.")
+    n_chunks_total: int
+    n_chunks: int = Field(description="Committed chunks.")
+    codec: CodecInfo
+    complete: bool
+    batch_size: int
+    created_at: datetime
+
+    def hook(self, name: str) -> HookInfo | None:
+        return next((h for h in self.hooks if h.name == name), None)
+
+    def rows_in_chunk(self, index: int) -> int:
+        return min(self.chunk_rows, self.n_items_total - index * self.chunk_rows)
+
+
+class DatasetSummary(BaseModel):
+    dataset_id: str
+    model: str
+    hooks: list[str]
+    n_items: int
+    n_items_total: int
+    complete: bool
+
+
+class ErrorBody(BaseModel):
+    detail: str
