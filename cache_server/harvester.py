@@ -16,7 +16,7 @@ import torch
 
 from cache_server.models import SourceModel
 from cache_server.store import TOKENS_ARRAY, DatasetStore
-from shared.codec import to_storage
+from shared.codec import to_storage, to_torch
 from shared.reshape import reshape_hook
 from shared.schemas import DatasetManifest, HookSpec, HookStats
 
@@ -177,10 +177,28 @@ class Harvester:
             np.tile(np.arange(ctx, dtype=np.int32), last_seq - first_seq),
         ], axis=1)
 
+    def _recount_state(self) -> dict:
+        """The running sums rebuilt from the committed chunks, chunk by chunk in order, from the
+        stored values: bit-identical to the sums a straight run accumulates. Used when the stored
+        sums disagree with the committed row count."""
+        widths = {h.name: h.d for h in self.manifest.hooks}
+        state = empty_state(self.hooks, widths)
+        for index in range(self.manifest.n_chunks):
+            start = index * self.layout.chunk_rows
+            rows = self.store.read_rows(self.manifest.dataset_id, start, self.manifest.rows_in_chunk(index),
+                                        [h.name for h in self.hooks])
+            stats = {name: _row_stats(to_torch(r, self.manifest.dtype)) for name, r in rows.items()}
+            state = add_stats(state, stats)
+        return state
+
     def _write_loop(self, chunks: "queue.Queue[_Chunk | None]", errors: list[BaseException]) -> None:
         try:
             state = self.store.harvest_state(self.manifest.dataset_id)
+            if {s["count"] for s in state.values()} != {self.manifest.n_items}:
+                state = self._recount_state()
             while (chunk := chunks.get()) is not None:
+                if chunk.index != self.manifest.n_chunks:
+                    raise RuntimeError(f"chunk {chunk.index} out of order: {self.manifest.n_chunks} are committed")
                 self.store.write_rows(self.manifest.dataset_id, chunk.start, chunk.arrays)
                 state = add_stats(state, chunk.stats)
                 n_chunks = chunk.index + 1

@@ -195,6 +195,7 @@ class JobManager:
         manifest = self.store.manifest(job.dataset_id)
         if manifest is None:
             raise RuntimeError(f"dataset {job.dataset_id} was deleted")
+        self.store.remove_partial_writes(job.dataset_id)
         model = self.models.get(manifest.model.name)
         corpus = self._corpus_tokens(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items

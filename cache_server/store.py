@@ -11,6 +11,8 @@ is written after the chunk's bytes (zarr's LocalStore writes through a temp file
 reader never sees a half-written chunk or a row past the committed count.
 """
 
+from __future__ import annotations
+
 import json
 import shutil
 import threading
@@ -102,11 +104,22 @@ class DatasetStore:
         for name, rows in arrays.items():
             group[name][start : start + len(rows)] = rows
 
+    def read_rows(self, dataset_id: str, start: int, n_rows: int, arrays: list[str]) -> dict[str, np.ndarray]:
+        group = zarr.open_group(store=self.zarr_store, path=dataset_id, mode="r")
+        return {name: group[name][start : start + n_rows] for name in arrays}
+
     def commit(self, manifest: DatasetManifest, harvest_state: dict) -> None:
         """Publish progress: one atomic rewrite of the group metadata."""
         group = self._group(manifest.dataset_id)
         group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
         self._manifests[manifest.dataset_id] = manifest
+
+    def remove_partial_writes(self, dataset_id: str) -> int:
+        """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``)."""
+        orphans = list((self.root / dataset_id).rglob("*.partial"))
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
 
     def delete(self, dataset_id: str) -> bool:
         if self.manifest(dataset_id) is None:

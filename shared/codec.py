@@ -25,9 +25,9 @@ def decode_chunk(data: bytes, array: ArrayInfo, chunk_rows: int, n_rows: int, co
 
     Zarr stores edge chunks at full size; ``n_rows`` trims the padding of the last chunk.
     """
-    raw = numcodecs.Zstd().decode(data)
-    flat = np.frombuffer(raw, dtype=np.dtype(array.storage_dtype).newbyteorder("<"))
-    return flat.reshape(chunk_rows, array.d)[:n_rows]
+    out = np.empty((chunk_rows, array.d), dtype=np.dtype(array.storage_dtype).newbyteorder("<"))
+    numcodecs.Zstd().decode(data, out=out)  # straight into a writable array: no copy
+    return out[:n_rows]
 
 
 def to_torch(rows: np.ndarray, logical_dtype: str) -> torch.Tensor:

@@ -36,7 +36,10 @@ class HarvestRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(min_length=1, max_length=200, examples=["all-MiniLM-L6-v2"])]
-    hooks: Annotated[list[HookSpec | str], Field(min_length=1, max_length=64)]
+    hooks: Annotated[list[HookSpec], Field(min_length=1, max_length=64)] = Field(
+        description='Hook names, or {"name", "concat_dims"} objects.',
+        examples=[["blocks.0.hook_resid_post", {"name": "blocks.0.attn.hook_z", "concat_dims": 2}]],
+    )
     corpus: Annotated[str, Field(min_length=1, max_length=100)] = Field(
         "default", description="A corpus_id from GET /v1/corpora, or 'default' (built-in)."
     )
@@ -46,18 +49,23 @@ class HarvestRequest(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
     prepend_bos: bool = Field(True, description="Start every sequence with the BOS/CLS token.")
 
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _names_are_specs(cls, hooks: object) -> object:
+        if isinstance(hooks, list):
+            return [{"name": h} if isinstance(h, str) else h for h in hooks]
+        return hooks
+
     @field_validator("hooks")
     @classmethod
-    def _unique_hooks(cls, hooks: list[HookSpec | str]) -> list[HookSpec | str]:
-        names = [h if isinstance(h, str) else h.name for h in hooks]
-        if len(set(names)) != len(names):
+    def _unique_hooks(cls, hooks: list[HookSpec]) -> list[HookSpec]:
+        if len({h.name for h in hooks}) != len(hooks):
             raise ValueError("hooks must be distinct")
         return hooks
 
     def hook_specs(self) -> list[HookSpec]:
-        """Hooks as specs, sorted by name: hook order does not change the dataset."""
-        specs = [HookSpec(name=h) if isinstance(h, str) else h for h in self.hooks]
-        return sorted(specs, key=lambda s: s.name)
+        """Hooks sorted by name: hook order does not change the dataset."""
+        return sorted(self.hooks, key=lambda s: s.name)
 
 
 class HarvestAccepted(BaseModel):

@@ -41,6 +41,7 @@ class ServerProcess:
         if self.token:
             args += ["--token", self.token]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        self.store.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.store.parent / f"server-{self.port}.log"
         self.process = subprocess.Popen(args, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                         preexec_fn=preexec_fn)

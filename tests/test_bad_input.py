@@ -1,0 +1,95 @@
+"""Every bad input gets a 4xx naming the problem: never a 500, never a stack trace."""
+
+import pytest
+
+from tests.conftest import TINY
+from tests.server import wait_job
+
+GOOD = {"model": TINY, "hooks": ["blocks.0.hook_resid_post"], "n_tokens": 256, "context_size": 32}
+
+
+def assert_refused(response, status: int, *phrases: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "Traceback" not in detail
+    for phrase in phrases:
+        assert phrase in detail, detail
+
+
+@pytest.mark.parametrize("change, status, phrases", [
+    ({"model": "no-such-model"}, 422, ["unknown model 'no-such-model'"]),
+    ({"model": "../../etc"}, 422, ["not a valid model name"]),
+    ({"hooks": ["blocks.0.hook_nope"]}, 422, ["unknown hook", "blocks.0.hook_nope", "valid hooks:", "blocks.1.hook_resid_post"]),
+    ({"hooks": ["blocks.0.attn.hook_pattern"]}, 422, ["must be [batch, position, ...]"]),
+    ({"hooks": [{"name": "blocks.0.attn.hook_z", "concat_dims": 3}]}, 422, ["concat_dims"]),
+    ({"hooks": ["../../x"]}, 422, ["hooks.0"]),
+    ({"hooks": []}, 422, ["hooks"]),
+    ({"n_tokens": 0}, 422, ["n_tokens", "greater than 0"]),
+    ({"n_tokens": -5}, 422, ["n_tokens"]),
+    ({"n_tokens": 3_000_000_000}, 422, ["over this server's limit"]),
+    ({"n_tokens": 10_000_000}, 422, ["holds", "tokens for this model"]),
+    ({"context_size": 4096}, 422, ["larger than model", "n_ctx=256"]),
+    ({"dtype": "int8"}, 422, ["dtype"]),
+    ({"corpus": "0123456789abcdef01234567"}, 404, ["unknown corpus"]),
+    ({"corpus": "../../../etc/passwd"}, 404, ["unknown corpus"]),
+    ({"surprise": 1}, 422, ["surprise", "Extra inputs"]),
+])
+def test_bad_harvest_requests(client, change, status, phrases):
+    assert_refused(client.post("/v1/harvests", json={**GOOD, **change}), status, *phrases)
+
+
+def test_malformed_json(client):
+    r = client.post("/v1/harvests", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert_refused(r, 422, "JSON")
+
+
+def test_unknown_ids_and_traversal_attempts(client):
+    good = client.post("/v1/harvests", json=GOOD).json()
+    wait_job(client, good["job_id"])
+    ds = good["dataset_id"]
+    assert_refused(client.get("/v1/datasets/not-an-id"), 404, "unknown dataset")
+    assert_refused(client.get("/v1/datasets/..%2F..%2Fjobs"), 404, "no endpoint")
+    assert_refused(client.get("/v1/harvests/nope"), 404, "unknown job")
+    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/blocks.9.hook_x/chunks/0"), 404, "unknown hook", "blocks.0.hook_resid_post")
+    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/..%2Fzarr.json/chunks/0"), 404, "no endpoint")
+    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/zarr.json/chunks/0"), 404, "unknown hook")
+    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/99"), 404, "out of range")
+    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/-1"), 404, "out of range")
+    assert client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/x").status_code == 422
+    assert_refused(client.get(f"/zarr/{ds}/../../jobs/x.json"), 404)
+    assert_refused(client.get(f"/zarr/{ds}/blocks.0.hook_resid_post/c/99/0"), 404, "no committed chunk")
+    assert_refused(client.get(f"/zarr/{ds}/tokens/c/0/..%2F..%2Fzarr.json"), 404, "no committed chunk")
+    assert_refused(client.delete("/v1/datasets/0123456789abcdef01234567"), 404, "unknown dataset")
+
+
+def test_corpus_uploads_over_the_limit_or_not_utf8(server, client, tmp_path):
+    assert_refused(client.post("/v1/corpora", content=b"caf\xe9 au lait"), 415, "not UTF-8")
+    assert_refused(client.post("/v1/corpora", content=b"ok \xe2\x82"), 415, "not UTF-8")
+    assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"text": "a"}\nnot json\n'), 422, "line 2")
+    assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"txt": "a"}\n'), 422, '"text"')
+    assert_refused(client.post("/v1/corpora", content=b""), 422, "empty")
+    assert_refused(client.post("/v1/corpora?format=pdf", content=b"x"), 422, "format")
+    names_before = {c["corpus_id"] for c in client.get("/v1/corpora").json()}
+    big = b"a" * (256 * 1024 * 1024 + 1)  # one byte over the default limit; streamed, never held whole
+    assert_refused(client.post("/v1/corpora", content=iter([big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)])),
+                   413, "larger than the limit")
+    assert {c["corpus_id"] for c in client.get("/v1/corpora").json()} == names_before
+    assert not list((server.store / "corpora").glob("*.partial"))
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v1/harvests"), ("POST", "/v1/corpora"), ("DELETE", "/v1/harvests/0123456789abcdef01234567"),
+    ("DELETE", "/v1/datasets/0123456789abcdef01234567"),
+])
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_mutating_endpoints_need_the_token(server, method, path, token):
+    with server.client(token=token) as anonymous:
+        r = anonymous.request(method, path, json=GOOD if path == "/v1/harvests" else None)
+    assert_refused(r, 401, "bearer token")
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_reads_need_no_token(server):
+    with server.client(token=None) as anonymous:
+        assert anonymous.get("/v1/datasets").status_code == 200
+        assert anonymous.get("/v1/corpora").status_code == 200

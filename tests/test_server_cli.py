@@ -1,0 +1,33 @@
+"""What a newcomer meets when the server cannot start: one clear line and a non-zero exit."""
+
+import socket
+import subprocess
+import sys
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cache_server", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_port_already_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--store", str(tmp_path / "store"), "--port", str(port))
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_store_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("--store", str(blocker / "store"))
+    assert result.returncode == 1
+    assert "cannot create store folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_setting_value(tmp_path):
+    result = run_cli("--store", str(tmp_path), "--port", "not-a-port")
+    assert result.returncode == 2 and "--port" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,100 @@
+"""``sae-train``: train a sweep of SAEs on a dataset streamed from a cache server.
+
+    sae-train --cache-url http://127.0.0.1:8000 --dataset ID --hook blocks.3.hook_resid_post --out runs/x \\
+              [--config sweep.toml] [--tokens N] [--device cpu|cuda] [--resume]
+
+Pass --hook several times to train on several hooks at once as components ([batch, component, d]).
+"""
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from trainer.client import CacheClient, CacheError
+from trainer.config import ConfigError, load_sweep
+from trainer.train import RunError, Trainer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sae-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-url", required=True, help="cache server URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--token", help="bearer token of the cache server (for harvest requests)")
+    parser.add_argument("--dataset", required=True, help="dataset id (GET /v1/datasets)")
+    parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (created; never overwritten)")
+    parser.add_argument("--config", type=Path, help="sweep file (TOML: [run] and [[sae]] tables)")
+    parser.add_argument("--tokens", type=int, help="training tokens per SAE (overrides [run] tokens)")
+    parser.add_argument("--batch-size", type=int, help="overrides [run] batch_size")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [run] device)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    values = {"tokens": args.tokens, "batch_size": args.batch_size, "device": args.device}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _wait_complete(client: CacheClient, dataset_id: str, follow: bool, progress: bool):
+    manifest = client.manifest(dataset_id)
+    while not manifest.complete:
+        if not follow:
+            raise RunError(f"dataset {dataset_id} is not complete ({manifest.n_items:,} of "
+                           f"{manifest.n_items_total:,} rows); wait for its harvest or pass --follow")
+        if progress:
+            print(f"waiting for dataset {dataset_id}: {manifest.n_items:,}/{manifest.n_items_total:,} rows", file=sys.stderr)
+        time.sleep(2)
+        manifest = client.manifest(dataset_id)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nsae-train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        sweep = load_sweep(args.config, _overrides(args))
+        with CacheClient(args.cache_url, token=args.token) as client:
+            manifest = _wait_complete(client, args.dataset, args.follow, not args.no_progress)
+            trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress)
+            trainer.prepare(resume=args.resume)
+            previous = signal.signal(signal.SIGINT, on_interrupt)
+            try:
+                trainer.train(should_stop=lambda: stop["requested"])
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            if not trainer.finished:
+                print(f"sae-train: stopped at step {trainer.step}; run again with --resume to continue", file=sys.stderr)
+                return 130
+            results = trainer.evaluate_and_export()
+    except (CacheError, ConfigError, RunError) as exc:
+        print(f"sae-train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sae-train: aborted; the last checkpoint stands", file=sys.stderr)
+        return 130
+    print(json.dumps(results, indent=1) if args.no_progress else _table(results))
+    return 0
+
+
+def _table(results: list[dict]) -> str:
+    lines = [f"{'sae':48} {'L0':>7} {'FVU':>7} {'dead %':>7}"]
+    for r in results:
+        lines.append(f"{r['sae']:48} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``CacheClient``: the Python API of a cache server, used by the CLIs and by notebooks.
+
+>>> client = CacheClient("http://127.0.0.1:8000", token=None)   # doctest: +SKIP
+>>> job = client.harvest({"model": "all-MiniLM-L6-v2", "hooks": ["blocks.3.hook_resid_post"],
+...                       "n_tokens": 100_000})                    # doctest: +SKIP
+>>> manifest = client.wait(job.job_id)                            # doctest: +SKIP
+>>> rows = client.chunk(manifest, "blocks.3.hook_resid_post", 0)  # [rows, d] numpy  # doctest: +SKIP
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from shared.codec import decode_chunk
+from shared.schemas import (
+    ArrayInfo, CorpusInfo, DatasetManifest, DatasetSummary, HarvestAccepted, HarvestJob, HarvestRequest,
+)
+
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
+class CacheError(Exception):
+    """The server refused a request (4xx) or could not be reached; the message says why."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class CacheClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 4,
+                 backoff: float = 0.5):
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
+        self.retries, self.backoff = retries, backoff
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "CacheClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried with exponential backoff on connection errors and 5xx."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise CacheError(f"cannot reach cache server at {self.url}: {exc}") from None
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return _checked(response)
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # -- corpora -----------------------------------------------------------------------------
+    def corpora(self) -> list[CorpusInfo]:
+        return [CorpusInfo.model_validate(c) for c in self.request("GET", "/v1/corpora").json()]
+
+    def upload_corpus(self, path: Path, name: str | None = None, format: str | None = None) -> CorpusInfo:
+        fmt = format or ("jsonl" if path.suffix == ".jsonl" else "text")
+        with path.open("rb") as f:
+            response = self.request("POST", "/v1/corpora", params={"name": name or path.stem, "format": fmt}, content=f)
+        return CorpusInfo.model_validate(response.json())
+
+    # -- harvests ----------------------------------------------------------------------------
+    def harvest(self, request: HarvestRequest | dict) -> HarvestAccepted:
+        body = request.model_dump(mode="json") if isinstance(request, HarvestRequest) else request
+        return HarvestAccepted.model_validate(self.request("POST", "/v1/harvests", json=body).json())
+
+    def job(self, job_id: str) -> HarvestJob:
+        return HarvestJob.model_validate(self.request("GET", f"/v1/harvests/{job_id}").json())
+
+    def jobs(self) -> list[HarvestJob]:
+        return [HarvestJob.model_validate(j) for j in self.request("GET", "/v1/harvests").json()]
+
+    def cancel(self, job_id: str) -> HarvestJob:
+        return HarvestJob.model_validate(self.request("DELETE", f"/v1/harvests/{job_id}").json())
+
+    def wait(self, accepted: HarvestAccepted, progress: bool = True, poll: float = 0.5) -> DatasetManifest:
+        """Follow a harvest to its end with a progress bar (server-reported tokens/s and ETA)."""
+        if accepted.job_id is None or accepted.status == "completed":
+            return self.manifest(accepted.dataset_id)
+        bar = None
+        while True:
+            job = self.job(accepted.job_id)
+            if progress and bar is None:
+                bar = tqdm(total=job.tokens_total, unit="tok", unit_scale=True, desc=f"harvest {job.dataset_id[:8]}")
+            if bar is not None:
+                bar.update(job.tokens_done - bar.n)
+                rate = f"{job.tokens_per_second:,.0f} tok/s" if job.tokens_per_second else "-"
+                eta = f"{job.eta_seconds:.0f}s" if job.eta_seconds is not None else "-"
+                bar.set_postfix_str(f"server {rate}, ETA {eta}, {job.status}")
+            if job.status in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(poll)
+        if bar is not None:
+            bar.close()
+        if job.status != "completed":
+            raise CacheError(f"harvest {job.job_id} {job.status}" + (f": {job.error}" if job.error else ""))
+        return self.manifest(job.dataset_id)
+
+    # -- datasets ----------------------------------------------------------------------------
+    def datasets(self) -> list[DatasetSummary]:
+        return [DatasetSummary.model_validate(d) for d in self.request("GET", "/v1/datasets").json()]
+
+    def manifest(self, dataset_id: str) -> DatasetManifest:
+        return DatasetManifest.model_validate(self.request("GET", f"/v1/datasets/{dataset_id}").json())
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def chunk_bytes(self, dataset_id: str, array: str, index: int) -> bytes:
+        """A chunk's stored (encoded) bytes; ``array`` is a hook name or ``tokens``."""
+        route = "tokens" if array == "tokens" else f"hooks/{array}"
+        return self.request("GET", f"/v1/datasets/{dataset_id}/{route}/chunks/{index}").content
+
+    def chunk(self, manifest: DatasetManifest, array: str, index: int) -> np.ndarray:
+        """A decoded chunk, ``[rows, d]`` in the storage dtype (see ``shared.codec.to_torch``)."""
+        info: ArrayInfo | None = manifest.tokens if array == "tokens" else manifest.hook(array)
+        if info is None:
+            raise CacheError(f"dataset {manifest.dataset_id} has no hook '{array}'", 404)
+        data = self.chunk_bytes(manifest.dataset_id, array, index)
+        return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index), manifest.codec)
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code < 400:
+        return response
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    raise CacheError(f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}",
+                     response.status_code)

@@ -1,0 +1,74 @@
+"""Save SAEs in the layout SAELens loads (``cfg.json`` + ``sae_weights.safetensors`` +
+``sparsity.safetensors``), and load them back.
+
+The input scaling used in training (``normalize_activations``) is folded into the weights, so an
+exported SAE works on the model's raw activations. A multi-component SAE exports one folder per
+component (SAELens has no component axis). BatchTopK exports as JumpReLU with its learned
+inference threshold, as SAELens does.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.config import SAEConfig
+from trainer.sae import SparseAutoencoder
+
+ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}
+
+
+def saelens_state(sae: SparseAutoencoder, component: int, scale: float) -> dict[str, torch.Tensor]:
+    """One component's weights with the input scale folded in: x' = scale * x."""
+    state = {
+        "W_enc": sae.W_enc[component] * scale,
+        "b_enc": sae.b_enc[component],
+        "W_dec": sae.W_dec[component] / scale,
+        "b_dec": sae.b_dec[component] / scale,
+    }
+    if sae.cfg.activation == "jumprelu":
+        state["threshold"] = sae.log_threshold[component].exp()
+    elif sae.cfg.activation == "batchtopk":
+        state["threshold"] = sae.threshold[component].expand(sae.d_sae)
+    return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scale: float, metadata: dict,
+                   feature_frequency: torch.Tensor | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architecture": ARCHITECTURES[sae.cfg.activation],
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",  # folded into the weights
+        "reshape_activations": "none",
+        "metadata": metadata,
+        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "k": sae.cfg.k,
+                    "l1_coefficient": sae.cfg.l1_coefficient, "input_scale": scale},
+    }
+    if sae.cfg.activation == "topk":
+        cfg["k"] = sae.cfg.k
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    save_file(saelens_state(sae, component, scale), folder / "sae_weights.safetensors")
+    if feature_frequency is not None:
+        save_file({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
+    return folder
+
+
+def load_saelens(folder: Path) -> tuple[SparseAutoencoder, dict]:
+    """An exported SAE, on raw activations (``n_components`` None)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    state = load_file(folder / "sae_weights.safetensors")
+    activation = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[cfg["architecture"]]
+    sae_cfg = SAEConfig(activation=activation, d_sae=cfg["d_sae"], k=cfg.get("k", 32))
+    sae = SparseAutoencoder(sae_cfg, cfg["d_in"])
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(state[name].unsqueeze(0))
+        if activation == "jumprelu":
+            sae.log_threshold.copy_(state["threshold"].clamp_min(1e-12).log().unsqueeze(0))
+    return sae, cfg

@@ -1,0 +1,221 @@
+"""The sparse autoencoder: one file, plain PyTorch.
+
+Parts as in sparse_autoencoder: a tied bias (subtracted before the encoder, added after the
+decoder) initialised at the geometric median of the data, a unit-norm decoder (parallel gradient
+removed before each step, rows renormalised after), an encoder initialised as the decoder's
+transpose, and an optional component axis (several hooks or layers, one SAE each, in one module).
+Parameter names and shapes follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_enc``, ``b_dec``, with a leading component axis when ``n_components`` is set.
+
+Activations: ReLU, JumpReLU (straight-through threshold), TopK and BatchTopK. TopK is computed
+sparsely: only the k active latents of each row are decoded, forward and backward, so its step
+costs about one encoder matmul.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from trainer.config import SAEConfig
+
+
+class ForwardPassResult(NamedTuple):
+    learned_activations: Float[Tensor, "batch *component d_sae"]
+    decoded_activations: Float[Tensor, "batch *component d_in"]
+
+
+class SparseCode(NamedTuple):
+    """TopK latents of each row: values and indices, ``[component, batch, k]``."""
+
+    values: Float[Tensor, "component batch k"]
+    indices: Int[Tensor, "component batch k"]
+
+
+class ResetOptimizerParameterDetails(NamedTuple):
+    """A parameter whose optimizer state must be reset along ``axis`` when latents are resampled."""
+
+    parameter: nn.Parameter
+    axis: int
+
+
+class _TopKEncode(torch.autograd.Function):
+    """``topk(relu(x @ W + b))`` with a sparse backward: gradients touch only the chosen latents."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
+        pre = torch.addmm(b_enc, x, W_enc)
+        values, indices = pre.topk(k, dim=1, sorted=False)
+        values = values.relu()
+        ctx.save_for_backward(x, indices, values > 0)
+        ctx.d_sae = W_enc.shape[1]
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, _grad_indices):
+        x, indices, positive = ctx.saved_tensors
+        grad = (grad_values * positive).reshape(-1)
+        batch, k = indices.shape
+        rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+        # grad W_enc^T [d_sae, d_in] = G^T x, with G [batch, d_sae] holding k nonzeros per row.
+        sparse = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), grad, (ctx.d_sae, batch))
+        grad_W_t = torch.sparse.mm(sparse, x)
+        grad_b = torch.zeros(ctx.d_sae, device=x.device, dtype=grad.dtype).index_add_(0, indices.reshape(-1), grad)
+        return None, grad_W_t.t(), grad_b, None
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``z * (z > θ)``; θ = exp(log θ) learns through a rectangle-kernel pseudo-derivative."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        grad_log_threshold = -(threshold * threshold * kernel * grad_out).sum(dim=-2, keepdim=True)
+        return grad_out * (pre > threshold), grad_log_threshold, None
+
+
+class _StepL0(torch.autograd.Function):
+    """``H(z - θ)`` counted per row, with the same pseudo-derivative towards log θ (JumpReLU's L0)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
+        threshold = log_threshold.exp()
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        return None, -(threshold * kernel * grad_out).sum(dim=-2, keepdim=True), None
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, cfg: SAEConfig, d_in: int, n_components: int | None = None,
+                 geometric_median_dataset: Tensor | None = None):
+        super().__init__()
+        self.cfg, self.d_in, self.d_sae, self.n_components = cfg, d_in, cfg.width(d_in), n_components
+        c = n_components or 1
+        self.W_enc = nn.Parameter(torch.empty(c, d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(c, self.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(c, self.d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(c, d_in))  # the tied bias
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((c, self.d_sae), float(torch.tensor(cfg.jumprelu_threshold).log())))
+        # BatchTopK's inference threshold: a running estimate, exported as a JumpReLU threshold.
+        self.register_buffer("threshold", torch.zeros(c))
+        self.reset_parameters()
+        if geometric_median_dataset is not None:
+            self.initialize_tied_parameters(geometric_median_dataset)
+
+    # -- initialisation ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        W_dec = torch.randn(self.W_dec.shape, generator=generator)
+        with torch.no_grad():
+            self.W_dec.copy_(W_dec / W_dec.norm(dim=-1, keepdim=True))
+            self.W_enc.copy_(self.W_dec.transpose(1, 2))
+            self.b_enc.zero_()
+
+    def initialize_tied_parameters(self, geometric_median: Float[Tensor, "*component d_in"]) -> None:
+        with torch.no_grad():
+            self.b_dec.copy_(geometric_median.reshape(-1, self.d_in).expand_as(self.b_dec))
+
+    # -- forward -------------------------------------------------------------------------------
+    def _components_first(self, x: Tensor) -> Tensor:
+        """[batch, d] or [batch, component, d] -> [component, batch, d]."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return x.transpose(0, 1)
+
+    def _restore(self, y: Tensor) -> Tensor:
+        y = y.transpose(0, 1)
+        return y.squeeze(1) if self.n_components is None else y
+
+    def pre_activations(self, xc: Float[Tensor, "component batch d_in"]) -> Tensor:
+        return torch.baddbmm(self.b_enc.unsqueeze(1), xc - self.b_dec.unsqueeze(1), self.W_enc)
+
+    def activate(self, pre: Tensor, training: bool) -> Tensor:
+        act = self.cfg.activation
+        if act == "relu":
+            return pre.relu()
+        if act == "jumprelu":
+            return _JumpReLU.apply(pre, self.log_threshold.unsqueeze(1), self.cfg.jumprelu_bandwidth)
+        if act == "topk":
+            values, indices = pre.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        # batchtopk: the k * batch largest of the whole batch while training, a threshold after.
+        if training:
+            flat = pre.relu().flatten(1)
+            values, indices = flat.topk(min(self.cfg.k * pre.shape[1], flat.shape[1]), dim=-1)
+            acts = torch.zeros_like(flat).scatter(-1, indices, values).view_as(pre)
+            with torch.no_grad():
+                kept_min = torch.where(values > 0, values, torch.inf).amin(dim=-1)
+                kept_min = torch.where(torch.isfinite(kept_min), kept_min, self.threshold)
+                self.threshold.lerp_(kept_min, 0.01 if bool(self.threshold.any()) else 1.0)
+            return acts
+        return pre * (pre > self.threshold.view(-1, 1, 1))
+
+    def encode_sparse(self, xc: Float[Tensor, "component batch d_in"]) -> SparseCode:
+        """TopK latents with the sparse backward (training path)."""
+        codes = [_TopKEncode.apply(xc[c] - self.b_dec[c], self.W_enc[c], self.b_enc[c], self.cfg.k)
+                 for c in range(xc.shape[0])]
+        return SparseCode(torch.stack([v for v, _ in codes]), torch.stack([i for _, i in codes]))
+
+    def decode_sparse(self, code: SparseCode, limit: int | None = None) -> Float[Tensor, "component batch d_in"]:
+        """Sum of the active decoder rows (``limit``: only latents below it, for Matryoshka)."""
+        values = code.values if limit is None else code.values * (code.indices < limit)
+        return torch.stack([
+            F.embedding_bag(code.indices[c], self.W_dec[c], per_sample_weights=values[c], mode="sum") + self.b_dec[c]
+            for c in range(code.values.shape[0])
+        ])
+
+    def decode(self, acts: Float[Tensor, "component batch d_sae"]) -> Float[Tensor, "component batch d_in"]:
+        return torch.baddbmm(self.b_dec.unsqueeze(1), acts, self.W_dec)
+
+    def forward(self, x: Float[Tensor, "batch *component d_in"]) -> ForwardPassResult:
+        xc = self._components_first(x)
+        acts = self.activate(self.pre_activations(xc), training=self.training)
+        return ForwardPassResult(self._restore(acts), self._restore(self.decode(acts)))
+
+    # -- constraints and optimizer bookkeeping ---------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project out the gradient along each (unit) decoder row, so steps keep the norm."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=-1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def post_backwards_hook(self) -> None:
+        """After each optimizer step: renormalise decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @property
+    def reset_optimizer_parameter_details(self) -> list[ResetOptimizerParameterDetails]:
+        details = [ResetOptimizerParameterDetails(self.W_enc, -1), ResetOptimizerParameterDetails(self.b_enc, -1),
+                   ResetOptimizerParameterDetails(self.W_dec, -2)]
+        if self.cfg.activation == "jumprelu":
+            details.append(ResetOptimizerParameterDetails(self.log_threshold, -1))
+        return details
+
+    # -- state ---------------------------------------------------------------------------------
+    @staticmethod
+    def get_single_component_state_dict(state: dict[str, Tensor], component_idx: int) -> dict[str, Tensor]:
+        """One component's parameters, with the component axis dropped."""
+        if state["W_enc"].dim() != 3:
+            raise ValueError("state dict has no component axis")
+        return {name: value[component_idx] for name, value in state.items()}

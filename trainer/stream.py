@@ -1,0 +1,211 @@
+"""Stream a dataset's chunks in shuffled order into batches on the training device.
+
+Each epoch, the training chunks (every chunk but the held-out evaluation ones) are put in a
+seeded random order and read in windows of several chunks. A window's rows are concatenated,
+moved to the training device (through pinned memory on CUDA) and permuted with a seeded
+permutation; batches are consecutive slices of the stream of permuted windows. So a batch mixes
+rows of many chunks (and sequences), and the loader's position is just
+``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
+emitted, and sees neither repeated nor skipped rows.
+
+Background threads fetch and decode chunks (several connections; numcodecs decodes without the
+GIL) and build the next windows while the current one is trained on.
+"""
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from shared.codec import decode_chunk, to_torch
+from shared.schemas import DatasetManifest
+from trainer.client import CacheClient, CacheError
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    epoch: int = 0
+    rows: int = 0
+    """Rows of this epoch already emitted in batches."""
+
+
+@dataclass
+class Batch:
+    activations: Float[Tensor, "batch *component d"]
+    sequences: Int[Tensor, " batch"]
+    """Source sequence of each row (from the stored tokens array), for shuffle-quality figures."""
+    position: StreamPosition
+    """The stream position after this batch: what a checkpoint saves."""
+
+
+@dataclass
+class _Window:
+    index: int
+    start_row: int
+    activations: Tensor
+    sequences: Tensor
+
+
+class ChunkStream:
+    def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], batch_size: int,
+                 window_rows: int, seed: int = 0, device: torch.device = torch.device("cpu"),
+                 eval_chunks: int = 0, prefetch_windows: int = 2, fetch_threads: int = 4,
+                 scales: list[float] | None = None):
+        for hook in hooks:
+            if manifest.hook(hook) is None:
+                raise CacheError(f"dataset {manifest.dataset_id} has no hook '{hook}'; it holds "
+                                 f"{[h.name for h in manifest.hooks]}", 404)
+        widths = {manifest.hook(h).d for h in hooks}
+        if len(widths) != 1:
+            raise CacheError(f"hooks streamed together must have one width; got {sorted(widths)}")
+        self.client, self.manifest, self.hooks = client, manifest, hooks
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        # A window holds at least one batch, so a batch spans at most two windows.
+        self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
+        self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
+        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(1, -1, 1)
+        held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
+        if eval_chunks >= manifest.n_chunks_total:
+            raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
+        self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
+        self.train_chunk_ids = sorted(int(i) for i in held_out[eval_chunks:])
+        self.bytes_fetched = 0
+        self._lock = threading.Lock()
+
+    # -- layout of an epoch ----------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_chunk_ids))
+        return [self.train_chunk_ids[i] for i in order]
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        order, size = self.epoch_order(epoch), self.chunks_per_window
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return sum(self.manifest.rows_in_chunk(i) for i in self.train_chunk_ids)
+
+    # -- fetching --------------------------------------------------------------------------------
+    def fetch_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One chunk of every streamed hook as ``[rows, component, d]`` plus its sequence ids."""
+        parts = []
+        for hook in self.hooks:
+            data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
+            parts.append(self._decode(data, hook, index))
+        tokens_data = self.client.chunk_bytes(self.manifest.dataset_id, "tokens", index)
+        tokens = self._decode(tokens_data, "tokens", index)
+        with self._lock:
+            self.bytes_fetched += len(tokens_data) + sum(p.nbytes for p in parts)
+        return np.stack(parts, axis=1), tokens[:, 1].copy()
+
+    def _decode(self, data: bytes, array: str, index: int) -> np.ndarray:
+        info = self.manifest.tokens if array == "tokens" else self.manifest.hook(array)
+        return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index), self.manifest.codec)
+
+    def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
+        """Rows of these chunks on the training device, in float32, scaled."""
+        fetched = list(pool.map(self.fetch_chunk, chunk_ids))
+        rows = np.concatenate([f[0] for f in fetched])
+        sequences = torch.from_numpy(np.concatenate([f[1] for f in fetched]))
+        host = to_torch(rows, self.manifest.dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        acts = host.to(self.device, non_blocking=True).float() * self.scales
+        # One hook: [rows, d]; several: [rows, component, d] (sparse_autoencoder's n_components).
+        return (acts[:, 0] if len(self.hooks) == 1 else acts), sequences
+
+    def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
+                      pool: ThreadPoolExecutor) -> _Window:
+        acts, sequences = self.load_rows(chunk_ids, pool)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(acts.shape[0]))
+        return _Window(index, start_row, acts[perm.to(self.device)], sequences[perm])
+
+    # -- batches ---------------------------------------------------------------------------------
+    def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
+        """Batches forever (epoch after epoch), from ``start``; stop by leaving the loop."""
+        windows: queue.Queue = queue.Queue(maxsize=self.prefetch_windows)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(start, windows, stop), daemon=True,
+                                    name="chunk-stream")
+        producer.start()
+        try:
+            yield from self._consume(start, windows)
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    windows.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            producer.join()
+
+    def _produce(self, start: StreamPosition, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            with ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="fetch") as pool:
+                epoch = start.epoch
+                while not stop.is_set():
+                    row = 0
+                    for index, chunk_ids in enumerate(self.windows(epoch)):
+                        rows = sum(self.manifest.rows_in_chunk(i) for i in chunk_ids)
+                        if row + rows > start.rows or epoch > start.epoch:
+                            window = self._build_window(epoch, index, chunk_ids, row, pool)
+                            self._put(out, (epoch, window), stop)
+                        row += rows
+                        if stop.is_set():
+                            return
+                    self._put(out, (epoch, None), stop)  # end of epoch
+                    epoch += 1
+        except BaseException as exc:  # handed to the consumer, raised in the training loop
+            self._put(out, exc, stop)
+
+    @staticmethod
+    def _put(out: queue.Queue, item, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
+        size = self.batch_size
+        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+        while True:
+            item = windows.get()
+            if isinstance(item, BaseException):
+                raise item
+            epoch, window = item
+            if window is None:  # end of an epoch: its last partial batch continues into the next
+                continue
+            skip = max(0, start.rows - window.start_row) if epoch == start.epoch else 0
+            acts, seqs = window.activations[skip:], window.sequences[skip:]
+            offset = 0
+            if carry is not None:
+                need = size - carry[0].shape[0]
+                if acts.shape[0] < need:
+                    carry = (torch.cat([carry[0], acts]), torch.cat([carry[1], seqs]))
+                    continue
+                offset = need
+                yield Batch(torch.cat([carry[0], acts[:need]]), torch.cat([carry[1], seqs[:need]]),
+                            StreamPosition(epoch, window.start_row + skip + offset))
+                carry = None
+            while offset + size <= acts.shape[0]:
+                offset += size
+                yield Batch(acts[offset - size : offset], seqs[offset - size : offset],
+                            StreamPosition(epoch, window.start_row + skip + offset))
+            if offset < acts.shape[0]:
+                carry = (acts[offset:], seqs[offset:])
+
+    def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
+        """The held-out chunks' rows (never trained on), for evaluation."""
+        if not self.eval_chunk_ids:
+            raise CacheError("no held-out chunks: set eval_chunks >= 1")
+        with ThreadPoolExecutor(self.fetch_threads) as pool:
+            acts, seqs = self.load_rows(self.eval_chunk_ids, pool)
+        return (acts[:max_rows], seqs[:max_rows]) if max_rows else (acts, seqs)
