@@ -38,8 +38,9 @@ class StreamPosition:
 @dataclass
 class Batch:
     activations: Float[Tensor, "batch *component d"]
-    sequences: Int[Tensor, " batch"]
-    """Source sequence of each row (from the stored tokens array), for shuffle-quality figures."""
+    row_ids: Int[Tensor, " batch"]
+    """Dataset row of each activation (sequence * context_size + position, from the stored tokens
+    array): which token it came from, for shuffle-quality figures and exactly-once checks."""
     position: StreamPosition
     """The stream position after this batch: what a checkpoint saves."""
 
@@ -49,7 +50,7 @@ class _Window:
     index: int
     start_row: int
     activations: Tensor
-    sequences: Tensor
+    row_ids: Tensor
 
 
 class ChunkStream:
@@ -93,7 +94,7 @@ class ChunkStream:
 
     # -- fetching --------------------------------------------------------------------------------
     def fetch_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """One chunk of every streamed hook as ``[rows, component, d]`` plus its sequence ids."""
+        """One chunk of every streamed hook as ``[rows, component, d]`` plus its row ids."""
         parts = []
         for hook in self.hooks:
             data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
@@ -102,7 +103,8 @@ class ChunkStream:
         tokens = self._decode(tokens_data, "tokens", index)
         with self._lock:
             self.bytes_fetched += len(tokens_data) + sum(p.nbytes for p in parts)
-        return np.stack(parts, axis=1), tokens[:, 1].copy()
+        row_ids = tokens[:, 1].astype(np.int64) * self.manifest.context_size + tokens[:, 2]
+        return np.stack(parts, axis=1), row_ids
 
     def _decode(self, data: bytes, array: str, index: int) -> np.ndarray:
         info = self.manifest.tokens if array == "tokens" else self.manifest.hook(array)
@@ -112,19 +114,19 @@ class ChunkStream:
         """Rows of these chunks on the training device, in float32, scaled."""
         fetched = list(pool.map(self.fetch_chunk, chunk_ids))
         rows = np.concatenate([f[0] for f in fetched])
-        sequences = torch.from_numpy(np.concatenate([f[1] for f in fetched]))
+        row_ids = torch.from_numpy(np.concatenate([f[1] for f in fetched]))
         host = to_torch(rows, self.manifest.dtype)
         if self.device.type == "cuda":
             host = host.pin_memory()
         acts = host.to(self.device, non_blocking=True).float() * self.scales
         # One hook: [rows, d]; several: [rows, component, d] (sparse_autoencoder's n_components).
-        return (acts[:, 0] if len(self.hooks) == 1 else acts), sequences
+        return (acts[:, 0] if len(self.hooks) == 1 else acts), row_ids
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
-        acts, sequences = self.load_rows(chunk_ids, pool)
+        acts, row_ids = self.load_rows(chunk_ids, pool)
         perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(acts.shape[0]))
-        return _Window(index, start_row, acts[perm.to(self.device)], sequences[perm])
+        return _Window(index, start_row, acts[perm.to(self.device)], row_ids[perm])
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -184,7 +186,7 @@ class ChunkStream:
             if window is None:  # end of an epoch: its last partial batch continues into the next
                 continue
             skip = max(0, start.rows - window.start_row) if epoch == start.epoch else 0
-            acts, seqs = window.activations[skip:], window.sequences[skip:]
+            acts, seqs = window.activations[skip:], window.row_ids[skip:]
             offset = 0
             if carry is not None:
                 need = size - carry[0].shape[0]

@@ -70,8 +70,12 @@ class Trainer:
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
         self.run: RunConfig = sweep.run
         self.progress = progress
+        unknown = [h for h in hooks if manifest.hook(h) is None]
+        if unknown:
+            raise RunError(f"dataset {manifest.dataset_id} has no hook '{unknown[0]}'; it holds "
+                           f"{[h.name for h in manifest.hooks]}")
         self.device = pick_device(self.run.device)
-        self.d_in = manifest.hook(hooks[0]).d if manifest.hook(hooks[0]) else 0
+        self.d_in = manifest.hook(hooks[0]).d
         self.n_components = len(hooks) if len(hooks) > 1 else None
         self.scales = [self._scale(h) for h in hooks]
         self.stream = ChunkStream(
@@ -197,7 +201,7 @@ class Trainer:
                     now = time.perf_counter()
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
-                    shuffle = distinct_sequences(batch.sequences) / expected
+                    shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
                     for s, out in zip(self.saes, outputs):
                         row = {"step": self.step, "tokens": self.tokens, "sae": s.name, "loss": out.loss.item(),
                                "mse": out.mse.item(), "l0": out.l0.item(), "sparsity": out.sparsity.item(),

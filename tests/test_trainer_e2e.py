@@ -1,0 +1,179 @@
+"""The trainer against a real cache server over HTTP: streaming, training, resume, export, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+from trainer.cli import main as sae_train
+from trainer.client import CacheClient
+from trainer.config import load_sweep
+from trainer.export import load_saelens
+from trainer.stream import ChunkStream, StreamPosition
+from trainer.train import Trainer
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+SWEEP = """
+[run]
+batch_size = 256
+tokens = 76800
+shuffle_buffer_rows = 4096
+log_every = 25
+checkpoint_every = 100
+eval_chunks = 4
+
+[[sae]]
+activation = "relu"
+l1_coefficient = 1e-3
+lr = 1e-3
+lr_warmup_steps = 20
+sparsity_warmup_steps = 50
+
+[[sae]]
+activation = "topk"
+k = 8
+lr = 1e-3
+lr_warmup_steps = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(server):
+    request = {"model": TINY, "hooks": HOOKS, "n_tokens": 40_000, "context_size": 64}
+    with CacheClient(server.url, token=server.token) as client:
+        return client.wait(client.harvest(request), progress=False)
+
+
+@pytest.fixture()
+def sweep_file(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP)
+    return path
+
+
+def collect(stream: ChunkStream, start: StreamPosition, n_batches: int):
+    rows, positions = [], []
+    for i, batch in enumerate(stream.batches(start)):
+        if i == n_batches:
+            break
+        rows.append(batch.row_ids)
+        positions.append(batch.position)
+    return torch.cat(rows), positions
+
+
+def test_stream_sees_each_training_row_once_per_epoch_and_resumes_exactly(server, dataset):
+    with CacheClient(server.url) as client:
+        stream = ChunkStream(client, dataset, HOOKS[:1], batch_size=1000, window_rows=4096, seed=3, eval_chunks=4)
+        per_epoch = stream.rows_per_epoch
+        rows, positions = collect(stream, StreamPosition(), -(-2 * per_epoch // 1000))
+        train_rows = torch.cat([torch.arange(i * dataset.chunk_rows, i * dataset.chunk_rows + dataset.rows_in_chunk(i))
+                                for i in stream.train_chunk_ids])
+        for epoch in range(2):
+            seen = rows[epoch * per_epoch:(epoch + 1) * per_epoch]
+            assert torch.equal(seen.sort().values, train_rows.sort().values)  # every row once, none held out
+        assert not torch.equal(rows[:per_epoch], rows[per_epoch:2 * per_epoch])  # a new order each epoch
+        # Resume from the position after batch 7 (mid-window): the rest of the stream, exactly.
+        resumed, _ = collect(stream, positions[6], 20)
+        assert torch.equal(resumed, rows[7000:27000])
+        # A batch mixes the whole shuffle window: rows of all its 64 sequences, not a few.
+        assert torch.unique(rows[:1000] // 64).numel() == 4096 // 64
+
+
+def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = sae_train(["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[1],
+                      "--out", str(out), "--config", str(sweep_file), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "eval.json").read_text())
+    assert len(results) == 2
+    for r in results:
+        assert r["fvu"] < 0.5 and r["tokens"] == 76800
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in {m["sae"] for m in metrics}:
+        mine = [m for m in metrics if m["sae"] == name]
+        assert mine[-1]["mse"] < 0.5 * mine[0]["mse"]  # the loss falls
+        assert 0 < mine[-1]["shuffle_quality"] <= 1.5
+    topk = next(r for r in results if r["sae"].startswith("topk"))
+    assert topk["l0"] == pytest.approx(8, abs=0.5)
+    for folder in (out / "saes").iterdir():
+        assert {p.name for p in folder.iterdir()} >= {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
+                                                      "eval.json", "histograms.png"}
+    assert (out / "curves.png").stat().st_size > 1000
+
+    # The export works on raw activations: the trained SAE on scaled inputs, unscaled.
+    folder = next(p for p in (out / "saes").iterdir() if p.name.startswith("topk"))
+    exported, cfg = load_saelens(folder)
+    assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == HOOKS[1] and cfg["d_in"] == 64
+    with CacheClient(server.url) as client:
+        from shared.codec import to_torch
+        raw = to_torch(client.chunk(dataset, HOOKS[1], 0), "float16").float()[:512]
+    trainer = Trainer(CacheClient(server.url), dataset, [HOOKS[1]], load_sweep(sweep_file), out, progress=False)
+    trainer.prepare(resume=True)
+    scale = trainer.scales[0]
+    trained = trainer.saes[1].sae.eval()
+    torch.testing.assert_close(exported(raw).decoded_activations, trained(raw * scale).decoded_activations / scale,
+                               atol=1e-4, rtol=1e-4)
+
+    # --out now holds this run: a second start without --resume is refused, nothing overwritten.
+    before = (out / "checkpoint.pt").read_bytes()
+    assert sae_train(["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[1],
+                      "--out", str(out), "--config", str(sweep_file), "--no-progress"]) == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resumed_run_equals_an_uninterrupted_one(server, dataset, sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file, {"tokens": 256 * 120, "checkpoint_every": 1000})
+    hooks = HOOKS  # two components at once
+
+    def trainer(out):
+        return Trainer(CacheClient(server.url), dataset, hooks, sweep, out, progress=False)
+
+    straight = trainer(tmp_path / "straight")
+    straight.prepare(resume=False)
+    straight.train()
+
+    interrupted = trainer(tmp_path / "interrupted")
+    interrupted.prepare(resume=False)
+    interrupted.train(max_steps=47)  # stops between steps and checkpoints, as Ctrl-C does
+    assert interrupted.step == 47 and not interrupted.finished
+    resumed = trainer(tmp_path / "interrupted")
+    resumed.prepare(resume=True)
+    assert resumed.step == 47 and resumed.position == interrupted.position
+    resumed.train()
+    assert resumed.finished and resumed.tokens == straight.tokens
+    for a, b in zip(straight.saes, resumed.saes):
+        for (name, x), (_, y) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
+            assert torch.equal(x, y), name
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file, tmp_path):
+    base = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--no-progress"]
+    bad_sweep = tmp_path / "bad.toml"
+    bad_sweep.write_text("[[sae]]\nl1_coef = 3\n")
+    cases = [
+        (["--config", str(bad_sweep), "--out", str(tmp_path / "a")], "unknown key(s) ['l1_coef']"),
+        (["--cache-url", "http://127.0.0.1:9", "--out", str(tmp_path / "b")], "cannot reach cache server"),
+        (["--dataset", "0123456789abcdef01234567", "--out", str(tmp_path / "c")], "unknown dataset"),
+        (["--hook", "blocks.7.hook_nope", "--out", str(tmp_path / "d")], "has no hook 'blocks.7.hook_nope'"),
+        (["--device", "cuda", "--out", str(tmp_path / "e")], "no CUDA device"),
+    ]
+    for extra, message in cases:
+        args = base + extra
+        result = run_cli(*args)
+        assert result.returncode == 1, (extra, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sae-train: error:") and message in lines[0], result.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    result = run_cli(*base, "--out", str(other))
+    assert result.returncode == 1 and "not empty" in result.stderr
+    assert (other / "notes.txt").read_text() == "mine"

@@ -1,0 +1,145 @@
+"""SAE parts and metrics against hand-computed cases."""
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
+from trainer.metrics import evaluate, geometric_median
+from trainer.objectives import sae_loss
+from trainer.resample import resample_dead_neurons
+from trainer.sae import SparseAutoencoder
+
+
+def test_initialisation_follows_sparse_autoencoder():
+    median = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    sae = SparseAutoencoder(SAEConfig(expansion=4), d_in=4, geometric_median_dataset=median)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(1, 16))
+    assert torch.equal(sae.W_enc, sae.W_dec.transpose(1, 2))
+    assert torch.equal(sae.b_dec[0], median) and not sae.b_enc.any()
+
+
+def test_unit_norm_decoder_survives_a_step():
+    sae = SparseAutoencoder(SAEConfig(expansion=2), d_in=8)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.1)
+    x = torch.randn(64, 8)
+    sae_loss(sae, x, 1e-3, None).loss.backward()
+    sae.remove_parallel_gradient()
+    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5  # no component along the rows
+    optimizer.step()
+    sae.post_backwards_hook()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(1, 16))
+
+
+def test_sparse_topk_matches_the_dense_computation():
+    """The sparse TopK path (what trains) gives the dense path's loss and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    sparse = SparseAutoencoder(SAEConfig(activation="topk", k=4, expansion=4), d_in=16)
+    sparse.b_enc.data.normal_()
+    dense = SparseAutoencoder(SAEConfig(activation="topk", k=4, expansion=4), d_in=16)
+    dense.load_state_dict(sparse.state_dict())
+    sparse_loss = sae_loss(sparse, x, 0.0, None).loss
+    acts, recon = dense(x)
+    dense_loss = (recon - x).pow(2).mean()
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    sparse_loss.backward()
+    dense_loss.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sparse, name).grad, getattr(dense, name).grad, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+@pytest.mark.parametrize("objective", ["vanilla", "matryoshka"])
+def test_every_activation_and_objective_trains(activation, objective):
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) @ torch.randn(8, 8)
+    sae = SparseAutoencoder(SAEConfig(activation=activation, objective=objective, k=4, expansion=4), d_in=8)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        out = sae_loss(sae, x, 1e-4, None)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        first = first if first is not None else out.mse.item()
+    assert out.mse.item() < 0.5 * first
+    if activation == "jumprelu":
+        assert not torch.allclose(sae.log_threshold, torch.tensor(1e-3).log())  # the threshold learns
+
+
+def test_aux_k_gives_dead_latents_a_gradient():
+    sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=4, aux_k=4), d_in=8)
+    dead = torch.zeros(1, 32, dtype=torch.bool)
+    dead[0, :8] = True
+    out = sae_loss(sae, torch.randn(64, 8), 0.0, dead)
+    assert out.aux > 0
+    out.loss.backward()
+    assert sae.W_enc.grad[0][:, :8].abs().sum() > 0
+
+
+def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(expansion=2), d_in=4)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(128, 4)
+    sae_loss(sae, x, 1e-3, None).loss.backward()
+    optimizer.step()
+    dead = torch.zeros(1, 8, dtype=torch.bool)
+    dead[0, [1, 5]] = True
+    before = sae.W_dec.detach().clone()
+    assert resample_dead_neurons(sae, optimizer, dead, x, torch.Generator().manual_seed(0)) == 2
+    assert not torch.equal(sae.W_dec[0, 1], before[0, 1]) and torch.equal(sae.W_dec[0, 0], before[0, 0])
+    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.ones(2))
+    state = optimizer.state[sae.W_enc]
+    assert not state["exp_avg"][0][:, [1, 5]].any() and state["exp_avg"][0][:, 0].any()
+    assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
+    assert sae.b_enc[0, 1] == 0
+
+
+def test_evaluate_against_a_hand_computed_case():
+    sae = SparseAutoencoder(SAEConfig(d_sae=3), d_in=2)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, -1.0]]]))
+        sae.b_enc.copy_(torch.tensor([[0.0, 0.0, -5.0]]))  # latent 2 never fires
+        sae.W_dec.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]]))
+        sae.b_dec.zero_()
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, 0.0]])
+    m = evaluate(sae, rows)
+    # acts: [1,0,0] [0,2,0] [0,0,0] [0,0,0]; only row 3 is misreconstructed (error 1).
+    assert m.l0 == pytest.approx(0.5) and m.l1 == pytest.approx(0.75)
+    assert m.mse == pytest.approx(1 / 8)
+    assert m.fvu == pytest.approx(1 / 5) and m.explained_variance == pytest.approx(0.8)  # variance sum 5
+    assert m.freqs.tolist() == [0.25, 0.25, 0.0] and m.mean_values.tolist() == [1.0, 2.0, 0.0]
+    assert (m.n_dead, m.n_almost_dead, m.n_dense) == (1, 1, 2)
+
+
+def test_geometric_median_resists_outliers():
+    points = torch.cat([torch.randn(200, 3) * 0.01 + torch.tensor([1.0, 2.0, 3.0]), torch.full((20, 3), 1000.0)])
+    torch.testing.assert_close(geometric_median(points), torch.tensor([1.0, 2.0, 3.0]), atol=0.05, rtol=0)
+
+
+def test_sweep_files(tmp_path):
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text('[run]\nbatch_size = 512\n[[sae]]\nl1_coefficient = [1e-3, 1e-2]\n'
+                          '[[sae]]\nactivation = "topk"\nk = [16, 32]\n')
+    sweep = load_sweep(sweep_file, {"tokens": 1000})
+    assert sweep.run.batch_size == 512 and sweep.run.tokens == 1000
+    assert [(c.activation, c.l1_coefficient, c.k) for c in sweep.saes] == [
+        ("relu", 1e-3, 32), ("relu", 1e-2, 32), ("topk", 1e-3, 16), ("topk", 1e-3, 32)]
+    assert [len(g) for g in split_cfgs(list(sweep.saes))] == [2, 2]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[sae]]\nl1_coef = 1\n", "unknown key(s) ['l1_coef']"),
+    ("[[sae]]\nactivation = \"gelu\"\n", "activation='gelu' is not one of"),
+    ("[run]\nbatch_size = -4\n", "must not be negative"),
+    ("[run]\ntokens = \"many\"\n", "is not a number"),
+    ("[trainer]\n", "unknown table(s) ['trainer']"),
+    ("[run\n", "not valid TOML"),
+])
+def test_bad_sweep_files(tmp_path, text, message):
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_sweep(sweep_file)
+    assert message in str(info.value)
