@@ -1,9 +1,10 @@
 """Harvest throughput against the bare forward pass, in one run.
 
 (a) a bare ``run_with_cache`` loop over the corpus windows (same model, hooks, batch size and
-stop_at_layer as the harvest, nothing stored), then (b) the same harvest through a real cache
-server on 127.0.0.1 (reshape, cast, statistics, zstd, Zarr writes, commits). Prints tokens/s of
-both and the ratio (b)/(a); the target is >= 0.95.
+stop_at_layer as the harvest, nothing stored), and (b) the same harvest through a real cache
+server on 127.0.0.1 (reshape, cast, statistics, zstd, Zarr writes, commits), alternated over
+several rounds (the dataset is deleted between harvests) with the best round of each kept, since
+the machine is shared and noisy. Prints tokens/s of both and the ratio (b)/(a); target >= 0.95.
 
     python bench/harvest.py [--model all-MiniLM-L6-v2] [--tokens 100000]
 """
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     hooks = [HookSpec(name=h) for h in args.hooks]
 
@@ -56,19 +58,21 @@ def main() -> None:
         layout = Layout(args.context_size, args.tokens, args.context_size)
         windows = token_windows(corpus, layout, model.bos_token_id)
         bare_forward(model, windows[: args.batch_size * 2], hooks, args.batch_size)  # warm-up
-        bare = bare_forward(model, windows, hooks, args.batch_size)
-        del model
-
         request = {"model": args.model, "hooks": args.hooks, "n_tokens": args.tokens,
                    "context_size": args.context_size, "batch_size": args.batch_size}
+        bare_rates, harvest_rates = [], []
         with LocalServer(store, extra_args=["--no-hub"]) as server, CacheClient(server.url) as client:
-            client.wait(client.harvest(request), progress=False)
-            job = next(j for j in client.jobs() if j.status == "completed")
-            harvest = job.tokens_per_second
+            for _ in range(args.rounds):
+                bare_rates.append(bare_forward(model, windows, hooks, args.batch_size))
+                accepted = client.harvest(request)
+                client.wait(accepted, progress=False)
+                harvest_rates.append(client.job(accepted.job_id).tokens_per_second)
+                client.delete_dataset(accepted.dataset_id)
+        bare, harvest = max(bare_rates), max(harvest_rates)
 
     print(f"model {args.model}, hooks {args.hooks}, {args.tokens} tokens, ctx {args.context_size}, batch {args.batch_size}")
-    print(f"bare run_with_cache loop : {bare:10,.0f} tokens/s")
-    print(f"harvest via the service  : {harvest:10,.0f} tokens/s")
+    print(f"bare run_with_cache loop : {bare:10,.0f} tokens/s  (rounds: {', '.join(f'{r:,.0f}' for r in bare_rates)})")
+    print(f"harvest via the service  : {harvest:10,.0f} tokens/s  (rounds: {', '.join(f'{r:,.0f}' for r in harvest_rates)})")
     print(f"ratio harvest / bare     : {harvest / bare:10.3f}   (target >= 0.95)")
 
 

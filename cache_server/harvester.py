@@ -8,6 +8,7 @@ A writer thread encodes and stores chunk ``c`` while the model computes chunk ``
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,12 @@ from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import to_storage, to_torch
 from shared.reshape import reshape_hook
 from shared.schemas import DatasetManifest, HookSpec, HookStats
+
+
+# Publishing progress rewrites the group metadata (JSON with the statistics): at most about once
+# a second, so it costs the forward pass nothing measurable; chunks written since are redone
+# after a crash.
+COMMIT_SECONDS = 1.0
 
 
 class HarvestCancelled(Exception):
@@ -193,22 +200,28 @@ class Harvester:
 
     def _write_loop(self, chunks: "queue.Queue[_Chunk | None]", errors: list[BaseException]) -> None:
         try:
-            state = self.store.harvest_state(self.manifest.dataset_id)
+            writer = self.store.writer(self.manifest.dataset_id)
+            state = writer.harvest_state()
             if {s["count"] for s in state.values()} != {self.manifest.n_items}:
                 state = self._recount_state()
+            expected, last_commit = self.manifest.n_chunks, time.monotonic()
             while (chunk := chunks.get()) is not None:
-                if chunk.index != self.manifest.n_chunks:
-                    raise RuntimeError(f"chunk {chunk.index} out of order: {self.manifest.n_chunks} are committed")
-                self.store.write_rows(self.manifest.dataset_id, chunk.start, chunk.arrays)
+                if chunk.index != expected:
+                    raise RuntimeError(f"chunk {chunk.index} out of order: expected chunk {expected}")
+                expected += 1
+                writer.write_rows(chunk.start, chunk.arrays)
                 state = add_stats(state, chunk.stats)
                 n_chunks = chunk.index + 1
+                if n_chunks < self.layout.n_chunks and time.monotonic() - last_commit < COMMIT_SECONDS:
+                    continue  # written, committed with a later chunk (a crash redoes it identically)
+                last_commit = time.monotonic()
                 manifest = self.manifest.model_copy(update={
                     "n_chunks": n_chunks,
                     "n_items": min(n_chunks * self.layout.chunk_rows, self.layout.n_items),
                     "complete": n_chunks == self.layout.n_chunks,
                     "hooks": [h.model_copy(update={"stats": stats_view(state[h.name])}) for h in self.manifest.hooks],
                 })
-                self.store.commit(manifest, state)
+                writer.commit(manifest, state)
                 self.manifest = manifest
                 self.on_commit(manifest)
         except BaseException as exc:  # surfaced by run() as the job's failure reason

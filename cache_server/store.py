@@ -60,9 +60,6 @@ class DatasetStore:
         self._manifests[dataset_id] = manifest
         return manifest
 
-    def harvest_state(self, dataset_id: str) -> dict:
-        return dict(self._group(dataset_id).attrs.get("harvest_state", {}))
-
     def list(self) -> list[DatasetSummary]:
         out = []
         for meta in sorted(self.root.glob("*/zarr.json")):
@@ -99,19 +96,14 @@ class DatasetStore:
             config={"write_empty_chunks": True},  # every committed chunk exists as a key
         )
 
-    def write_rows(self, dataset_id: str, start: int, arrays: dict[str, np.ndarray]) -> None:
-        group = self._group(dataset_id)
-        for name, rows in arrays.items():
-            group[name][start : start + len(rows)] = rows
+    def writer(self, dataset_id: str) -> DatasetWriter:
+        return DatasetWriter(self, dataset_id)
 
     def read_rows(self, dataset_id: str, start: int, n_rows: int, arrays: list[str]) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=self.zarr_store, path=dataset_id, mode="r")
         return {name: group[name][start : start + n_rows] for name in arrays}
 
-    def commit(self, manifest: DatasetManifest, harvest_state: dict) -> None:
-        """Publish progress: one atomic rewrite of the group metadata."""
-        group = self._group(manifest.dataset_id)
-        group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
+    def _published(self, manifest: DatasetManifest) -> None:
         self._manifests[manifest.dataset_id] = manifest
 
     def remove_partial_writes(self, dataset_id: str) -> int:
@@ -128,5 +120,23 @@ class DatasetStore:
         shutil.rmtree(self.root / dataset_id)
         return True
 
-    def _group(self, dataset_id: str) -> zarr.Group:
-        return zarr.open_group(store=self.zarr_store, path=dataset_id, mode="r+")
+
+class DatasetWriter:
+    """One harvest's handle on its dataset: the group and arrays stay open between chunks."""
+
+    def __init__(self, store: DatasetStore, dataset_id: str):
+        self.store = store
+        self.group = zarr.open_group(store=store.zarr_store, path=dataset_id, mode="r+")
+        self.arrays = {name: array for name, array in self.group.arrays()}
+
+    def harvest_state(self) -> dict:
+        return dict(self.group.attrs.get("harvest_state", {}))
+
+    def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, rows in arrays.items():
+            self.arrays[name][start : start + len(rows)] = rows
+
+    def commit(self, manifest: DatasetManifest, harvest_state: dict) -> None:
+        """Publish progress: one atomic rewrite of the group metadata, after the chunk's bytes."""
+        self.group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
+        self.store._published(manifest)
