@@ -24,6 +24,7 @@ class ServerProcess:
     port: int
     token: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -40,6 +41,7 @@ class ServerProcess:
         args = [sys.executable, "-m", "cache_server", "--store", str(self.store), "--port", str(self.port), "--no-hub"]
         if self.token:
             args += ["--token", self.token]
+        args += self.extra_args
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
         self.store.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.store.parent / f"server-{self.port}.log"
