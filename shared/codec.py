@@ -20,14 +20,23 @@ def zarr_compressors(codec: CodecInfo) -> list:
     return [ZstdCodec(level=codec.level)]
 
 
-def decode_chunk(data: bytes, array: ArrayInfo, chunk_rows: int, n_rows: int, codec: CodecInfo) -> np.ndarray:
+def decode_chunk(data: bytes, array: ArrayInfo, chunk_rows: int, n_rows: int, codec: CodecInfo,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Decode one chunk's stored bytes to ``[n_rows, d]`` in the storage dtype.
 
-    Zarr stores edge chunks at full size; ``n_rows`` trims the padding of the last chunk.
+    Zarr stores edge chunks at full size; ``n_rows`` trims the padding of the last chunk. With
+    ``out`` (a contiguous ``[n_rows, d]`` array), a full chunk decodes straight into it.
     """
-    out = np.empty((chunk_rows, array.d), dtype=np.dtype(array.storage_dtype).newbyteorder("<"))
-    numcodecs.Zstd().decode(data, out=out)  # straight into a writable array: no copy
-    return out[:n_rows]
+    dtype = np.dtype(array.storage_dtype).newbyteorder("<")
+    if out is not None and n_rows == chunk_rows:
+        numcodecs.Zstd().decode(data, out=out)
+        return out
+    full = np.empty((chunk_rows, array.d), dtype=dtype)
+    numcodecs.Zstd().decode(data, out=full)  # straight into a writable array: no copy
+    if out is not None:
+        out[...] = full[:n_rows]
+        return out
+    return full[:n_rows]
 
 
 def to_torch(rows: np.ndarray, logical_dtype: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ Background threads fetch and decode chunks (several connections; numcodecs decod
 GIL) and build the next windows while the current one is trained on.
 """
 
+import collections
 import queue
 import threading
 from collections.abc import Iterator
@@ -93,40 +94,58 @@ class ChunkStream:
         return sum(self.manifest.rows_in_chunk(i) for i in self.train_chunk_ids)
 
     # -- fetching --------------------------------------------------------------------------------
-    def fetch_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """One chunk of every streamed hook as ``[rows, component, d]`` plus its row ids."""
-        parts = []
-        for hook in self.hooks:
-            data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
-            parts.append(self._decode(data, hook, index))
-        tokens_data = self.client.chunk_bytes(self.manifest.dataset_id, "tokens", index)
-        tokens = self._decode(tokens_data, "tokens", index)
-        with self._lock:
-            self.bytes_fetched += len(tokens_data) + sum(p.nbytes for p in parts)
-        row_ids = tokens[:, 1].astype(np.int64) * self.manifest.context_size + tokens[:, 2]
-        return np.stack(parts, axis=1), row_ids
-
-    def _decode(self, data: bytes, array: str, index: int) -> np.ndarray:
+    def _decode(self, data: bytes, array: str, index: int, out: np.ndarray | None = None) -> np.ndarray:
         info = self.manifest.tokens if array == "tokens" else self.manifest.hook(array)
-        return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index), self.manifest.codec)
+        return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index),
+                            self.manifest.codec, out=out)
+
+    def _fetch_into(self, index: int, rows: np.ndarray, row_ids: np.ndarray) -> None:
+        """Fetch one chunk of every streamed hook and decode it into its slice of the window."""
+        n_bytes = 0
+        for c, hook in enumerate(self.hooks):
+            data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
+            self._decode(data, hook, index, out=rows[c])
+            n_bytes += len(data)
+        data = self.client.chunk_bytes(self.manifest.dataset_id, "tokens", index)
+        tokens = self._decode(data, "tokens", index)
+        row_ids[:] = tokens[:, 1].astype(np.int64) * self.manifest.context_size + tokens[:, 2]
+        with self._lock:
+            self.bytes_fetched += n_bytes + len(data)
+
+    def _fetch_window(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+        """``[component, rows, d]`` in the storage dtype, and row ids: chunks decode in place."""
+        sizes = [self.manifest.rows_in_chunk(i) for i in chunk_ids]
+        offsets = np.cumsum([0, *sizes])
+        d = self.manifest.hook(self.hooks[0]).d
+        storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
+        rows = np.empty((len(self.hooks), offsets[-1], d), dtype=storage)
+        row_ids = np.empty(offsets[-1], dtype=np.int64)
+        jobs = [pool.submit(self._fetch_into, i, rows[:, lo:hi], row_ids[lo:hi])
+                for i, lo, hi in zip(chunk_ids, offsets[:-1], offsets[1:])]
+        for job in jobs:
+            job.result()
+        return rows, row_ids
+
+    def _to_device(self, rows: Tensor) -> Tensor:
+        """Storage dtype on the host -> scaled float32 ``[rows, (component,) d]`` on the device."""
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        rows = rows.to(self.device, non_blocking=True)
+        acts = torch.mul(rows.transpose(0, 1), self.scales)  # one pass: cast, scale, [rows, component, d]
+        # One hook: [rows, d]; several: [rows, component, d] (sparse_autoencoder's n_components).
+        return acts[:, 0] if len(self.hooks) == 1 else acts
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
-        """Rows of these chunks on the training device, in float32, scaled."""
-        fetched = list(pool.map(self.fetch_chunk, chunk_ids))
-        rows = np.concatenate([f[0] for f in fetched])
-        row_ids = torch.from_numpy(np.concatenate([f[1] for f in fetched]))
-        host = to_torch(rows, self.manifest.dtype)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        acts = host.to(self.device, non_blocking=True).float() * self.scales
-        # One hook: [rows, d]; several: [rows, component, d] (sparse_autoencoder's n_components).
-        return (acts[:, 0] if len(self.hooks) == 1 else acts), row_ids
+        """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
+        rows, row_ids = self._fetch_window(chunk_ids, pool)
+        return self._to_device(to_torch(rows, self.manifest.dtype)), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
-        acts, row_ids = self.load_rows(chunk_ids, pool)
-        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(acts.shape[0]))
-        return _Window(index, start_row, acts[perm.to(self.device)], row_ids[perm])
+        rows, row_ids = self._fetch_window(chunk_ids, pool)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids)))
+        shuffled = to_torch(rows, self.manifest.dtype)[:, perm]  # permute in the storage dtype: half the bytes
+        return _Window(index, start_row, self._to_device(shuffled), torch.from_numpy(row_ids)[perm])
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -147,22 +166,39 @@ class ChunkStream:
                     pass
             producer.join()
 
+    def _plan(self, start: StreamPosition) -> Iterator[tuple[int, int, list[int], int] | tuple[int, None]]:
+        """(epoch, window index, chunk ids, first row) for every window still to emit, with an
+        (epoch, None) marker at each epoch's end; forever."""
+        epoch = start.epoch
+        while True:
+            row = 0
+            for index, chunk_ids in enumerate(self.windows(epoch)):
+                rows = sum(self.manifest.rows_in_chunk(i) for i in chunk_ids)
+                if epoch > start.epoch or row + rows > start.rows:
+                    yield epoch, index, chunk_ids, row
+                row += rows
+            yield epoch, None
+            epoch += 1
+
     def _produce(self, start: StreamPosition, out: queue.Queue, stop: threading.Event) -> None:
+        """Build windows ahead, several at once (fetching the next while shuffling this one), in order."""
         try:
-            with ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="fetch") as pool:
-                epoch = start.epoch
-                while not stop.is_set():
-                    row = 0
-                    for index, chunk_ids in enumerate(self.windows(epoch)):
-                        rows = sum(self.manifest.rows_in_chunk(i) for i in chunk_ids)
-                        if row + rows > start.rows or epoch > start.epoch:
-                            window = self._build_window(epoch, index, chunk_ids, row, pool)
-                            self._put(out, (epoch, window), stop)
-                        row += rows
+            with ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="fetch") as pool, \
+                    ThreadPoolExecutor(self.prefetch_windows, thread_name_prefix="window") as builders:
+                ahead: collections.deque = collections.deque()
+                for item in self._plan(start):
+                    if stop.is_set():
+                        return
+                    if item[1] is None:
+                        ahead.append(item)
+                    else:
+                        epoch, index, chunk_ids, row = item
+                        ahead.append((epoch, builders.submit(self._build_window, epoch, index, chunk_ids, row, pool)))
+                    while len(ahead) > self.prefetch_windows or (ahead and ahead[0][1] is None):
+                        epoch, built = ahead.popleft()
+                        self._put(out, (epoch, built if built is None else built.result()), stop)
                         if stop.is_set():
                             return
-                    self._put(out, (epoch, None), stop)  # end of epoch
-                    epoch += 1
         except BaseException as exc:  # handed to the consumer, raised in the training loop
             self._put(out, exc, stop)
 

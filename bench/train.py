@@ -1,0 +1,151 @@
+"""Training throughput, all in one run.
+
+On the same in-memory activations (d_in 512, d_sae 4096, batch 4096, float32, CPU):
+  (a) a minimal hand-written PyTorch ReLU + L1 SAE step with Adam (the baseline),
+  (b) this trainer's ReLU step, (c) this trainer's TopK (k=32) step;
+then, from a local cache server (all-MiniLM-L6-v2 residual stream, harvested first):
+  (d) N=4 SAEs trained together from the stream vs the same four SAEs' steps alone on in-memory
+      rows, with the bytes fetched over HTTP counted,
+  (e) the streaming loader alone vs a raw HTTP download of the same chunk bytes.
+A dense step costs about 10 * batch * d_in * d_sae FLOPs; each figure is also printed as a
+fraction of this machine's measured torch.mm rate.
+
+    python bench/train.py [--steps 8]
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer.client import CacheClient  # noqa: E402
+from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
+from trainer.local_server import LocalServer  # noqa: E402
+from trainer.stream import ChunkStream  # noqa: E402
+from trainer.train import SAEState, Trainer, _adam  # noqa: E402
+from trainer.sae import SparseAutoencoder  # noqa: E402
+from trainer.schedulers import Warmup  # noqa: E402
+
+D_IN, D_SAE, BATCH = 512, 4096, 4096
+
+
+def timed(step, steps: int) -> float:
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def mm_rate() -> float:
+    a, b = torch.randn(BATCH, D_IN), torch.randn(D_IN, D_SAE)
+    seconds = timed(lambda: a @ b, 10)
+    return 2 * BATCH * D_IN * D_SAE / seconds
+
+
+def handwritten_step(x: torch.Tensor):
+    """(a): the minimal ReLU + L1 SAE step anyone would write."""
+    W_enc = torch.nn.Parameter(torch.randn(D_IN, D_SAE) / D_IN**0.5)
+    b_enc = torch.nn.Parameter(torch.zeros(D_SAE))
+    W_dec = torch.nn.Parameter(torch.randn(D_SAE, D_IN) / D_SAE**0.5)
+    b_dec = torch.nn.Parameter(torch.zeros(D_IN))
+    optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=1e-4)
+
+    def step():
+        acts = torch.relu((x - b_dec) @ W_enc + b_enc)
+        recon = acts @ W_dec + b_dec
+        loss = (recon - x).pow(2).mean() + 1e-3 * acts.sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def sae_state(cfg: SAEConfig, d_in: int) -> SAEState:
+    sae = SparseAutoencoder(cfg, d_in)
+    return SAEState(cfg, sae, _adam(sae.parameters(), cfg.lr), Warmup(0, cfg.lr, 1), Warmup(0, cfg.l1_coefficient, 1),
+                    torch.zeros(1, sae.d_sae, dtype=torch.long))
+
+
+def our_step(cfg: SAEConfig, x: torch.Tensor):
+    state = sae_state(cfg, x.shape[-1])
+    return lambda: Trainer._step(None, state, x)
+
+
+def report(label: str, seconds: float, baseline: float, peak: float, flops: float) -> None:
+    print(f"{label:44} {BATCH / seconds:9,.0f} tok/s  {baseline / seconds:5.2f}x (a)  "
+          f"{flops / seconds / peak:5.2f} of mm peak")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--stream-tokens", type=int, default=120_000)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    peak = mm_rate()
+    dense_flops = 10 * BATCH * D_IN * D_SAE
+    print(f"torch.mm: {peak / 1e9:.1f} GFLOP/s; batch {BATCH}, d_in {D_IN}, d_sae {D_SAE}, float32, "
+          f"{torch.get_num_threads()} threads")
+    x = torch.randn(BATCH, D_IN)
+    a = timed(handwritten_step(x), args.steps)
+    report("(a) hand-written ReLU+L1 step, Adam", a, a, peak, dense_flops)
+    b = timed(our_step(SAEConfig(activation="relu", d_sae=D_SAE), x), args.steps)
+    report("(b) trainer ReLU step", b, a, peak, dense_flops)
+    c = timed(our_step(SAEConfig(activation="topk", k=32, d_sae=D_SAE), x), args.steps)
+    report("(c) trainer TopK k=32 step", c, a, peak, dense_flops)
+
+    with tempfile.TemporaryDirectory() as tmp, LocalServer(Path(tmp) / "store", extra_args=["--no-hub"]) as server:
+        client = CacheClient(server.url)
+        hook = "blocks.3.hook_resid_post"
+        manifest = client.wait(client.harvest({"model": "all-MiniLM-L6-v2", "hooks": [hook],
+                                               "n_tokens": args.stream_tokens, "batch_size": 32}), progress=False)
+        d = manifest.hook(hook).d
+        cfgs = [SAEConfig(activation="relu", l1_coefficient=c, d_sae=8 * d) for c in (1e-3, 3e-3)] + \
+               [SAEConfig(activation="topk", k=k, d_sae=8 * d) for k in (32, 64)]
+        sweep = Sweep(run=RunConfig(batch_size=BATCH, tokens=BATCH * args.steps, shuffle_buffer_rows=4 * BATCH,
+                                    eval_chunks=1, log_every=args.steps // 2, checkpoint_every=10**9), saes=tuple(cfgs))
+        # (d) alone: the four SAEs' steps on in-memory rows of the same width.
+        rows = torch.randn(BATCH, d)
+        states = [sae_state(cfg, d) for cfg in cfgs]
+        alone = timed(lambda: [Trainer._step(None, s, rows) for s in states], args.steps)
+        trainer = Trainer(client, manifest, [hook], sweep, Path(tmp) / "run", progress=False)
+        trainer.prepare(resume=False)
+        trainer.train()
+        # Steady state: the trainer's own rate over the second half of the steps (no start-up, no save).
+        rates = [json.loads(line)["tokens_per_second"] for line in (Path(tmp) / "run" / "metrics.jsonl").open()]
+        together = BATCH / rates[-1]
+        fetched = trainer.stream.bytes_fetched
+        print(f"(d) 4 SAEs from the stream {BATCH / together:,.0f} tok/s vs steps alone {BATCH / alone:,.0f} tok/s: "
+              f"{together / alone:.3f}x the time (target <= 1.05); {fetched / 1e6:.1f} MB fetched once for all four "
+              f"({fetched / (args.steps * BATCH):.0f} B/row)")
+
+        # (e) loader alone vs raw HTTP download of the same bytes, same number of connections; two
+        # epochs, timed from the first batch (the first window's fetch is start-up latency).
+        stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
+        n_rows = 2 * stream.rows_per_epoch
+        seen, t0 = 0, None
+        for batch in stream.batches():
+            t0 = t0 or time.perf_counter()
+            seen += batch.activations.shape[0]
+            if seen + BATCH > n_rows:
+                break
+        loader = (seen - BATCH) / (time.perf_counter() - t0)
+        ids = stream.train_chunk_ids * 2
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(stream.fetch_threads) as pool:
+            list(pool.map(lambda i: (client.chunk_bytes(manifest.dataset_id, hook, i),
+                                     client.chunk_bytes(manifest.dataset_id, "tokens", i)), ids))
+        raw = n_rows / (time.perf_counter() - t0)
+        print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9)")
+
+if __name__ == "__main__":
+    main()
