@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _table(results: list[dict]) -> str:
-    lines = [f"{'sae':48} {'L0':>7} {'FVU':>7} {'dead %':>7}"]
+def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
+    """Per SAE: L0, FVU, dead % (held-out rows) and, when known, training tokens/s (all SAEs together)."""
+    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7} {'tok/s':>8}"]
     for r in results:
-        lines.append(f"{r['sae']:48} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}")
+        rate = f"{rates[r['sae']]:8,.0f}" if rates and r["sae"] in rates else f"{'-':>8}"
+        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f} {rate}")
     return "\n".join(lines)
 
 

@@ -74,9 +74,6 @@ class RunConfig:
     """Chunks held out (never trained on) for evaluation."""
     log_every: int = 50
     checkpoint_every: int = 500
-    eval_every: int = 0
-    hooks: tuple[str, ...] = ()
-    """Hooks streamed together as components [batch, component, d] (n_components)."""
 
 
 @dataclass(frozen=True)

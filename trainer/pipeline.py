@@ -1,16 +1,21 @@
 """``sae-pipeline``: the main job on the built-in offline default, in one command.
 
 Starts a cache server on 127.0.0.1, harvests all-MiniLM-L6-v2 (a residual stream and an MLP
-output) on the built-in corpus, follows the harvest, prints what was stored, and stops the server
-(also on Ctrl-C). A second run is a cache hit.
+output) on the built-in corpus, trains a small sweep on the residual stream from the cache URL
+(ReLU + L1 at three coefficients, TopK at two k), prints a results table, and stops the server
+(also on Ctrl-C). A second run is a cache hit for the harvest and resumes (or reuses) the training.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from trainer.cli import _table
 from trainer.client import CacheClient, CacheError
+from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.local_server import LocalServer
+from trainer.train import RunError, Trainer
 
 DEFAULT_HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]
 
@@ -23,13 +28,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
     parser.add_argument("--tokens", type=int, default=250_000, help="rows to harvest")
     parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--train-tokens", type=int, default=200_000, help="training tokens per SAE")
     return parser.parse_args(argv)
+
+
+def default_sweep(train_tokens: int) -> Sweep:
+    common = dict(expansion=4, lr=1e-3, lr_warmup_steps=20, sparsity_warmup_steps=50)
+    saes = [SAEConfig(activation="relu", l1_coefficient=c, **common) for c in (1e-3, 3e-3, 1e-2)]
+    saes += [SAEConfig(activation="topk", k=k, **common) for k in (16, 32)]
+    run = RunConfig(batch_size=1024, tokens=train_tokens, shuffle_buffer_rows=65_536, eval_chunks=4,
+                    log_every=20, checkpoint_every=100)
+    return Sweep(run=run, saes=tuple(saes))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens,
                "context_size": args.context_size, "batch_size": 32}
+    sweep = default_sweep(args.train_tokens)
+    train_dir = args.out / "train"
     try:
         with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server:
             print(f"cache server on {server.url} (store {args.out / 'store'})")
@@ -38,19 +55,26 @@ def main(argv: list[str] | None = None) -> int:
                 if accepted.status == "completed":
                     print(f"cache hit: dataset {accepted.dataset_id} is already harvested")
                 manifest = client.wait(accepted)
+                print(f"dataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
+                      f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
+                trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir)
+                trainer.prepare(resume=(train_dir / "run.json").exists())
+                trainer.train()
+                results = trainer.evaluate_and_export()
     except KeyboardInterrupt:
-        print("sae-pipeline: interrupted; the server was stopped and the harvest resumes next run", file=sys.stderr)
+        print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
-    except (CacheError, RuntimeError) as exc:
+    except (CacheError, ConfigError, RunError, RuntimeError) as exc:
         print(f"sae-pipeline: error: {exc}", file=sys.stderr)
         return 1
-    print(f"\ndataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
-          f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
-    print(f"{'hook':32} {'d':>5} {'mean norm':>10}")
-    for hook in manifest.hooks:
-        print(f"{hook.name:32} {hook.d:>5} {hook.stats.mean_norm:>10.3f}")
+    rates = {}
+    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rates[row["sae"]] = row["tokens_per_second"]
+    print()
+    print(_table(results, rates))
+    print(f"\nSAEs (SAELens layout), eval.json and plots: {train_dir}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
