@@ -1,8 +1,7 @@
 """The chunk codec: how one stored chunk's bytes are encoded, and how a client decodes them.
 
 The server lets zarr write chunks with :func:`zarr_compressors` and serves the stored bytes as they
-are; a client decodes them with :func:`decode_chunk`. Zstd at level 1: activations barely compress
-(~1.1x for float16), so the codec is chosen for decode speed.
+are; a client decodes them with :func:`decode_chunk` (see ``CodecInfo`` for the level).
 """
 
 import numpy as np

@@ -71,7 +71,7 @@ class ChunkStream:
         # A window holds at least one batch, so a batch spans at most two windows.
         self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
-        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(1, -1, 1)
+        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(-1, 1, 1)
         held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
         if eval_chunks >= manifest.n_chunks_total:
             raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
@@ -127,13 +127,13 @@ class ChunkStream:
         return rows, row_ids
 
     def _to_device(self, rows: Tensor) -> Tensor:
-        """Storage dtype on the host -> scaled float32 ``[rows, (component,) d]`` on the device."""
+        """``[component, rows, d]`` in the storage dtype on the host -> scaled float32 on the device,
+        as ``[rows, d]`` for one hook or a ``[rows, component, d]`` view for several
+        (sparse_autoencoder's n_components; the SAE works component-major, as stored here)."""
         if self.device.type == "cuda":
             rows = rows.pin_memory()
-        rows = rows.to(self.device, non_blocking=True)
-        acts = torch.mul(rows.transpose(0, 1), self.scales)  # one pass: cast, scale, [rows, component, d]
-        # One hook: [rows, d]; several: [rows, component, d] (sparse_autoencoder's n_components).
-        return acts[:, 0] if len(self.hooks) == 1 else acts
+        acts = rows.to(self.device, non_blocking=True).float().mul_(self.scales)
+        return acts[0] if len(self.hooks) == 1 else acts.transpose(0, 1)
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
@@ -144,7 +144,7 @@ class ChunkStream:
                       pool: ThreadPoolExecutor) -> _Window:
         rows, row_ids = self._fetch_window(chunk_ids, pool)
         perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids)))
-        shuffled = to_torch(rows, self.manifest.dtype)[:, perm]  # permute in the storage dtype: half the bytes
+        shuffled = to_torch(rows, self.manifest.dtype).index_select(1, perm)  # in the storage dtype: half the bytes
         return _Window(index, start_row, self._to_device(shuffled), torch.from_numpy(row_ids)[perm])
 
     # -- batches ---------------------------------------------------------------------------------
