@@ -70,8 +70,13 @@ class _TopKEncode(torch.autograd.Function):
         return None, -(W_enc @ grad_b), grad_W_t.t(), grad_b, None
 
 
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """The pseudo-derivative of a step at the threshold: a rectangle kernel of width ``bandwidth``."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
 class _JumpReLU(torch.autograd.Function):
-    """``z * (z > θ)``; θ = exp(log θ) learns through a rectangle-kernel pseudo-derivative."""
+    """``z * (z > θ)``; θ = exp(log θ) learns through the rectangle-kernel pseudo-derivative."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
@@ -83,14 +88,13 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
         grad_log_threshold = -(threshold * threshold * kernel * grad_out).sum(dim=-2, keepdim=True)
         return grad_out * (pre > threshold), grad_log_threshold, None
 
 
 class _StepL0(torch.autograd.Function):
-    """``H(z - θ)`` counted per row, with the same pseudo-derivative towards log θ (JumpReLU's L0)."""
+    """``H(z - θ)`` (JumpReLU's L0 count), with the same pseudo-derivative towards log θ."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
@@ -102,8 +106,7 @@ class _StepL0(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        kernel = _rectangle(pre, threshold, ctx.bandwidth)
         return None, -(threshold * kernel * grad_out).sum(dim=-2, keepdim=True), None
 
 

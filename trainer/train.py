@@ -120,6 +120,9 @@ class Trainer:
         sample = self._median_sample()
         sample = sample.unsqueeze(1) if sample.dim() == 2 else sample
         medians = torch.stack([geometric_median(sample[:, c]) for c in range(sample.shape[1])])
+        self._build_saes(medians)
+
+    def _build_saes(self, medians: torch.Tensor) -> None:
         self.saes = []
         for cfg in self.sweep.saes:
             sae = SparseAutoencoder(cfg, self.d_in, self.n_components, geometric_median_dataset=medians).to(self.device)
@@ -150,7 +153,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self._init_saes_empty()
+        self._build_saes(torch.zeros(self.n_components or 1, self.d_in))  # every value comes from the checkpoint
         for s, saved in zip(self.saes, state["saes"], strict=True):
             s.sae.load_state_dict(saved["model"])
             s.optimizer.load_state_dict(saved["optimizer"])
@@ -159,14 +162,6 @@ class Trainer:
             s.tokens_since_fired = saved["tokens_since_fired"]
         self.step, self.tokens = state["step"], state["tokens"]
         self.position = StreamPosition(**state["position"])
-
-    def _init_saes_empty(self) -> None:
-        medians = torch.zeros(self.n_components or 1, self.d_in)
-        for cfg in self.sweep.saes:
-            sae = SparseAutoencoder(cfg, self.d_in, self.n_components, geometric_median_dataset=medians).to(self.device)
-            self.saes.append(SAEState(cfg, sae, _adam(sae.parameters(), cfg.lr), Warmup(0.0, cfg.lr, cfg.lr_warmup_steps),
-                                      Warmup(0.0, cfg.l1_coefficient, cfg.sparsity_warmup_steps),
-                                      torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
 
     # -- training ------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None, should_stop=lambda: False) -> None:
