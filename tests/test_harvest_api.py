@@ -137,5 +137,10 @@ def test_cancel_and_delete(client):
     assert client.delete(f"/v1/harvests/{job_id}").status_code == 409
     manifest = client.get(f"/v1/datasets/{dataset_id}").json()
     assert not manifest["complete"] and manifest["n_items"] < 60000
+    # Readers see exactly the committed rows: zarr's shape stops there, the next chunk is absent.
+    meta = client.get(f"/zarr/{dataset_id}/blocks.1.hook_resid_post/zarr.json").json()
+    assert meta["shape"] == [manifest["n_items"], 64]
+    next_chunk = f"/v1/datasets/{dataset_id}/hooks/blocks.1.hook_resid_post/chunks/{manifest['n_chunks']}"
+    assert client.get(next_chunk).status_code == 404
     assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
     assert client.get(f"/v1/datasets/{dataset_id}").status_code == 404

@@ -177,3 +177,23 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     result = run_cli(*base, "--out", str(other))
     assert result.returncode == 1 and "not empty" in result.stderr
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_the_trainer_requests_its_own_harvest(server, tmp_path):
+    """No dataset id copied by hand: --model/--hook/--corpus ask the server, a cache hit the second time."""
+    args = ["--cache-url", server.url, "--token", server.token, "--model", TINY, "--hook", "blocks.1.hook_mlp_out",
+            "--harvest-tokens", "8192", "--context-size", "64", "--tokens", "4096", "--batch-size", "512",
+            "--no-progress"]
+    extra = ["--config", str(tmp_path / "s.toml")]
+    (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\n")
+    first = run_cli(*args, *extra, "--out", str(tmp_path / "one"))
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*args, *extra, "--out", str(tmp_path / "two"))
+    assert second.returncode == 0, second.stderr
+    one = json.loads((tmp_path / "one" / "run.json").read_text())
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert one["dataset_id"] == two["dataset_id"]
+    with CacheClient(server.url) as client:
+        assert len([j for j in client.jobs() if j.dataset_id == one["dataset_id"]]) == 1
+    wrong_token = run_cli(*[a if a != server.token else "nope" for a in args], *extra, "--out", str(tmp_path / "x"))
+    assert wrong_token.returncode == 1 and "401" in wrong_token.stderr and "bearer token" in wrong_token.stderr

@@ -2,8 +2,11 @@
 
     sae-train --cache-url http://127.0.0.1:8000 --dataset ID --hook blocks.3.hook_resid_post --out runs/x \\
               [--config sweep.toml] [--tokens N] [--device cpu|cuda] [--resume]
+    sae-train --cache-url URL --model all-MiniLM-L6-v2 --hook H [--corpus ID] --tokens N --out runs/y
 
 Pass --hook several times to train on several hooks at once as components ([batch, component, d]).
+Without --dataset, the harvest of --model/--hook/--corpus is requested over REST (a cache hit when
+it exists) and followed to its end before training.
 """
 
 import argparse
@@ -23,7 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-url", required=True, help="cache server URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", help="bearer token of the cache server (for harvest requests)")
-    parser.add_argument("--dataset", required=True, help="dataset id (GET /v1/datasets)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="dataset id (GET /v1/datasets)")
+    source.add_argument("--model", help="harvest this model's activations first (when not cached)")
+    parser.add_argument("--corpus", default="default", help="corpus id for --model (default: built-in)")
+    parser.add_argument("--harvest-tokens", type=int, help="rows to harvest for --model (default: --tokens)")
+    parser.add_argument("--context-size", type=int, default=128, help="context size for --model")
     parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; never overwritten)")
     parser.add_argument("--config", type=Path, help="sweep file (TOML: [run] and [[sae]] tables)")
@@ -39,6 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _overrides(args: argparse.Namespace) -> dict:
     values = {"tokens": args.tokens, "batch_size": args.batch_size, "device": args.device}
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _dataset_id(client: CacheClient, args: argparse.Namespace, train_tokens: int) -> str:
+    if args.dataset:
+        return args.dataset
+    request = {"model": args.model, "hooks": args.hooks, "corpus": args.corpus,
+               "n_tokens": args.harvest_tokens or train_tokens, "context_size": args.context_size}
+    accepted = client.harvest(request)
+    return client.wait(accepted, progress=not args.no_progress).dataset_id
 
 
 def _wait_complete(client: CacheClient, dataset_id: str, follow: bool, progress: bool):
@@ -67,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.config, _overrides(args))
         with CacheClient(args.cache_url, token=args.token) as client:
-            manifest = _wait_complete(client, args.dataset, args.follow, not args.no_progress)
+            dataset_id = _dataset_id(client, args, sweep.run.tokens)
+            manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
             trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress)
             trainer.prepare(resume=args.resume)
             previous = signal.signal(signal.SIGINT, on_interrupt)
