@@ -19,7 +19,7 @@ from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from cache_server.harvester import Harvester, HarvestCancelled, choose_chunk_rows, empty_state
 from cache_server.metrics import ServerMetrics
-from cache_server.models import ModelError, ModelRegistry, SourceModel
+from cache_server.models import ModelRegistry, SourceModel
 from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id

@@ -8,7 +8,7 @@ concatenated, e.g. attention heads of ``attn.hook_z``).
 from collections.abc import Callable
 from typing import TypeAlias
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from jaxtyping import Float
 from torch import Tensor
 

@@ -4,7 +4,6 @@ import torch
 
 from shared.codec import to_torch
 from shared.schemas import HookSpec
-from tests.server import wait_job
 from trainer.client import CacheClient
 
 HOOKS = ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]

@@ -197,3 +197,21 @@ def test_the_trainer_requests_its_own_harvest(server, tmp_path):
         assert len([j for j in client.jobs() if j.dataset_id == one["dataset_id"]]) == 1
     wrong_token = run_cli(*[a if a != server.token else "nope" for a in args], *extra, "--out", str(tmp_path / "x"))
     assert wrong_token.returncode == 1 and "401" in wrong_token.stderr and "bearer token" in wrong_token.stderr
+
+
+def test_optional_loggers(server, dataset, tmp_path):
+    """wandb logs when asked (offline here); TensorBoard, not installed, is one clear line."""
+    (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\nlog_every = 2\n")
+    base = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--tokens", "4096",
+            "--batch-size", "512", "--config", str(tmp_path / "s.toml"), "--no-progress"]
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        result = run_cli(*base, "--tensorboard", "--out", str(tmp_path / "tb"))
+        assert result.returncode == 1 and "pip install tensorboard" in result.stderr
+        assert not (tmp_path / "tb").exists()  # refused before anything was written
+    env_run = subprocess.run([sys.executable, "-m", "trainer", *base, "--wandb", "sae-test", "--out", str(tmp_path / "wb")],
+                             capture_output=True, text=True, timeout=300,
+                             env={**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert env_run.returncode == 0, env_run.stderr[-2000:]
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, load_sweep
+from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.train import RunError, Trainer
 
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
     return parser.parse_args(argv)
 
 
@@ -56,6 +59,15 @@ def _dataset_id(client: CacheClient, args: argparse.Namespace, train_tokens: int
                "n_tokens": args.harvest_tokens or train_tokens, "context_size": args.context_size}
     accepted = client.harvest(request)
     return client.wait(accepted, progress=not args.no_progress).dataset_id
+
+
+def _sinks(args: argparse.Namespace, trainer: Trainer) -> list:
+    sinks = []
+    if args.tensorboard:
+        sinks.append(TensorboardSink(args.out / "tensorboard"))
+    if args.wandb:
+        sinks.append(WandbSink(args.wandb, args.out, trainer.identity()))
+    return sinks
 
 
 def _wait_complete(client: CacheClient, dataset_id: str, follow: bool, progress: bool):
@@ -87,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
             trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress)
+            if args.tensorboard:
+                require("tensorboard", "--tensorboard")
+            if args.wandb:
+                require("wandb", "--wandb")
             trainer.prepare(resume=args.resume)
+            trainer.extra_sinks = _sinks(args, trainer)
             previous = signal.signal(signal.SIGINT, on_interrupt)
             try:
                 trainer.train(should_stop=lambda: stop["requested"])
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sae-train: stopped at step {trainer.step}; run again with --resume to continue", file=sys.stderr)
                 return 130
             results = trainer.evaluate_and_export()
-    except (CacheError, ConfigError, RunError) as exc:
+    except (CacheError, ConfigError, RunError, SinkError) as exc:
         print(f"sae-train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

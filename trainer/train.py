@@ -24,6 +24,7 @@ from trainer.objectives import sae_loss
 from trainer.resample import resample_dead_neurons
 from trainer.sae import SparseAutoencoder
 from trainer.schedulers import Warmup
+from trainer.sinks import JsonlSink
 from trainer.stream import ChunkStream, StreamPosition
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,10 +67,11 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
 
 class Trainer:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], sweep: Sweep, out: Path,
-                 progress: bool = True):
+                 progress: bool = True, sinks: list | None = None):
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
         self.run: RunConfig = sweep.run
         self.progress = progress
+        self.extra_sinks = sinks or []  # wandb / tensorboard, besides metrics.jsonl
         unknown = [h for h in hooks if manifest.hook(h) is None]
         if unknown:
             raise RunError(f"dataset {manifest.dataset_id} has no hook '{unknown[0]}'; it holds "
@@ -174,7 +176,7 @@ class Trainer:
         rows_per_seq = self.manifest.context_size
         expected = iid_distinct_sequences(run.batch_size, self.manifest.n_items_total, rows_per_seq)
         generator = torch.Generator().manual_seed(run.seed)
-        metrics_file = (self.out / "metrics.jsonl").open("a")
+        sinks = [JsonlSink(self.out / "metrics.jsonl"), *self.extra_sinks]
         t_last, tokens_last, steps_done = time.perf_counter(), self.tokens, 0
         try:
             for batch in self.stream.batches(self.position):
@@ -197,21 +199,22 @@ class Trainer:
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    for s, out in zip(self.saes, outputs):
-                        row = {"step": self.step, "tokens": self.tokens, "sae": s.name, "loss": out.loss.item(),
-                               "mse": out.mse.item(), "l0": out.l0.item(), "sparsity": out.sparsity.item(),
-                               "aux": out.aux.item(), "lr": s.optimizer.param_groups[0]["lr"],
-                               "dead": int((s.tokens_since_fired >= s.cfg.dead_after_tokens).sum()),
-                               "tokens_per_second": rate, "shuffle_quality": shuffle}
-                        metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, "loss": out.loss.item(),
+                             "mse": out.mse.item(), "l0": out.l0.item(), "sparsity": out.sparsity.item(),
+                             "aux": out.aux.item(), "lr": s.optimizer.param_groups[0]["lr"],
+                             "dead": int((s.tokens_since_fired >= s.cfg.dead_after_tokens).sum()),
+                             "tokens_per_second": rate, "shuffle_quality": shuffle}
+                            for s, out in zip(self.saes, outputs)]
+                    for sink in sinks:
+                        sink.log(rows)
                     bar.set_postfix_str(" | ".join(
                         f"{g[0].activation}: loss {min(o.loss.item() for s, o in zip(self.saes, outputs) if s.cfg in g):.3g}"
                         f" L0 {min(o.l0.item() for s, o in zip(self.saes, outputs) if s.cfg in g):.0f}" for g in groups))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
         finally:
-            metrics_file.close()
+            for sink in sinks:
+                sink.close()
             bar.close()
         self._save()
 
