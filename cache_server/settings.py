@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,3 +19,8 @@ class Settings(BaseSettings):
     max_tokens: int = 2_000_000_000
     chunk_bytes: int = Field(2 * 1024 * 1024, description="Target stored size of one chunk.")
     allow_hub: bool = Field(True, description="Let unknown model names load from the HF hub.")
+
+    @field_validator("token")
+    @classmethod
+    def _empty_means_none(cls, token: str | None) -> str | None:
+        return token or None  # CACHE_SERVER_TOKEN="" (compose's default) means no token

@@ -8,7 +8,10 @@ output) on the built-in corpus, trains a small sweep on the residual stream from
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.cli import _table
@@ -24,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/default"), help="folder for the store and outputs")
+    parser.add_argument("--cache-url", help="use this cache server instead of starting one on 127.0.0.1")
+    parser.add_argument("--token", default=os.environ.get("CACHE_SERVER_TOKEN") or None,
+                        help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
     parser.add_argument("--tokens", type=int, default=250_000, help="rows to harvest")
@@ -41,6 +47,18 @@ def default_sweep(train_tokens: int) -> Sweep:
     return Sweep(run=run, saes=tuple(saes))
 
 
+@contextmanager
+def cache_server(args: argparse.Namespace) -> Iterator[str]:
+    """The URL of --cache-url, or of a server started here (and stopped on the way out)."""
+    if args.cache_url:
+        print(f"cache server at {args.cache_url}")
+        yield args.cache_url
+        return
+    with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server:
+        print(f"cache server on {server.url} (store {args.out / 'store'})")
+        yield server.url
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens,
@@ -48,19 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     sweep = default_sweep(args.train_tokens)
     train_dir = args.out / "train"
     try:
-        with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server:
-            print(f"cache server on {server.url} (store {args.out / 'store'})")
-            with CacheClient(server.url) as client:
-                accepted = client.harvest(request)
-                if accepted.status == "completed":
-                    print(f"cache hit: dataset {accepted.dataset_id} is already harvested")
-                manifest = client.wait(accepted)
-                print(f"dataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
-                      f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
-                trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir)
-                trainer.prepare(resume=(train_dir / "run.json").exists())
-                trainer.train()
-                results = trainer.evaluate_and_export()
+        with cache_server(args) as url, CacheClient(url, token=args.token) as client:
+            accepted = client.harvest(request)
+            if accepted.status == "completed":
+                print(f"cache hit: dataset {accepted.dataset_id} is already harvested")
+            manifest = client.wait(accepted)
+            print(f"dataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
+                  f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
+            trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir)
+            trainer.prepare(resume=(train_dir / "run.json").exists())
+            trainer.train()
+            results = trainer.evaluate_and_export()
     except KeyboardInterrupt:
         print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
