@@ -56,6 +56,9 @@ class SourceModel:
     def separator_token_id(self) -> int | None:
         return _first_known(self.tokenizer, ("sep_token_id", "eos_token_id"))
 
+    def vocabulary(self) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+
     def stop_at_layer(self, hooks: list[HookSpec]) -> int | None:
         """Run blocks only up to the last hooked one; None when a hook is past the blocks."""
         layers = []

@@ -121,6 +121,10 @@ class CacheClient:
     def delete_dataset(self, dataset_id: str) -> None:
         self.request("DELETE", f"/v1/datasets/{dataset_id}")
 
+    def vocabulary(self, dataset_id: str) -> list[str]:
+        """The source model's token strings by id."""
+        return self.request("GET", f"/v1/datasets/{dataset_id}/vocabulary").json()
+
     def chunk_bytes(self, dataset_id: str, array: str, index: int) -> bytes:
         """A chunk's stored (encoded) bytes; ``array`` is a hook name or ``tokens``."""
         route = "tokens" if array == "tokens" else f"hooks/{array}"

@@ -18,6 +18,7 @@ from trainer.cli import _table
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.local_server import LocalServer
+from trainer.report import write_report
 from trainer.train import RunError, Trainer
 
 DEFAULT_HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]
@@ -59,6 +60,15 @@ def cache_server(args: argparse.Namespace) -> Iterator[str]:
         yield server.url
 
 
+def _rates(train_dir: Path) -> dict[str, float]:
+    """Each SAE's latest training tokens/s from metrics.jsonl."""
+    rates = {}
+    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rates[row["sae"]] = row["tokens_per_second"]
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens,
@@ -77,19 +87,18 @@ def main(argv: list[str] | None = None) -> int:
             trainer.prepare(resume=(train_dir / "run.json").exists())
             trainer.train()
             results = trainer.evaluate_and_export()
+            rates = _rates(train_dir)
+            report = write_report(trainer, results, rates, args.out / "report")
     except KeyboardInterrupt:
         print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
     except (CacheError, ConfigError, RunError, RuntimeError) as exc:
         print(f"sae-pipeline: error: {exc}", file=sys.stderr)
         return 1
-    rates = {}
-    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rates[row["sae"]] = row["tokens_per_second"]
     print()
     print(_table(results, rates))
     print(f"\nSAEs (SAELens layout), eval.json and plots: {train_dir}")
+    print(f"report: {report / 'report.html'} (and report.md)")
     return 0
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def delete_dataset(dataset_id: str, svc: Services = Depends(services)) -> Respon
     return Response(status_code=204)
 
 
+@router.get("/{dataset_id}/vocabulary")
+def get_vocabulary(dataset_id: str, svc: Services = Depends(services)) -> list[str]:
+    """The source model's tokens by id, to render the stored token ids as text."""
+    manifest = _manifest(svc, dataset_id)
+    return svc.jobs.models.get(manifest.model.name).vocabulary()
+
+
 _CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},
                          "description": "The chunk's stored bytes (zstd), decoded by shared.codec.decode_chunk."}}
 
