@@ -215,3 +215,79 @@ def test_optional_loggers(server, dataset, tmp_path):
                              env={**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert env_run.returncode == 0, env_run.stderr[-2000:]
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+
+
+def test_misspelt_model_and_incomplete_dataset(server, tmp_path):
+    args = ["--cache-url", server.url, "--token", server.token, "--hook", "blocks.1.hook_resid_post",
+            "--no-progress"]
+    result = run_cli(*args, "--model", "tiny-random-gtp", "--tokens", "1024", "--out", str(tmp_path / "a"))
+    assert result.returncode == 1 and "unknown model 'tiny-random-gtp'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # A dataset still being harvested: refused with its progress, or followed to the end with --follow.
+    with CacheClient(server.url, token=server.token) as client:
+        accepted = client.harvest({"model": TINY, "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 120_000,
+                                   "context_size": 32})
+        result = run_cli(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--out", str(tmp_path / "b"))
+        assert result.returncode == 1 and "is not complete" in result.stderr and "--follow" in result.stderr
+        (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nbatch_size = 256\nshuffle_buffer_rows = 1024\n")
+        result = run_cli(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--follow",
+                         "--config", str(tmp_path / "s.toml"), "--out", str(tmp_path / "c"))
+        assert result.returncode == 0, result.stderr
+        assert client.manifest(accepted.dataset_id).complete
+
+
+def test_client_retries_server_errors_with_backoff():
+    """5xx and dropped connections are retried; a 4xx is not."""
+    import http.server
+    import threading
+
+    answers = iter([503, 502, 200, 404])
+    seen = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = next(answers)
+            seen.append(status)
+            body = b'[]' if status == 200 else b'{"detail": "nope"}'
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with CacheClient(f"http://127.0.0.1:{httpd.server_port}", backoff=0.01) as client:
+            assert client.datasets() == []
+            assert seen == [503, 502, 200]
+            with pytest.raises(Exception, match="404 nope"):
+                client.datasets()
+            assert seen == [503, 502, 200, 404]
+    finally:
+        httpd.shutdown()
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(server, dataset, sweep_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id,
+            "--hook", HOOKS[0], "--config", str(sweep_file), "--tokens", "512000", "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 512000 // 256
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 512000 // 256
