@@ -29,6 +29,19 @@ from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
 
 
+def _as_float32(rows: np.ndarray, logical_dtype: str) -> np.ndarray:
+    """Stored rows as float32; bfloat16 bits become float32 by a 16-bit shift (exact).
+
+    >>> x = torch.randn(2, 3).to(torch.bfloat16)
+    >>> bits = x.view(torch.int16).numpy().view(np.uint16)
+    >>> torch.equal(torch.from_numpy(_as_float32(bits, "bfloat16")), x.float())
+    True
+    """
+    if logical_dtype == "bfloat16":
+        return (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class StreamPosition:
     epoch: int = 0
@@ -126,26 +139,34 @@ class ChunkStream:
             job.result()
         return rows, row_ids
 
-    def _to_device(self, rows: Tensor) -> Tensor:
+    def _to_device(self, rows: np.ndarray) -> Tensor:
         """``[component, rows, d]`` in the storage dtype on the host -> scaled float32 on the device,
         as ``[rows, d]`` for one hook or a ``[rows, component, d]`` view for several
-        (sparse_autoencoder's n_components; the SAE works component-major, as stored here)."""
+        (sparse_autoencoder's n_components; the SAE works component-major, as stored here).
+
+        On CUDA the storage dtype crosses (half the bytes, pinned, non_blocking) and converts on
+        the GPU. On the CPU, numpy converts in this background thread: torch's own thread pool
+        stays with the training step instead of being oversubscribed by the loader."""
         if self.device.type == "cuda":
-            rows = rows.pin_memory()
-        acts = rows.to(self.device, non_blocking=True).float().mul_(self.scales)
+            host = to_torch(rows, self.manifest.dtype).pin_memory()
+            acts = host.to(self.device, non_blocking=True).float().mul_(self.scales)
+        else:
+            rows = _as_float32(rows, self.manifest.dtype)
+            rows *= self.scales.cpu().numpy()
+            acts = torch.from_numpy(rows)
         return acts[0] if len(self.hooks) == 1 else acts.transpose(0, 1)
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
         rows, row_ids = self._fetch_window(chunk_ids, pool)
-        return self._to_device(to_torch(rows, self.manifest.dtype)), torch.from_numpy(row_ids)
+        return self._to_device(rows), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
         rows, row_ids = self._fetch_window(chunk_ids, pool)
-        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids)))
-        shuffled = to_torch(rows, self.manifest.dtype).index_select(1, perm)  # in the storage dtype: half the bytes
-        return _Window(index, start_row, self._to_device(shuffled), torch.from_numpy(row_ids)[perm])
+        perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
+        shuffled = np.take(rows, perm, axis=1)  # in the storage dtype: half the bytes
+        return _Window(index, start_row, self._to_device(shuffled), torch.from_numpy(row_ids[perm]))
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
