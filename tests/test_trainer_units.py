@@ -143,3 +143,13 @@ def test_bad_sweep_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=None) as info:
         load_sweep(sweep_file)
     assert message in str(info.value)
+
+
+def test_encoder_backward_matches_autograd():
+    """The encoder's hand-written backward (b_dec's gradient as a matrix-vector product) is exact."""
+    from trainer.sae import _Encode
+
+    torch.manual_seed(0)
+    shapes = [(2, 5, 3), (2, 3), (2, 3, 4), (2, 4)]
+    args = tuple(torch.randn(s, dtype=torch.double, requires_grad=True) for s in shapes)
+    assert torch.autograd.gradcheck(_Encode.apply, args)

@@ -45,10 +45,11 @@ def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dea
         acts = sae.activate(pre, training=True)
         recon = sae.decode(acts)
         mse = _matryoshka_dense(sae, acts, xc) if cfg.objective == "matryoshka" else _mse(recon, xc)
-        fired = (acts > 0).any(dim=1)
-        l0 = (acts > 0).sum(-1).float().mean()
+        fired = acts.detach().amax(dim=1) > 0  # one pass each, no [batch, d_sae] mask kept
+        l0 = torch.count_nonzero(acts.detach()) / (acts.shape[0] * acts.shape[1])
         if cfg.activation == "relu":
-            sparsity = (acts * sae.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean()
+            # Decoder-norm-weighted L1, summed over the batch first: no [batch, d_sae] product.
+            sparsity = (acts.sum(dim=1) * sae.W_dec.norm(dim=-1)).sum() / (acts.shape[0] * acts.shape[1])
         elif cfg.activation == "jumprelu":
             sparsity = _StepL0.apply(pre, sae.log_threshold.unsqueeze(1), cfg.jumprelu_bandwidth).sum(-1).mean()
         else:

@@ -70,6 +70,28 @@ class _TopKEncode(torch.autograd.Function):
         return None, -(W_enc @ grad_b), grad_W_t.t(), grad_b, None
 
 
+class _Encode(torch.autograd.Function):
+    """``(x - b_dec) @ W_enc + b_enc`` for ``[component, batch, d_in]`` inputs that need no gradient.
+
+    Autograd would find b_dec's gradient through ``x - b_dec`` with a full ``grad @ W_enc^T``
+    matmul (a sixth of a dense step); it is ``-W_enc @ grad.sum(batch)``, a matrix-vector product.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor):
+        centred = x - b_dec.unsqueeze(1)
+        ctx.save_for_backward(centred, W_enc)
+        return torch.baddbmm(b_enc.unsqueeze(1), centred, W_enc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        centred, W_enc = ctx.saved_tensors
+        summed = grad.sum(dim=1)
+        grad_x = torch.bmm(grad, W_enc.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_b_dec = -torch.bmm(W_enc, summed.unsqueeze(-1)).squeeze(-1)
+        return grad_x, grad_b_dec, torch.bmm(centred.transpose(1, 2), grad), summed
+
+
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """The pseudo-derivative of a step at the threshold: a rectangle kernel of width ``bandwidth``."""
     return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
@@ -153,7 +175,7 @@ class SparseAutoencoder(nn.Module):
         return y.squeeze(1) if self.n_components is None else y
 
     def pre_activations(self, xc: Float[Tensor, "component batch d_in"]) -> Tensor:
-        return torch.baddbmm(self.b_enc.unsqueeze(1), xc - self.b_dec.unsqueeze(1), self.W_enc)
+        return _Encode.apply(xc, self.b_dec, self.W_enc, self.b_enc)
 
     def activate(self, pre: Tensor, training: bool) -> Tensor:
         act = self.cfg.activation
