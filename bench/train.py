@@ -89,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stream-tokens", type=int, default=120_000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     peak = mm_rate()
@@ -96,11 +97,15 @@ def main() -> None:
     print(f"torch.mm: {peak / 1e9:.1f} GFLOP/s; batch {BATCH}, d_in {D_IN}, d_sae {D_SAE}, float32, "
           f"{torch.get_num_threads()} threads")
     x = torch.randn(BATCH, D_IN)
-    a = timed(handwritten_step(x), args.steps)
+    steps = {"a": handwritten_step(x), "b": our_step(SAEConfig(activation="relu", d_sae=D_SAE), x),
+             "c": our_step(SAEConfig(activation="topk", k=32, d_sae=D_SAE), x)}
+    best = {name: float("inf") for name in steps}
+    for _ in range(args.rounds):  # alternate, keep each one's best round: the machine is shared and noisy
+        for name, step in steps.items():
+            best[name] = min(best[name], timed(step, args.steps // 2))
+    a, b, c = best["a"], best["b"], best["c"]
     report("(a) hand-written ReLU+L1 step, Adam", a, a, peak, dense_flops)
-    b = timed(our_step(SAEConfig(activation="relu", d_sae=D_SAE), x), args.steps)
     report("(b) trainer ReLU step", b, a, peak, dense_flops)
-    c = timed(our_step(SAEConfig(activation="topk", k=32, d_sae=D_SAE), x), args.steps)
     report("(c) trainer TopK k=32 step", c, a, peak, dense_flops)
 
     with tempfile.TemporaryDirectory() as tmp, LocalServer(Path(tmp) / "store", extra_args=["--no-hub"]) as server:
