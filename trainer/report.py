@@ -78,7 +78,7 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
     features = top_contexts(trainer, best)
     name = results[best]["sae"]
     m = trainer.manifest
-    md = [f"# SAE run report", "",
+    md = ["# SAE run report", "",
           f"Dataset `{m.dataset_id}`: {m.model.name}, hook {', '.join(trainer.hooks)}, {m.n_items:,} rows; "
           f"metrics on {len(trainer.stream.eval_chunk_ids)} held-out chunks.", "",
           "| SAE | L0 | FVU | dead % | tokens/s |", "|---|---:|---:|---:|---:|"]

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,6 @@ class Trainer:
 
     def _median_sample(self, max_rows: int = 8192) -> torch.Tensor:
         """Rows of the first training chunks, for the geometric-median initialisation of b_dec."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(self.run.fetch_threads) as pool:
             chunk_ids = self.stream.epoch_order(0)[: max(1, -(-max_rows // self.manifest.chunk_rows))]
             rows, _ = self.stream.load_rows(chunk_ids, pool)
