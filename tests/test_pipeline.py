@@ -23,3 +23,27 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     second = run_pipeline(tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cache hit" in second.stdout
+
+
+def test_ctrl_c_stops_the_server_it_started(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(tmp_path), "--tokens", "200000"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "cache-server.log"
+    deadline = time.monotonic() + 180
+    while "POST /v1/harvests" not in (log.read_text() if log.exists() else ""):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    server_pid = int(log.read_text().split("Started server process [")[1].split("]")[0])
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    try:
+        __import__("os").kill(server_pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the cache server outlived the pipeline"
