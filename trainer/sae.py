@@ -92,9 +92,19 @@ class _Encode(torch.autograd.Function):
         return grad_x, grad_b_dec, torch.bmm(centred.transpose(1, 2), grad), summed
 
 
-def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """The pseudo-derivative of a step at the threshold: a rectangle kernel of width ``bandwidth``."""
-    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+def _save_threshold(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+    """Keep what the straight-through backward needs; return θ = exp(log θ)."""
+    threshold = log_threshold.exp()
+    ctx.save_for_backward(pre, threshold)
+    ctx.bandwidth = bandwidth
+    return threshold
+
+
+def _saved_kernel(ctx) -> tuple[Tensor, Tensor, Tensor]:
+    """(pre, θ, rectangle kernel): the pseudo-derivative of a step at θ, of width ``bandwidth``."""
+    pre, threshold = ctx.saved_tensors
+    kernel = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+    return pre, threshold, kernel
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -102,15 +112,11 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
-        threshold = log_threshold.exp()
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        return pre * (pre > _save_threshold(ctx, pre, log_threshold, bandwidth))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        pre, threshold = ctx.saved_tensors
-        kernel = _rectangle(pre, threshold, ctx.bandwidth)
+        pre, threshold, kernel = _saved_kernel(ctx)
         grad_log_threshold = -(threshold * threshold * kernel * grad_out).sum(dim=-2, keepdim=True)
         return grad_out * (pre > threshold), grad_log_threshold, None
 
@@ -120,15 +126,11 @@ class _StepL0(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float):
-        threshold = log_threshold.exp()
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
+        return (pre > _save_threshold(ctx, pre, log_threshold, bandwidth)).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        pre, threshold = ctx.saved_tensors
-        kernel = _rectangle(pre, threshold, ctx.bandwidth)
+        _, threshold, kernel = _saved_kernel(ctx)
         return None, -(threshold * kernel * grad_out).sum(dim=-2, keepdim=True), None
 
 
