@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache_server.models import SourceModel
-from cache_server.store import TOKENS_ARRAY, DatasetStore
+from cache_server.store import TOKENS_ARRAY, DatasetStore, DatasetWriter
 from shared.codec import to_storage, to_torch
 from shared.reshape import reshape_hook
 from shared.schemas import DatasetManifest, HookSpec, HookStats
@@ -184,7 +184,7 @@ class Harvester:
             np.tile(np.arange(ctx, dtype=np.int32), last_seq - first_seq),
         ], axis=1)
 
-    def _recount_state(self) -> dict:
+    def _recount_state(self, writer: DatasetWriter) -> dict:
         """The running sums rebuilt from the committed chunks, chunk by chunk in order, from the
         stored values: bit-identical to the sums a straight run accumulates. Used when the stored
         sums disagree with the committed row count."""
@@ -192,9 +192,9 @@ class Harvester:
         state = empty_state(self.hooks, widths)
         for index in range(self.manifest.n_chunks):
             start = index * self.layout.chunk_rows
-            rows = self.store.read_rows(self.manifest.dataset_id, start, self.manifest.rows_in_chunk(index),
-                                        [h.name for h in self.hooks])
-            stats = {name: _row_stats(to_torch(r, self.manifest.dtype)) for name, r in rows.items()}
+            stop = start + self.manifest.rows_in_chunk(index)
+            stats = {h.name: _row_stats(to_torch(writer.arrays[h.name][start:stop], self.manifest.dtype))
+                     for h in self.hooks}
             state = add_stats(state, stats)
         return state
 
@@ -203,7 +203,7 @@ class Harvester:
             writer = self.store.writer(self.manifest.dataset_id)
             state = writer.harvest_state()
             if {s["count"] for s in state.values()} != {self.manifest.n_items}:
-                state = self._recount_state()
+                state = self._recount_state(writer)
             expected, last_commit = self.manifest.n_chunks, time.monotonic()
             while (chunk := chunks.get()) is not None:
                 if chunk.index != expected:

@@ -99,10 +99,6 @@ class DatasetStore:
     def writer(self, dataset_id: str) -> DatasetWriter:
         return DatasetWriter(self, dataset_id)
 
-    def read_rows(self, dataset_id: str, start: int, n_rows: int, arrays: list[str]) -> dict[str, np.ndarray]:
-        group = zarr.open_group(store=self.zarr_store, path=dataset_id, mode="r")
-        return {name: group[name][start : start + n_rows] for name in arrays}
-
     def _published(self, manifest: DatasetManifest) -> None:
         self._manifests[manifest.dataset_id] = manifest
 
