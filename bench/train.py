@@ -133,24 +133,38 @@ def main() -> None:
               f"{together / alone:.3f}x the time (target <= 1.05); {fetched / 1e6:.1f} MB fetched once for all four "
               f"({fetched / (args.steps * BATCH):.0f} B/row)")
 
-        # (e) loader alone vs raw HTTP download of the same bytes, same number of connections; two
-        # epochs, timed from the first batch (the first window's fetch is start-up latency).
+        # (e) loader alone vs raw HTTP download of the same bytes, with the same client and number of
+        # connections; several epochs a round, rounds alternated, best of each (the box is shared).
         stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-        n_rows = 2 * stream.rows_per_epoch
-        seen, t0 = 0, None
-        for batch in stream.batches():
-            t0 = t0 or time.perf_counter()
-            seen += batch.activations.shape[0]
-            if seen + BATCH > n_rows:
-                break
-        loader = (seen - BATCH) / (time.perf_counter() - t0)
-        ids = stream.train_chunk_ids * 2
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(stream.fetch_threads) as pool:
-            list(pool.map(lambda i: (client.chunk_bytes(manifest.dataset_id, hook, i),
-                                     client.chunk_bytes(manifest.dataset_id, "tokens", i)), ids))
-        raw = n_rows / (time.perf_counter() - t0)
+        epochs = 6
+        loader, raw = 0.0, 0.0
+        for _ in range(args.rounds):
+            loader = max(loader, loader_rate(stream, epochs))
+            raw = max(raw, raw_rate(client, stream, hook, epochs))
         print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9)")
+
+
+def loader_rate(stream: ChunkStream, epochs: int) -> float:
+    """Rows/s of float32 batches out of the loader, timed from the first batch (the first window's
+    fetch is start-up latency)."""
+    n_rows, seen, t0 = epochs * stream.rows_per_epoch, 0, None
+    for batch in stream.batches():
+        t0 = t0 or time.perf_counter()
+        seen += batch.activations.shape[0]
+        if seen + BATCH > n_rows:
+            break
+    return (seen - BATCH) / (time.perf_counter() - t0)
+
+
+def raw_rate(client: CacheClient, stream: ChunkStream, hook: str, epochs: int) -> float:
+    """Rows/s of the same chunks' bytes (activations and tokens) just downloaded."""
+    dataset = stream.manifest.dataset_id
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(stream.fetch_threads) as pool:
+        list(pool.map(lambda i: (client.chunk_bytes(dataset, hook, i), client.chunk_bytes(dataset, "tokens", i)),
+                      stream.train_chunk_ids * epochs))
+    return epochs * stream.rows_per_epoch / (time.perf_counter() - t0)
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY
 from trainer.cli import main as sae_train
-from trainer.client import CacheClient
+from trainer.client import CacheClient, CacheError
 from trainer.config import load_sweep
 from trainer.export import load_saelens
 from trainer.stream import ChunkStream, StreamPosition
@@ -237,11 +237,12 @@ def test_misspelt_model_and_incomplete_dataset(server, tmp_path):
 
 
 def test_client_retries_server_errors_with_backoff():
-    """5xx and dropped connections are retried; a 4xx is not."""
+    """5xx and dropped connections are retried; a 4xx is not: on the JSON API and on chunk bytes
+    (which go through their own, leaner connection pool)."""
     import http.server
     import threading
 
-    answers = iter([503, 502, 200, 404])
+    answers = iter([503, 502, 200, 404, 503, 200, 404])
     seen = []
 
     class Flaky(http.server.BaseHTTPRequestHandler):
@@ -266,6 +267,10 @@ def test_client_retries_server_errors_with_backoff():
             with pytest.raises(Exception, match="404 nope"):
                 client.datasets()
             assert seen == [503, 502, 200, 404]
+            assert client.chunk_bytes("0" * 24, "tokens", 0) == b"[]"
+            with pytest.raises(CacheError, match="chunks/0: 404 nope"):
+                client.chunk_bytes("0" * 24, "tokens", 0)
+            assert seen == [503, 502, 200, 404, 503, 200, 404]
     finally:
         httpd.shutdown()
 

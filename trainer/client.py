@@ -7,12 +7,15 @@
 >>> rows = client.chunk(manifest, "blocks.3.hook_resid_post", 0)  # [rows, d] numpy  # doctest: +SKIP
 """
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import urllib3
 from tqdm.auto import tqdm
 
 from shared.codec import decode_chunk
@@ -38,10 +41,15 @@ class CacheClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
+        # Chunk bytes take urllib3: per request it costs the client a third of httpx's CPU, which
+        # is what bounds a loader on loopback or a fast network (measured in bench/train.py (e)).
+        self.bulk = urllib3.PoolManager(maxsize=32, headers=headers, retries=False,
+                                        timeout=urllib3.Timeout(connect=timeout, read=timeout))
         self.retries, self.backoff = retries, backoff
 
     def close(self) -> None:
         self.http.close()
+        self.bulk.clear()
 
     def __enter__(self) -> "CacheClient":
         return self
@@ -52,15 +60,22 @@ class CacheClient:
     # -- transport ---------------------------------------------------------------------------
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request, retried with exponential backoff on connection errors and 5xx."""
+        response = self._retried(lambda: self.http.request(method, path, **kwargs), httpx.TransportError,
+                                 lambda r: r.status_code)
+        if response.status_code >= 400:
+            raise _error(method, path, response.status_code, response.content)
+        return response
+
+    def _retried(self, send: Callable, transport_error: type[Exception], status: Callable[[Any], int]):
         for attempt in range(self.retries + 1):
             try:
-                response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
+                response = send()
+            except transport_error as exc:
                 if attempt == self.retries:
                     raise CacheError(f"cannot reach cache server at {self.url}: {exc}") from None
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
-                    return _checked(response)
+                if status(response) not in RETRY_STATUSES or attempt == self.retries:
+                    return response
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -128,7 +143,12 @@ class CacheClient:
     def chunk_bytes(self, dataset_id: str, array: str, index: int) -> bytes:
         """A chunk's stored (encoded) bytes; ``array`` is a hook name or ``tokens``."""
         route = "tokens" if array == "tokens" else f"hooks/{array}"
-        return self.request("GET", f"/v1/datasets/{dataset_id}/{route}/chunks/{index}").content
+        path = f"/v1/datasets/{dataset_id}/{route}/chunks/{index}"
+        response = self._retried(lambda: self.bulk.request("GET", self.url + path), urllib3.exceptions.HTTPError,
+                                 lambda r: r.status)
+        if response.status >= 400:
+            raise _error("GET", path, response.status, response.data)
+        return response.data
 
     def chunk(self, manifest: DatasetManifest, array: str, index: int) -> np.ndarray:
         """A decoded chunk, ``[rows, d]`` in the storage dtype (see ``shared.codec.to_torch``)."""
@@ -139,12 +159,10 @@ class CacheClient:
         return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index), manifest.codec)
 
 
-def _checked(response: httpx.Response) -> httpx.Response:
-    if response.status_code < 400:
-        return response
+def _error(method: str, path: str, status: int, body: bytes) -> CacheError:
+    """The server's own reason (FastAPI's ``detail``) when it gave one."""
     try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    raise CacheError(f"{response.request.method} {response.request.url.path}: {response.status_code} {detail}",
-                     response.status_code)
+        detail = json.loads(body).get("detail", body.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        detail = body.decode(errors="replace")
+    return CacheError(f"{method} {path}: {status} {detail}", status)

@@ -1,9 +1,10 @@
 """Stream a dataset's chunks in shuffled order into batches on the training device.
 
 Each epoch, the training chunks (every chunk but the held-out evaluation ones) are put in a
-seeded random order and read in windows of several chunks. A window's rows are concatenated,
-moved to the training device (through pinned memory on CUDA) and permuted with a seeded
-permutation; batches are consecutive slices of the stream of permuted windows. So a batch mixes
+seeded random order and read in windows of several chunks. A window's rows are concatenated and
+moved to the training device (through pinned memory on CUDA) in their storage dtype; batches are
+consecutive slices of the stream of windows, each window read in its own seeded permutation, and
+are gathered and converted to float32 one batch at a time. So a batch mixes
 rows of many chunks (and sequences), and the loader's position is just
 ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
 emitted, and sees neither repeated nor skipped rows.
@@ -29,19 +30,6 @@ from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
 
 
-def _as_float32(rows: np.ndarray, logical_dtype: str) -> np.ndarray:
-    """Stored rows as float32; bfloat16 bits become float32 by a 16-bit shift (exact).
-
-    >>> x = torch.randn(2, 3).to(torch.bfloat16)
-    >>> bits = x.view(torch.int16).numpy().view(np.uint16)
-    >>> torch.equal(torch.from_numpy(_as_float32(bits, "bfloat16")), x.float())
-    True
-    """
-    if logical_dtype == "bfloat16":
-        return (rows.astype(np.uint32) << 16).view(np.float32)
-    return rows.astype(np.float32)
-
-
 @dataclass(frozen=True)
 class StreamPosition:
     epoch: int = 0
@@ -64,7 +52,16 @@ class _Window:
     index: int
     start_row: int
     activations: Tensor
-    row_ids: Tensor
+    """The window's rows in fetch order, in the storage dtype, on the training device."""
+    order: Int[Tensor, " rows"]
+    """The seeded shuffle: the window's i-th emitted row is ``activations[order[i]]``."""
+    row_ids: Int[Tensor, " rows"]
+    """Dataset row ids in emitted (shuffled) order."""
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        """Emitted rows ``lo:hi``. Gathered a batch at a time, on the device and without the GIL:
+        a window-wide permuted copy cost the loader a fifth of its throughput."""
+        return self.activations.index_select(0, self.order[lo:hi])
 
 
 class ChunkStream:
@@ -84,7 +81,7 @@ class ChunkStream:
         # A window holds at least one batch, so a batch spans at most two windows.
         self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
-        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(-1, 1)
         held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
         if eval_chunks >= manifest.n_chunks_total:
             raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
@@ -140,33 +137,32 @@ class ChunkStream:
         return rows, row_ids
 
     def _to_device(self, rows: np.ndarray) -> Tensor:
-        """``[component, rows, d]`` in the storage dtype on the host -> scaled float32 on the device,
-        as ``[rows, d]`` for one hook or a ``[rows, component, d]`` view for several
-        (sparse_autoencoder's n_components; the SAE works component-major, as stored here).
-
-        On CUDA the storage dtype crosses (half the bytes, pinned, non_blocking) and converts on
-        the GPU. On the CPU, numpy converts in this background thread: torch's own thread pool
-        stays with the training step instead of being oversubscribed by the loader."""
+        """``[component, rows, d]`` on the host -> the same rows on the device, still in the storage
+        dtype (half the bytes to copy and to hold), as ``[rows, d]`` for one hook or a
+        ``[rows, component, d]`` view for several (sparse_autoencoder's n_components; the SAE works
+        component-major, as stored here). On CUDA through pinned memory, non_blocking."""
+        acts = to_torch(rows, self.manifest.dtype)
         if self.device.type == "cuda":
-            host = to_torch(rows, self.manifest.dtype).pin_memory()
-            acts = host.to(self.device, non_blocking=True).float().mul_(self.scales)
-        else:
-            rows = _as_float32(rows, self.manifest.dtype)
-            rows *= self.scales.cpu().numpy()
-            acts = torch.from_numpy(rows)
+            acts = acts.pin_memory().to(self.device, non_blocking=True)
         return acts[0] if len(self.hooks) == 1 else acts.transpose(0, 1)
+
+    def _ready(self, acts: Tensor) -> Float[Tensor, "batch *component d"]:
+        """Rows as the SAEs take them: float32 and scaled. Done a batch at a time on the training
+        device, where it costs a few per cent of a window-wide conversion (the batch is in cache,
+        and torch converts half floats with vector instructions)."""
+        return acts.float().mul_(self.scales)
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
         rows, row_ids = self._fetch_window(chunk_ids, pool)
-        return self._to_device(rows), torch.from_numpy(row_ids)
+        return self._ready(self._to_device(rows)), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
         rows, row_ids = self._fetch_window(chunk_ids, pool)
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
-        shuffled = np.take(rows, perm, axis=1)  # in the storage dtype: half the bytes
-        return _Window(index, start_row, self._to_device(shuffled), torch.from_numpy(row_ids[perm]))
+        return _Window(index, start_row, self._to_device(rows), torch.from_numpy(perm).to(self.device),
+                       torch.from_numpy(row_ids[perm]))
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -242,24 +238,25 @@ class ChunkStream:
             epoch, window = item
             if window is None:  # end of an epoch: its last partial batch continues into the next
                 continue
-            skip = max(0, start.rows - window.start_row) if epoch == start.epoch else 0
-            acts, seqs = window.activations[skip:], window.row_ids[skip:]
-            offset = 0
+            offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
+            n = window.row_ids.shape[0]
             if carry is not None:
                 need = size - carry[0].shape[0]
-                if acts.shape[0] < need:
-                    carry = (torch.cat([carry[0], acts]), torch.cat([carry[1], seqs]))
+                if n - offset < need:
+                    carry = (torch.cat([carry[0], window.rows(offset, n)]),
+                             torch.cat([carry[1], window.row_ids[offset:]]))
                     continue
-                offset = need
-                yield Batch(torch.cat([carry[0], acts[:need]]), torch.cat([carry[1], seqs[:need]]),
-                            StreamPosition(epoch, window.start_row + skip + offset))
+                offset += need
+                yield Batch(self._ready(torch.cat([carry[0], window.rows(offset - need, offset)])),
+                            torch.cat([carry[1], window.row_ids[offset - need : offset]]),
+                            StreamPosition(epoch, window.start_row + offset))
                 carry = None
-            while offset + size <= acts.shape[0]:
+            while offset + size <= n:
                 offset += size
-                yield Batch(acts[offset - size : offset], seqs[offset - size : offset],
-                            StreamPosition(epoch, window.start_row + skip + offset))
-            if offset < acts.shape[0]:
-                carry = (acts[offset:], seqs[offset:])
+                yield Batch(self._ready(window.rows(offset - size, offset)), window.row_ids[offset - size : offset],
+                            StreamPosition(epoch, window.start_row + offset))
+            if offset < n:
+                carry = (window.rows(offset, n), window.row_ids[offset:])
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
