@@ -29,7 +29,7 @@ from trainer.client import CacheClient  # noqa: E402
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
 from trainer.local_server import LocalServer  # noqa: E402
 from trainer.stream import ChunkStream  # noqa: E402
-from trainer.train import SAEState, Trainer, _adam  # noqa: E402
+from trainer.train import SAEState, Trainer, _adam, train_step  # noqa: E402
 from trainer.sae import SparseAutoencoder  # noqa: E402
 from trainer.schedulers import Warmup  # noqa: E402
 
@@ -77,7 +77,7 @@ def sae_state(cfg: SAEConfig, d_in: int) -> SAEState:
 
 def our_step(cfg: SAEConfig, x: torch.Tensor):
     state = sae_state(cfg, x.shape[-1])
-    return lambda: Trainer._step(None, state, x)
+    return lambda: train_step(state, x)
 
 
 def report(label: str, seconds: float, baseline: float, peak: float, flops: float) -> None:
@@ -121,7 +121,7 @@ def main() -> None:
         # (d) alone: the four SAEs' steps on in-memory rows of the same width.
         rows = torch.randn(BATCH, d)
         states = [sae_state(cfg, d) for cfg in cfgs]
-        alone = timed(lambda: [Trainer._step(None, s, rows) for s in states], args.steps)
+        alone = timed(lambda: [train_step(s, rows) for s in states], args.steps)
         trainer = Trainer(client, manifest, [hook], sweep, Path(tmp) / "run", progress=False)
         trainer.prepare(resume=False)
         trainer.train()

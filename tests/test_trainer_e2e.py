@@ -142,7 +142,7 @@ def test_resumed_run_equals_an_uninterrupted_one(server, dataset, sweep_file, tm
     assert interrupted.step == 47 and not interrupted.finished
     resumed = trainer(tmp_path / "interrupted")
     resumed.prepare(resume=True)
-    assert resumed.step == 47 and resumed.position == interrupted.position
+    assert resumed.step == 47 and resumed.positions == interrupted.positions
     resumed.train()
     assert resumed.finished and resumed.tokens == straight.tokens
     for a, b in zip(straight.saes, resumed.saes):

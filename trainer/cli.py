@@ -5,6 +5,8 @@
     sae-train --cache-url URL --model all-MiniLM-L6-v2 --hook H [--corpus ID] --tokens N --out runs/y
 
 Pass --hook several times to train on several hooks at once as components ([batch, component, d]).
+Under ``torchrun --nproc-per-node N -m trainer ...`` the SAEs train data-parallel (DDP), each rank
+streaming its own share of the chunks; rank 0 writes the run folder (see trainer.distributed).
 Without --dataset, the harvest of --model/--hook/--corpus is requested over REST (a cache hit when
 it exists) and followed to its end before training.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, load_sweep
+from trainer.distributed import World
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.train import RunError, Trainer
 
@@ -93,18 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         stop["requested"] = True
         print("\nsae-train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
+    world = World.from_env()
     try:
         sweep = load_sweep(args.config, _overrides(args))
         with CacheClient(args.cache_url, token=args.token) as client:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
-            trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress)
+            trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress, world=world)
             if args.tensorboard:
                 require("tensorboard", "--tensorboard")
             if args.wandb:
                 require("wandb", "--wandb")
             trainer.prepare(resume=args.resume)
-            trainer.extra_sinks = _sinks(args, trainer)
+            trainer.extra_sinks = _sinks(args, trainer) if world.main else []
             previous = signal.signal(signal.SIGINT, on_interrupt)
             try:
                 trainer.train(should_stop=lambda: stop["requested"])
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             if not trainer.finished:
                 print(f"sae-train: stopped at step {trainer.step}; run again with --resume to continue", file=sys.stderr)
                 return 130
+            if not world.main:
+                return 0
             results = trainer.evaluate_and_export()
     except (CacheError, ConfigError, RunError, SinkError) as exc:
         print(f"sae-train: error: {exc}", file=sys.stderr)
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-train: aborted; the last checkpoint stands", file=sys.stderr)
         return 130
+    finally:
+        world.close()
     print(json.dumps(results, indent=1) if args.no_progress else _table(results))
     return 0
 

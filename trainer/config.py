@@ -70,6 +70,9 @@ class RunConfig:
     shuffle_buffer_rows: int = 262_144
     prefetch_chunks: int = 8
     fetch_threads: int = 4
+    lanes: int = 0
+    """Streams an epoch is split into (0: the world size at the start of the run); see
+    trainer.distributed. A run keeps its lanes when resumed with another world size."""
     eval_chunks: int = 2
     """Chunks held out (never trained on) for evaluation."""
     log_every: int = 50

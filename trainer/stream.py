@@ -68,7 +68,7 @@ class ChunkStream:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], batch_size: int,
                  window_rows: int, seed: int = 0, device: torch.device = torch.device("cpu"),
                  eval_chunks: int = 0, prefetch_windows: int = 2, fetch_threads: int = 4,
-                 scales: list[float] | None = None):
+                 scales: list[float] | None = None, lane: int = 0, lanes: int = 1):
         for hook in hooks:
             if manifest.hook(hook) is None:
                 raise CacheError(f"dataset {manifest.dataset_id} has no hook '{hook}'; it holds "
@@ -78,6 +78,7 @@ class ChunkStream:
             raise CacheError(f"hooks streamed together must have one width; got {sorted(widths)}")
         self.client, self.manifest, self.hooks = client, manifest, hooks
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.lane, self.lanes = lane, lanes
         # A window holds at least one batch, so a batch spans at most two windows.
         self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
@@ -92,8 +93,10 @@ class ChunkStream:
 
     # -- layout of an epoch ----------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
+        """This lane's share of the epoch's seeded chunk order: every ``lanes``-th chunk from
+        ``lane``. Lanes split an epoch between data-parallel ranks; their union is the epoch."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_chunk_ids))
-        return [self.train_chunk_ids[i] for i in order]
+        return [self.train_chunk_ids[i] for i in order[self.lane :: self.lanes]]
 
     def windows(self, epoch: int) -> list[list[int]]:
         order, size = self.epoch_order(epoch), self.chunks_per_window
@@ -101,6 +104,7 @@ class ChunkStream:
 
     @property
     def rows_per_epoch(self) -> int:
+        """Training rows of an epoch, all lanes together."""
         return sum(self.manifest.rows_in_chunk(i) for i in self.train_chunk_ids)
 
     # -- fetching --------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ budget; metrics to ``metrics.jsonl``; checkpoints that resume exactly; evaluatio
 chunks; export in SAELens' layout.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient
 from trainer.config import RunConfig, SAEConfig, Sweep, split_cfgs
+from trainer.distributed import World
 from trainer.export import export_saelens
 from trainer.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
 from trainer.objectives import sae_loss
@@ -26,7 +29,7 @@ from trainer.resample import resample_dead_neurons
 from trainer.sae import SparseAutoencoder
 from trainer.schedulers import Warmup
 from trainer.sinks import JsonlSink
-from trainer.stream import ChunkStream, StreamPosition
+from trainer.stream import Batch, ChunkStream, StreamPosition
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"
@@ -36,13 +39,27 @@ class RunError(Exception):
     """A problem with the run folder or the data, reported as one line."""
 
 
-def pick_device(setting: str) -> torch.device:
+def pick_device(setting: str, world: World = World()) -> torch.device:
     if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)  # one GPU per rank
     return device
+
+
+class _Objective(torch.nn.Module):
+    """An SAE and its training loss in one forward: what DDP wraps, so the backward of the loss
+    all-reduces the SAE's gradients."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, sparsity_coefficient: float, dead: torch.Tensor | None):
+        return sae_loss(self.sae, x, sparsity_coefficient, dead)
 
 
 @dataclass
@@ -53,6 +70,11 @@ class SAEState:
     lr: Warmup
     sparsity: Warmup
     tokens_since_fired: torch.Tensor
+    objective: torch.nn.Module | None = None
+    """``_Objective(sae)``; DDP-wrapped under torchrun when training starts."""
+
+    def __post_init__(self):
+        self.objective = self.objective or _Objective(self.sae)
 
     @property
     def name(self) -> str:
@@ -66,28 +88,68 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
+    """One optimizer step of one SAE on this rank's rows ``x`` (gradients averaged over ranks)."""
+    lr = s.lr.step()
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    dead = s.tokens_since_fired >= s.cfg.dead_after_tokens
+    out = s.objective(x, s.sparsity.step(), dead if dead.any() else None)
+    s.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    s.sae.remove_parallel_gradient()
+    s.optimizer.step()
+    s.sae.post_backwards_hook()
+    s.tokens_since_fired += x.shape[0] * world.size
+    s.tokens_since_fired[world.any_(out.fired)] = 0
+    return out
+
+
 class Trainer:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], sweep: Sweep, out: Path,
-                 progress: bool = True, sinks: list | None = None):
+                 progress: bool = True, sinks: list | None = None, world: World = World()):
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
         self.run: RunConfig = sweep.run
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.main
         self.extra_sinks = sinks or []  # wandb / tensorboard, besides metrics.jsonl
         unknown = [h for h in hooks if manifest.hook(h) is None]
         if unknown:
             raise RunError(f"dataset {manifest.dataset_id} has no hook '{unknown[0]}'; it holds "
                            f"{[h.name for h in manifest.hooks]}")
-        self.device = pick_device(self.run.device)
+        self.device = pick_device(self.run.device, world)
         self.d_in = manifest.hook(hooks[0]).d
         self.n_components = len(hooks) if len(hooks) > 1 else None
         self.scales = [self._scale(h) for h in hooks]
-        self.stream = ChunkStream(
-            client, manifest, hooks, batch_size=self.run.batch_size, window_rows=self.run.shuffle_buffer_rows,
-            seed=self.run.seed, device=self.device, eval_chunks=self.run.eval_chunks,
-            prefetch_windows=max(1, self.run.prefetch_chunks // max(1, self.run.shuffle_buffer_rows // manifest.chunk_rows)),
-            fetch_threads=self.run.fetch_threads, scales=self.scales)
-        self.step, self.tokens, self.position = 0, 0, StreamPosition()
+        self.step, self.tokens = 0, 0
         self.saes: list[SAEState] = []
+        self._use_lanes(self.run.lanes or world.size)
+
+    def _use_lanes(self, lanes: int) -> None:
+        """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.distributed)."""
+        run, world = self.run, self.world
+        if lanes % world.size or run.batch_size % lanes:
+            raise RunError(f"{lanes} stream lane(s) cannot be shared by {world.size} rank(s) with batch_size "
+                           f"{run.batch_size}: lanes must be a multiple of the world size and divide the batch")
+        mine = world.lanes_of_rank(lanes)
+        window = max(1, run.shuffle_buffer_rows // lanes)
+        self.lanes = lanes
+        self.streams = [ChunkStream(
+            self.client, self.manifest, self.hooks, batch_size=run.batch_size // lanes, window_rows=window,
+            seed=run.seed, device=self.device, eval_chunks=run.eval_chunks,
+            prefetch_windows=max(1, run.prefetch_chunks // max(1, window // self.manifest.chunk_rows)),
+            fetch_threads=max(1, run.fetch_threads // len(mine)), scales=self.scales, lane=lane, lanes=lanes)
+            for lane in mine]
+        self.positions = {lane: StreamPosition() for lane in mine}
+
+    @property
+    def stream(self) -> ChunkStream:
+        """This rank's first lane (the only one in a single-process run)."""
+        return self.streams[0]
+
+    @property
+    def position(self) -> StreamPosition:
+        return self.positions[self.stream.lane]
 
     def _scale(self, hook: str) -> float:
         stats = self.manifest.hook(hook).stats
@@ -97,10 +159,29 @@ class Trainer:
 
     # -- run folder --------------------------------------------------------------------------
     def identity(self) -> dict:
+        """What makes a run folder this run. Not the token budget: ``--resume --tokens N`` trains on."""
+        run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "tokens"}
         return {"dataset_id": self.manifest.dataset_id, "hooks": self.hooks,
-                "run": dataclasses.asdict(self.run), "saes": [dataclasses.asdict(c) for c in self.sweep.saes]}
+                "run": run, "saes": [dataclasses.asdict(c) for c in self.sweep.saes]}
 
     def prepare(self, resume: bool) -> None:
+        """Check (rank 0) and open the run folder; load its checkpoint or initialise the SAEs."""
+        error = None
+        if self.world.main:
+            try:
+                self._claim_folder(resume)
+            except RunError as exc:
+                error = str(exc)
+        error = self.world.from_main(error)
+        if error:
+            raise RunError(error)
+        checkpoint = self.out / CHECKPOINT
+        if resume and checkpoint.exists():
+            self._load(checkpoint)
+        else:
+            self._init_saes()
+
+    def _claim_folder(self, resume: bool) -> None:
         run_file = self.out / RUN_FILE
         if run_file.exists():
             recorded = json.loads(run_file.read_text())
@@ -113,11 +194,6 @@ class Trainer:
             raise RunError(f"--out {self.out} is not empty and holds no run; pick another folder")
         self.out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(self.identity(), indent=1))
-        checkpoint = self.out / CHECKPOINT
-        if resume and checkpoint.exists():
-            self._load(checkpoint)
-        else:
-            self._init_saes()
 
     def _init_saes(self) -> None:
         sample = self._median_sample()
@@ -143,8 +219,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self) -> None:
+        positions = {lane: dataclasses.asdict(p) for mine in self.world.gather(self.positions)
+                     for lane, p in mine.items()}
+        if not self.world.main:
+            return
         state = {
-            "step": self.step, "tokens": self.tokens, "position": dataclasses.asdict(self.position),
+            "step": self.step, "tokens": self.tokens, "lanes": self.lanes, "positions": positions,
             "saes": [{"model": s.sae.state_dict(), "optimizer": s.optimizer.state_dict(), "lr": s.lr.state_dict(),
                       "sparsity": s.sparsity.state_dict(), "tokens_since_fired": s.tokens_since_fired} for s in self.saes],
         }
@@ -162,53 +242,66 @@ class Trainer:
             s.sparsity.load_state_dict(saved["sparsity"])
             s.tokens_since_fired = saved["tokens_since_fired"]
         self.step, self.tokens = state["step"], state["tokens"]
-        self.position = StreamPosition(**state["position"])
+        self._use_lanes(state["lanes"])  # the run's lanes, whatever the world size now
+        self.positions = {lane: StreamPosition(**state["positions"][lane]) for lane in self.positions}
 
     # -- training ------------------------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[Batch, dict[int, StreamPosition]]]:
+        """This rank's batches (one slice of each of its lanes), with every lane's position after it."""
+        with contextlib.ExitStack() as stack:
+            lanes = [stack.enter_context(contextlib.closing(stream.batches(self.positions[stream.lane])))
+                     for stream in self.streams]
+            for parts in zip(*lanes):
+                positions = {stream.lane: part.position for stream, part in zip(self.streams, parts)}
+                if len(parts) == 1:
+                    yield parts[0], positions
+                else:
+                    yield Batch(torch.cat([b.activations for b in parts]), torch.cat([b.row_ids for b in parts]),
+                                parts[0].position), positions
+
     def train(self, max_steps: int | None = None, should_stop=lambda: False) -> None:
         """Train until the token budget, ``max_steps`` more steps, or ``should_stop()`` (Ctrl-C)."""
-        run = self.run
+        run, world = self.run, self.world
         total_steps = run.tokens // run.batch_size
         groups = split_cfgs(list(self.sweep.saes))
         bar = tqdm(total=total_steps * run.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
                    desc="train", disable=not self.progress)
         rows_per_seq = self.manifest.context_size
-        expected = iid_distinct_sequences(run.batch_size, self.manifest.n_items_total, rows_per_seq)
+        expected = iid_distinct_sequences(run.batch_size // world.size, self.manifest.n_items_total, rows_per_seq)
         generator = torch.Generator().manual_seed(run.seed)
-        sinks = [JsonlSink(self.out / "metrics.jsonl"), *self.extra_sinks]
+        sinks = [JsonlSink(self.out / "metrics.jsonl"), *self.extra_sinks] if world.main else []
+        for s in self.saes:
+            s.objective = world.wrap(_Objective(s.sae))
         t_last, tokens_last, steps_done = time.perf_counter(), self.tokens, 0
         try:
-            for batch in self.stream.batches(self.position):
-                if self.step >= total_steps or (max_steps is not None and steps_done >= max_steps) or should_stop():
+            for batch, positions in self.batches():
+                stop = max_steps is not None and steps_done >= max_steps
+                if self.step >= total_steps or stop or world.any_(torch.tensor([should_stop()]))[0]:
                     break
-                outputs = [self._step(s, batch.activations) for s in self.saes]
+                outputs = [train_step(s, batch.activations, world) for s in self.saes]
                 self.step += 1
                 steps_done += 1
                 self.tokens += run.batch_size
-                self.position = batch.position
+                self.positions = positions
                 bar.update(run.batch_size)
                 for s in self.saes:
                     if s.cfg.resample_every and self.step % s.cfg.resample_every == 0:
-                        dead = s.tokens_since_fired >= s.cfg.dead_after_tokens
-                        if dead.any():
-                            resample_dead_neurons(s.sae, s.optimizer, dead, batch.activations, generator)
-                            s.tokens_since_fired[dead] = 0
+                        self._resample(s, batch.activations, generator)
                 if self.step % run.log_every == 0 or self.step == total_steps:
                     now = time.perf_counter()
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, "loss": out.loss.item(),
-                             "mse": out.mse.item(), "l0": out.l0.item(), "sparsity": out.sparsity.item(),
-                             "aux": out.aux.item(), "lr": s.optimizer.param_groups[0]["lr"],
+                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out),
+                             "lr": s.optimizer.param_groups[0]["lr"],
                              "dead": int((s.tokens_since_fired >= s.cfg.dead_after_tokens).sum()),
                              "tokens_per_second": rate, "shuffle_quality": shuffle}
                             for s, out in zip(self.saes, outputs)]
                     for sink in sinks:
                         sink.log(rows)
                     bar.set_postfix_str(" | ".join(
-                        f"{g[0].activation}: loss {min(o.loss.item() for s, o in zip(self.saes, outputs) if s.cfg in g):.3g}"
-                        f" L0 {min(o.l0.item() for s, o in zip(self.saes, outputs) if s.cfg in g):.0f}" for g in groups))
+                        f"{g[0].activation}: loss {min(r['loss'] for s, r in zip(self.saes, rows) if s.cfg in g):.3g}"
+                        f" L0 {min(r['l0'] for s, r in zip(self.saes, rows) if s.cfg in g):.0f}" for g in groups))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
         finally:
@@ -217,20 +310,22 @@ class Trainer:
             bar.close()
         self._save()
 
-    def _step(self, s: SAEState, x: torch.Tensor):
-        lr = s.lr.step()
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
+    def _logged(self, out) -> dict[str, float]:
+        """A step's loss terms, averaged over ranks."""
+        names = ("loss", "mse", "l0", "sparsity", "aux")
+        values = self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names]))
+        return dict(zip(names, values.tolist()))
+
+    def _resample(self, s: SAEState, x: torch.Tensor, generator: torch.Generator) -> None:
+        """sparse_autoencoder-style resampling of dead latents; rank 0 draws, the others copy."""
         dead = s.tokens_since_fired >= s.cfg.dead_after_tokens
-        out = sae_loss(s.sae, x, s.sparsity.step(), dead if dead.any() else None)
-        s.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        s.sae.remove_parallel_gradient()
-        s.optimizer.step()
-        s.sae.post_backwards_hook()
-        s.tokens_since_fired += x.shape[0]
-        s.tokens_since_fired[out.fired] = 0
-        return out
+        if not dead.any():
+            return
+        if self.world.main:
+            resample_dead_neurons(s.sae, s.optimizer, dead, x, generator)
+        params = list(s.sae.parameters())
+        self.world.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
+        s.tokens_since_fired[dead] = 0
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,67 @@
+"""Data-parallel training: ``torchrun`` with 2 CPU ranks (gloo) against a single process, over HTTP."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_trainer_e2e import HOOKS, SWEEP, dataset  # noqa: F401 (the module's dataset fixture)
+from trainer.client import CacheClient
+from trainer.stream import ChunkStream, StreamPosition
+
+STEPS = 60
+BATCH = 256
+
+
+def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811
+    """Two lanes (two ranks' shares) see disjoint rows whose union is the epoch, every epoch."""
+    with CacheClient(server.url) as client:
+        lanes = [ChunkStream(client, dataset, HOOKS[:1], batch_size=100, window_rows=2048, seed=5, eval_chunks=4,
+                             lane=lane, lanes=2) for lane in range(2)]
+        train_rows = torch.cat([torch.arange(i * dataset.chunk_rows, i * dataset.chunk_rows + dataset.rows_in_chunk(i))
+                                for i in lanes[0].train_chunk_ids])
+        for epoch in range(2):
+            seen = []
+            for stream in lanes:
+                chunks = stream.epoch_order(epoch)
+                n_rows = sum(dataset.rows_in_chunk(i) for i in chunks)
+                rows = []
+                for batch in stream.batches(StreamPosition(epoch, 0)):
+                    rows.append(batch.row_ids)
+                    if sum(r.numel() for r in rows) >= n_rows:
+                        break
+                seen.append(torch.cat(rows)[:n_rows])
+            assert not set(seen[0].tolist()) & set(seen[1].tolist())
+            assert torch.equal(torch.cat(seen).sort().values, train_rows.sort().values)
+
+
+def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False):  # noqa: F811
+    sweep = out.parent / f"{out.name}.toml"
+    sweep.write_text(SWEEP.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
+    args = ["-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
+            "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress"]
+    if ranks > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    result = subprocess.run([sys.executable, *args, *(["--resume"] if resume else [])],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.timeout(900)
+def test_two_ranks_train_what_one_process_trains_and_resume_on_one(server, dataset, tmp_path):  # noqa: F811
+    tokens = STEPS * BATCH
+    single = _train(server, dataset, tmp_path / "single", tokens, lanes=2)
+    ranks = _train(server, dataset, tmp_path / "ranks", tokens, ranks=2)  # lanes = world size
+    _train(server, dataset, tmp_path / "mixed", tokens // 2, ranks=2)
+    mixed = _train(server, dataset, tmp_path / "mixed", tokens, resume=True)  # lanes from the checkpoint
+    for other in (ranks, mixed):
+        assert other["step"] == single["step"] == STEPS and other["lanes"] == 2
+        assert other["positions"] == single["positions"]  # the same rows, lane by lane
+        for a, b in zip(single["saes"], other["saes"], strict=True):
+            assert torch.equal(a["tokens_since_fired"], b["tokens_since_fired"])
+            for name, x in a["model"].items():
+                torch.testing.assert_close(b["model"][name], x, rtol=1e-4, atol=1e-5, msg=name)
+    exported = tmp_path / "ranks" / "saes"
+    assert len(list(exported.glob("*/sae_weights.safetensors"))) == 2  # rank 0 exported both SAEs

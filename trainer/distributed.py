@@ -1,0 +1,94 @@
+"""Data-parallel training under ``torchrun`` (torch.distributed: gloo on CPUs, NCCL on GPUs).
+
+    torchrun --nproc-per-node 2 -m trainer --cache-url URL --dataset ID --hook H --out runs/x
+
+Each SAE is wrapped in ``DistributedDataParallel``, so its backward all-reduces (averages) the
+gradients and every rank takes the same optimizer step. The data side is split in *lanes*: the
+epoch's chunk order is dealt round-robin to ``lanes`` streams, a global batch is one slice of
+``batch_size / lanes`` rows from every lane, and rank ``r`` streams lanes ``r, r + size, ...``.
+The lane count is fixed when a run starts (the world size, unless the sweep says otherwise) and
+kept in its checkpoint, so the batches do not depend on how many ranks train them: a run resumes
+with another world size (any divisor of its lanes) and sees the same rows, and a single process
+with ``lanes = 2`` trains what two ranks train.
+
+Rank 0 writes the run folder, checkpoints, metrics and exports; the others only train.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        """The world torchrun describes in the environment (one process when there is none)."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def lanes_of_rank(self, lanes: int) -> list[int]:
+        return list(range(self.rank, lanes, self.size))
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP when there are several ranks (which also copies rank 0's weights to the others)."""
+        if self.size == 1:
+            return module
+        device = next(module.parameters()).device
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+    def any_(self, mask: Tensor) -> Tensor:
+        """Element-wise OR over ranks (e.g. which latents fired anywhere this step)."""
+        if self.size > 1:
+            as_int = mask.to(torch.uint8)
+            dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+            mask = as_int.bool()
+        return mask
+
+    def mean(self, values: Tensor) -> Tensor:
+        if self.size > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.size
+        return values
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_(self, tensors: list[Tensor]) -> None:
+        """Overwrite these tensors with rank 0's (after something only rank 0 did, e.g. resampling)."""
+        if self.size > 1:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
