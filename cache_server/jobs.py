@@ -170,6 +170,7 @@ class JobManager:
             tokens=ArrayInfo(name=TOKENS_ARRAY, d=3, storage_dtype="int32", logical_dtype="int32"),
             chunk_rows=chunk_rows, n_items_total=request.n_tokens, n_items=0, n_chunks_total=n_chunks,
             n_chunks=0, codec=CodecInfo(), complete=False, batch_size=request.batch_size, created_at=_now(),
+            store_url=self.store.bucket_url(plan.dataset_id),
         )
         self.store.create(manifest, empty_state(hooks, plan.widths))
 

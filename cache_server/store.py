@@ -70,6 +70,10 @@ class DatasetStore:
         self._manifests: dict[str, DatasetManifest] = {}
         self._lock = threading.Lock()
 
+    def bucket_url(self, dataset_id: str) -> str | None:
+        """Where a dataset lives when the store is a bucket (told to trainers in its manifest)."""
+        return None if self.root is not None else f"{self.location.rstrip('/')}/{dataset_id}"
+
     def _get(self, key: str) -> bytes | None:
         buffer = sync(self.zarr_store.get(key, prototype=default_buffer_prototype()))
         return None if buffer is None else buffer.to_bytes()

@@ -161,6 +161,9 @@ class DatasetManifest(BaseModel):
     complete: bool
     batch_size: int
     created_at: datetime
+    store_url: str | None = Field(None, description="The dataset's Zarr group in an S3 bucket "
+                                  "(s3://bucket/prefix/<id>), when it is in one: trainers with read "
+                                  "credentials may read chunks from there instead of through the server.")
 
     def hook(self, name: str) -> HookInfo | None:
         return next((h for h in self.hooks if h.name == name), None)

@@ -1,13 +1,20 @@
 """The store in an S3 bucket: a real S3 wire protocol on 127.0.0.1 (moto's server), the same API,
 the same bytes as a store on disk, and the same resume after SIGKILL."""
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import boto3
 import pytest
+import torch
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, wait_job
+from trainer.client import BucketReader, CacheClient
+from trainer.stream import ChunkStream
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
            "n_tokens": 30_000, "context_size": 64, "batch_size": 8}
@@ -36,7 +43,21 @@ def bucket_server(tmp_path, env) -> ServerProcess:
                          extra_args=["--store", "s3://acts/caches", "--state-dir", str(tmp_path / "state")])
 
 
-def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path):
+def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with CacheClient(server.url) as client:
+        manifest = client.manifest(dataset_id)
+        batches = []
+        for source in (client, BucketReader(manifest)):
+            stream = ChunkStream(source, manifest, REQUEST["hooks"], batch_size=500, window_rows=2000, eval_chunks=2)
+            batches.append([b for _, b in zip(range(6), stream.batches())])
+        for via_server, via_bucket in zip(*batches, strict=True):
+            assert torch.equal(via_server.activations, via_bucket.activations)
+            assert torch.equal(via_server.row_ids, via_bucket.row_ids)
+
+
+def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path, monkeypatch):
     env, s3 = bucket
     crashed = bucket_server(tmp_path, env).start()
     with crashed.client() as client:
@@ -68,6 +89,16 @@ def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server,
             keys = {o["Key"] for o in s3.list_objects_v2(Bucket="acts", Prefix="caches/")["Contents"]}
             assert f"caches/{dataset_id}/zarr.json" in keys
             assert f"caches/{dataset_id}/tokens/c/0/0" in keys
+            # A trainer with read credentials streams the same rows straight from the bucket.
+            assert manifest["store_url"] == f"s3://acts/caches/{dataset_id}"
+            assert_bucket_stream_equals_server_stream(restarted, dataset_id, env, monkeypatch)
+            out = tmp_path / "run"
+            result = subprocess.run([sys.executable, "-m", "trainer", "--cache-url", restarted.url, "--dataset",
+                                     dataset_id, "--hook", REQUEST["hooks"][1], "--from-bucket", "--tokens", "5120",
+                                     "--batch-size", "256", "--out", str(out), "--no-progress"],
+                                    capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert json.loads((out / "eval.json").read_text())[0]["tokens"] == 5120  # trained, evaluated, exported
             # Deleting a dataset deletes its objects.
             assert client.delete(f"/v1/datasets/{dataset_id}").status_code in (200, 204)
             assert "Contents" not in s3.list_objects_v2(Bucket="acts", Prefix=f"caches/{dataset_id}/")
@@ -76,9 +107,6 @@ def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server,
 
 
 def test_an_unreachable_bucket_is_one_line_at_start(tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "cache_server", "--store", "s3://acts/x", "--state-dir", str(tmp_path),
          "--port", str(free_port())], capture_output=True, text=True, timeout=60,

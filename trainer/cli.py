@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.client import CacheClient, CacheError
+from trainer.client import BucketReader, CacheClient, CacheError
 from trainer.config import ConfigError, load_sweep
 from trainer.distributed import World
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [run] device)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
+    parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "
+                        "bucket (its manifest's store_url; credentials from AWS_* variables), not through the server")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         with CacheClient(args.cache_url, token=args.token) as client:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
-            trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress, world=world)
+            chunks = BucketReader(manifest) if args.from_bucket else None
+            trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress, world=world,
+                              chunks=chunks)
             if args.tensorboard:
                 require("tensorboard", "--tensorboard")
             if args.wandb:

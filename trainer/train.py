@@ -107,8 +107,10 @@ def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
 
 class Trainer:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], sweep: Sweep, out: Path,
-                 progress: bool = True, sinks: list | None = None, world: World = World()):
+                 progress: bool = True, sinks: list | None = None, world: World = World(), chunks=None):
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
+        self.chunks = chunks or client
+        """Where chunk bytes come from: the server, or a ``BucketReader`` straight from the bucket."""
         self.run: RunConfig = sweep.run
         self.world = world
         self.progress = progress and world.main
@@ -135,7 +137,7 @@ class Trainer:
         window = max(1, run.shuffle_buffer_rows // lanes)
         self.lanes = lanes
         self.streams = [ChunkStream(
-            self.client, self.manifest, self.hooks, batch_size=run.batch_size // lanes, window_rows=window,
+            self.chunks, self.manifest, self.hooks, batch_size=run.batch_size // lanes, window_rows=window,
             seed=run.seed, device=self.device, eval_chunks=run.eval_chunks,
             prefetch_windows=max(1, run.prefetch_chunks // max(1, window // self.manifest.chunk_rows)),
             fetch_threads=max(1, run.fetch_threads // len(mine)), scales=self.scales, lane=lane, lanes=lanes)
