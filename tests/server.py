@@ -76,3 +76,15 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300, until=("co
             return job
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+
+
+def kill_mid_harvest(server: ServerProcess, request: dict, after_tokens: int) -> dict:
+    """Request a harvest, SIGKILL the server once ``after_tokens`` are committed; the job as last seen."""
+    with server.client() as client:
+        job_id = client.post("/v1/harvests", json=request).json()["job_id"]
+        while (job := client.get(f"/v1/harvests/{job_id}").json())["tokens_done"] < after_tokens:
+            assert job["status"] in ("queued", "running"), job
+            time.sleep(0.05)
+        server.kill()
+    assert 0 < job["tokens_done"] < request["n_tokens"]
+    return job

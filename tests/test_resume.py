@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from tests.conftest import TINY
-from tests.server import ServerProcess, free_port, wait_job
+from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
            "n_tokens": 40_000, "context_size": 64, "dtype": "bfloat16", "batch_size": 8}
@@ -23,15 +23,8 @@ def harvest_arrays(store, dataset_id) -> dict[str, np.ndarray]:
 
 def test_sigkill_mid_harvest_resumes_to_an_identical_dataset(tmp_path):
     crashed = ServerProcess(store=tmp_path / "crashed" / "store", port=free_port(), env=SMALL_CHUNKS).start()
-    with crashed.client() as client:
-        accepted = client.post("/v1/harvests", json=REQUEST).json()
-        job_id, dataset_id = accepted["job_id"], accepted["dataset_id"]
-        while (job := client.get(f"/v1/harvests/{job_id}").json())["tokens_done"] < 8_000:
-            assert job["status"] in ("queued", "running"), job
-            time.sleep(0.05)
-        crashed.kill()
-    committed_at_kill = job["tokens_done"]
-    assert 0 < committed_at_kill < REQUEST["n_tokens"]
+    job = kill_mid_harvest(crashed, REQUEST, after_tokens=8_000)
+    job_id, dataset_id = job["job_id"], job["dataset_id"]
     _lose_running_sums(crashed.store / "datasets" / dataset_id / "zarr.json")
 
     restarted = ServerProcess(store=crashed.store, port=free_port(), env=SMALL_CHUNKS).start()

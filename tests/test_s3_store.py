@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import boto3
 import pytest
 import torch
 
 from tests.conftest import TINY
-from tests.server import ServerProcess, free_port, wait_job
+from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job
 from trainer.client import BucketReader, CacheClient
 from trainer.stream import ChunkStream
 
@@ -59,15 +58,8 @@ def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypat
 
 def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path, monkeypatch):
     env, s3 = bucket
-    crashed = bucket_server(tmp_path, env).start()
-    with crashed.client() as client:
-        accepted = client.post("/v1/harvests", json=REQUEST).json()
-        job_id, dataset_id = accepted["job_id"], accepted["dataset_id"]
-        while (job := client.get(f"/v1/harvests/{job_id}").json())["tokens_done"] < 6_000:
-            assert job["status"] in ("queued", "running"), job
-            time.sleep(0.05)
-        crashed.kill()
-    assert 0 < job["tokens_done"] < REQUEST["n_tokens"]
+    job = kill_mid_harvest(bucket_server(tmp_path, env).start(), REQUEST, after_tokens=6_000)
+    job_id, dataset_id = job["job_id"], job["dataset_id"]
 
     restarted = bucket_server(tmp_path, env).start()
     try:
