@@ -3,7 +3,6 @@
 import json
 import resource
 import signal
-import time
 
 import numpy as np
 import zarr
