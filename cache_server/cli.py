@@ -22,6 +22,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--token", help="bearer token required by mutating endpoints")
     parser.add_argument("--models-dir", type=Path, help="folder of local Hugging Face model folders")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
     parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
                         help="never load models from the Hugging Face hub")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

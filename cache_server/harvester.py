@@ -123,12 +123,19 @@ class Harvester:
         self.cancel = cancel
 
     def run(self) -> DatasetManifest:
+        """Harvest from the committed chunk to the end, committing a prefix as it goes."""
+        self.pipeline(range(self.manifest.n_chunks, self.layout.n_chunks), self._write_loop)
+        return self.manifest
+
+    def pipeline(self, indices, write_loop: Callable) -> None:
+        """Compute these chunks in order while ``write_loop(chunks, errors)`` stores them in a thread
+        of its own (a queue of ``_Chunk``, then None)."""
         chunks: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
         errors: list[BaseException] = []
-        writer = threading.Thread(target=self._write_loop, args=(chunks, errors), name="harvest-writer", daemon=True)
+        writer = threading.Thread(target=write_loop, args=(chunks, errors), name="harvest-writer", daemon=True)
         writer.start()
         try:
-            for index in range(self.manifest.n_chunks, self.layout.n_chunks):
+            for index in indices:
                 if self.cancel.is_set():
                     raise HarvestCancelled()
                 chunk = self._compute_chunk(index)
@@ -150,7 +157,6 @@ class Harvester:
             writer.join()
         if errors:
             raise errors[0]
-        return self.manifest
 
     def _compute_chunk(self, index: int) -> _Chunk:
         layout = self.layout

@@ -5,6 +5,7 @@ that were queued or running when the server stopped (or was killed) are queued a
 from the dataset's last committed chunk.
 """
 
+import json
 import logging
 import queue
 import secrets
@@ -20,11 +21,13 @@ from cache_server.files import atomic_write
 from cache_server.harvester import Harvester, HarvestCancelled, choose_chunk_rows, empty_state
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, SourceModel
+from cache_server.shared_harvest import SharedHarvest, ledger_key, new_ledger
 from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id
 from shared.schemas import (
     ACTIVE_STATUSES, ArrayInfo, CodecInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
+    HookSpec,
 )
 
 log = logging.getLogger("cache_server.jobs")
@@ -47,8 +50,10 @@ class _Plan:
 
 class JobManager:
     def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
-                 metrics: ServerMetrics, max_tokens: int, chunk_bytes: int):
+                 metrics: ServerMetrics, max_tokens: int, chunk_bytes: int, replica: str | None = None,
+                 lease_seconds: float = 60.0):
         self.folder = folder
+        self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
         self.max_tokens, self.chunk_bytes = max_tokens, chunk_bytes
@@ -85,7 +90,7 @@ class JobManager:
         """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
         plan = self._plan(request)
         with self._lock:
-            manifest = self.store.manifest(plan.dataset_id)
+            manifest = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
             if manifest is not None and manifest.complete:
                 done = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status == "completed"]
                 job_id = done[-1].job_id if done else None
@@ -94,8 +99,7 @@ class JobManager:
             if active:
                 return HarvestAccepted(job_id=active[0].job_id, dataset_id=plan.dataset_id, status=active[0].status), False
             if manifest is None:
-                self._create_dataset(request, plan)
-                manifest = self.store.manifest(plan.dataset_id)
+                manifest = self._create_dataset(request, plan)
             now = _now()
             job = HarvestJob(job_id=secrets.token_hex(12), dataset_id=plan.dataset_id, status="queued",
                              request=request, tokens_done=manifest.n_items, tokens_total=manifest.n_items_total,
@@ -156,7 +160,7 @@ class JobManager:
     def _corpus_tokens(self, corpus, model: SourceModel):
         return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
 
-    def _create_dataset(self, request: HarvestRequest, plan: _Plan) -> None:
+    def _create_dataset(self, request: HarvestRequest, plan: _Plan) -> DatasetManifest:
         hooks = request.hook_specs()
         storage = STORAGE_DTYPES[request.dtype]
         itemsize = 4 if request.dtype == "float32" else 2
@@ -172,7 +176,27 @@ class JobManager:
             n_chunks=0, codec=CodecInfo(), complete=False, batch_size=request.batch_size, created_at=_now(),
             store_url=self.store.bucket_url(plan.dataset_id),
         )
+        if self.replica is not None and not self._won_creation(manifest):
+            return self._await_creation(manifest)
         self.store.create(manifest, empty_state(hooks, plan.widths))
+        return manifest
+
+    def _won_creation(self, manifest: DatasetManifest) -> bool:
+        """Replicas on one store: whoever creates the ledger creates the dataset."""
+        ledger = json.dumps(new_ledger(manifest.n_chunks_total)).encode()
+        return self.store.conditional.write(ledger_key(manifest.dataset_id), ledger, None)
+
+    def _await_creation(self, manifest: DatasetManifest, timeout: float = 60.0) -> DatasetManifest:
+        """Another replica is creating the dataset: wait for its manifest (or create it, if that
+        replica died in between; no chunk is written before a manifest exists)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (found := self.store.manifest(manifest.dataset_id, fresh=True)) is not None:
+                return found
+            time.sleep(0.5)
+        self.store.create(manifest, empty_state([HookSpec(name=h.name, concat_dims=h.concat_dims)
+                                                 for h in manifest.hooks], {h.name: h.d for h in manifest.hooks}))
+        return manifest
 
     # -- the worker --------------------------------------------------------------------------
     def _enqueue(self, job: HarvestJob) -> None:
@@ -201,14 +225,18 @@ class JobManager:
         corpus = self._corpus_tokens(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items
 
-        def on_commit(m: DatasetManifest) -> None:
-            rate = (m.n_items - rows0) / max(time.perf_counter() - t0, 1e-9)
-            self.metrics.harvest_tokens.inc(m.n_items - self._jobs[job.job_id].tokens_done)
-            self._set(self._jobs[job.job_id], tokens_done=m.n_items, tokens_per_second=rate,
-                      eta_seconds=(m.n_items_total - m.n_items) / rate if rate > 0 else None)
+        def progress(rows: int) -> None:
+            rate = (rows - rows0) / max(time.perf_counter() - t0, 1e-9)
+            self.metrics.harvest_tokens.inc(max(0, rows - self._jobs[job.job_id].tokens_done))
+            self._set(self._jobs[job.job_id], tokens_done=rows, tokens_per_second=rate,
+                      eta_seconds=(manifest.n_items_total - rows) / rate if rate > 0 else None)
 
         try:
-            Harvester(model, self.store, manifest, corpus, on_commit, cancel).run()
+            harvester = Harvester(model, self.store, manifest, corpus, lambda m: progress(m.n_items), cancel)
+            if self.replica is None:
+                harvester.run()
+            else:
+                SharedHarvest(harvester, self.replica, self.lease_seconds, progress).run()
         except HarvestCancelled:
             status = "queued" if self._stopping.is_set() else "cancelled"
             self._set(self._jobs[job.job_id], status=status, tokens_per_second=None, eta_seconds=None)

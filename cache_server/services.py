@@ -26,5 +26,6 @@ def build_services(settings: Settings) -> Services:
     store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets")
     corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
-    jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes)
+    jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
+                      replica=settings.replica, lease_seconds=settings.lease_seconds)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, metrics=metrics)

@@ -17,6 +17,8 @@ zarr's own store layer (LocalStore, or ObjectStore over obstore); everything els
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import shutil
 import threading
@@ -28,6 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cache_server.files import atomic_write
 from shared.codec import zarr_compressors
 from shared.ids import is_valid_id
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
@@ -61,12 +64,61 @@ def open_zarr_store(location: str | Path, check: bool = False):
     return ObjectStore(bucket)
 
 
+class Conditional:
+    """Compare-and-swap on one small object, for replicas that share a store: S3 conditional
+    writes (If-None-Match / If-Match) on a bucket, a lock file around a read-compare-replace on
+    a folder. A version is an opaque string (the ETag; a content hash on disk)."""
+
+    def __init__(self, zarr_store, root: Path | None):
+        self.zarr_store, self.root = zarr_store, root
+
+    def read(self, key: str) -> tuple[bytes | None, str | None]:
+        if self.root is not None:
+            path = self.root / key
+            data = path.read_bytes() if path.exists() else None
+            return data, (None if data is None else hashlib.sha256(data).hexdigest())
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            result = obstore.get(self.zarr_store.store, key)
+        except (NotFoundError, FileNotFoundError):
+            return None, None
+        return bytes(result.bytes()), result.meta["e_tag"]
+
+    def write(self, key: str, data: bytes, version: str | None) -> bool:
+        """Store ``data`` if ``key`` is still at ``version`` (None: if it does not exist yet);
+        False when another writer got there first."""
+        if self.root is not None:
+            return self._write_local(self.root / key, data, version)
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            obstore.put(self.zarr_store.store, key, data, mode="create" if version is None else {"e_tag": version})
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
+    @staticmethod
+    def _write_local(path: Path, data: bytes, version: str | None) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = path.read_bytes() if path.exists() else None
+            if (None if current is None else hashlib.sha256(current).hexdigest()) != version:
+                return False
+            atomic_write(path, data)
+            return True
+
+
 class DatasetStore:
     def __init__(self, location: str | Path):
         self.location = str(location)
         self.root = None if self.location.startswith("s3://") else Path(location)
         """The local folder, or None for a bucket."""
         self.zarr_store = open_zarr_store(location)
+        self.conditional = Conditional(self.zarr_store, self.root)
         self._manifests: dict[str, DatasetManifest] = {}
         self._lock = threading.Lock()
 
@@ -79,12 +131,13 @@ class DatasetStore:
         return None if buffer is None else buffer.to_bytes()
 
     # -- reading -----------------------------------------------------------------------------
-    def manifest(self, dataset_id: str) -> DatasetManifest | None:
-        """The dataset's manifest, or None for an id that is not one of ours."""
+    def manifest(self, dataset_id: str, fresh: bool = False) -> DatasetManifest | None:
+        """The dataset's manifest, or None for an id that is not one of ours. ``fresh`` reads the
+        store past this process's cache (another replica may have written it)."""
         if not is_valid_id(dataset_id):
             return None
         cached = self._manifests.get(dataset_id)
-        if cached is not None:
+        if cached is not None and not fresh:
             return cached
         meta = self._get(f"{dataset_id}/zarr.json")
         if meta is None:
@@ -109,6 +162,13 @@ class DatasetStore:
                     hooks=[h.name for h in manifest.hooks], n_items=manifest.n_items,
                     n_items_total=manifest.n_items_total, complete=manifest.complete))
         return out
+
+    def get_bytes(self, key: str) -> bytes | None:
+        return self._get(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """A whole small object (a temp file + rename on disk, one PUT in a bucket)."""
+        sync(self.zarr_store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
     async def read_key(self, key: str) -> bytes | None:
         """Stored bytes of one key, as they are (no decode). Keys are built by our own code."""
@@ -157,8 +217,10 @@ class DatasetStore:
         self._manifests.pop(dataset_id, None)
         if self.root is None:
             sync(self.zarr_store.delete_dir(dataset_id))
+            sync(self.zarr_store.delete_dir(f"_harvest/{dataset_id}"))
         else:
             shutil.rmtree(self.root / dataset_id)
+            shutil.rmtree(self.root / "_harvest" / dataset_id, ignore_errors=True)
         return True
 
 

@@ -24,3 +24,21 @@ def server(tmp_path_factory):
 def client(server):
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def bucket():
+    """A real S3 wire protocol on 127.0.0.1 (moto's server) with a bucket "acts": (env, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    s3.create_bucket(Bucket="acts")
+    yield env, s3
+    moto.stop()

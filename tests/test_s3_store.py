@@ -5,9 +5,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-import boto3
-import pytest
 import torch
 
 from tests.conftest import TINY
@@ -20,26 +19,10 @@ REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resi
 CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server
 
 
-@pytest.fixture(scope="module")
-def bucket():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id="test", aws_secret_access_key="test")
-    s3.create_bucket(Bucket="acts")
-    yield env, s3
-    moto.stop()
-
-
-def bucket_server(tmp_path, env) -> ServerProcess:
+def bucket_server(state: Path, env: dict, prefix: str = "caches", extra: tuple[str, ...] = ()) -> ServerProcess:
     # --store and --state-dir given last win over ServerProcess's own --store (argparse keeps the last)
-    return ServerProcess(store=tmp_path / "state", port=free_port(), env={**env, **CHUNKS},
-                         extra_args=["--store", "s3://acts/caches", "--state-dir", str(tmp_path / "state")])
+    return ServerProcess(store=state, port=free_port(), env={**env, **CHUNKS},
+                         extra_args=["--store", f"s3://acts/{prefix}", "--state-dir", str(state), *extra])
 
 
 def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypatch):
@@ -58,10 +41,10 @@ def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypat
 
 def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path, monkeypatch):
     env, s3 = bucket
-    job = kill_mid_harvest(bucket_server(tmp_path, env).start(), REQUEST, after_tokens=6_000)
+    job = kill_mid_harvest(bucket_server(tmp_path / "state", env).start(), REQUEST, after_tokens=6_000)
     job_id, dataset_id = job["job_id"], job["dataset_id"]
 
-    restarted = bucket_server(tmp_path, env).start()
+    restarted = bucket_server(tmp_path / "state", env).start()
     try:
         with restarted.client() as client, server.client() as local:
             assert wait_job(client, job_id)["status"] == "completed"  # picked up again at start-up
