@@ -8,6 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cache_server.settings import Settings
 
 
@@ -23,6 +25,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--models-dir", type=Path, help="folder of local Hugging Face model folders")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
+    parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")
     parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
                         help="never load models from the Hugging Face hub")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -63,8 +66,9 @@ def _check_port(host: str, port: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
-    except Exception as exc:  # pydantic's message names the bad setting
-        print(f"cache-server: error: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
+        print(f"cache-server: error: bad setting {problems}", file=sys.stderr)
         return 2
     problem = (_check_store(settings.local_root) or _check_bucket(settings.store) if settings.store_is_bucket
                else _check_store(settings.local_root))

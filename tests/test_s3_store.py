@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job
-from trainer.client import BucketReader, CacheClient
+from trainer.client import CacheClient, StoreReader
 from trainer.stream import ChunkStream
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
@@ -31,7 +31,7 @@ def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypat
     with CacheClient(server.url) as client:
         manifest = client.manifest(dataset_id)
         batches = []
-        for source in (client, BucketReader(manifest)):
+        for source in (client, StoreReader.for_manifest(manifest)):
             stream = ChunkStream(source, manifest, REQUEST["hooks"], batch_size=500, window_rows=2000, eval_chunks=2)
             batches.append([b for _, b in zip(range(6), stream.batches())])
         for via_server, via_bucket in zip(*batches, strict=True):

@@ -31,3 +31,11 @@ def test_store_that_cannot_be_created(tmp_path):
 def test_bad_setting_value(tmp_path):
     result = run_cli("--store", str(tmp_path), "--port", "not-a-port")
     assert result.returncode == 2 and "--port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_replica_name_or_lease_is_one_line(tmp_path):
+    for args, setting in ((["--replica", "../b"], "replica='../b'"), (["--lease-seconds", "0"], "lease_seconds=0.0")):
+        result = run_cli("--store", str(tmp_path), *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"cache-server: error: bad setting {setting}")
+        assert len(result.stderr.strip().splitlines()) == 1

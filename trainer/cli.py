@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.client import BucketReader, CacheClient, CacheError
+from trainer.client import CacheClient, CacheError, StoreReader
 from trainer.config import ConfigError, load_sweep
 from trainer.distributed import World
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         with CacheClient(args.cache_url, token=args.token) as client:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
-            chunks = BucketReader(manifest) if args.from_bucket else None
+            chunks = StoreReader.for_manifest(manifest) if args.from_bucket else None
             trainer = Trainer(client, manifest, args.hooks, sweep, args.out, progress=not args.no_progress, world=world,
                               chunks=chunks)
             if args.tensorboard:

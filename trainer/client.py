@@ -168,24 +168,32 @@ def _error(method: str, path: str, status: int, body: bytes) -> CacheError:
     return CacheError(f"{method} {path}: {status} {detail}", status)
 
 
-class BucketReader:
-    """Chunk bytes straight from the dataset's S3 bucket (``manifest.store_url``), for a trainer with
-    read credentials (the ``AWS_*`` environment variables): the same bytes the server would send,
-    without the server in the path. A drop-in for ``CacheClient.chunk_bytes`` in ``ChunkStream``."""
+class StoreReader:
+    """Chunk bytes straight from where the dataset is stored, without the server in the path: its
+    S3 bucket (``manifest.store_url``, with read credentials in the ``AWS_*`` environment
+    variables) or the dataset's folder in a store on this machine. The same bytes the server would
+    send; a drop-in for ``CacheClient.chunk_bytes`` in ``ChunkStream``."""
 
-    def __init__(self, manifest: DatasetManifest):
+    def __init__(self, location: str | Path):
+        from obstore.store import LocalStore, S3Store
+
+        self.url = str(location)
+        if self.url.startswith("s3://"):
+            self.store = S3Store.from_url(self.url, client_options={"allow_http": True})
+        else:
+            self.store = LocalStore(Path(location))
+
+    @classmethod
+    def for_manifest(cls, manifest: DatasetManifest) -> "StoreReader":
         if not manifest.store_url:
             raise CacheError(f"dataset {manifest.dataset_id} is not in a bucket; read it through the server")
-        from obstore.store import S3Store
-
-        self.url = manifest.store_url
-        self.bucket = S3Store.from_url(manifest.store_url, client_options={"allow_http": True})
+        return cls(manifest.store_url)
 
     def chunk_bytes(self, dataset_id: str, array: str, index: int) -> memoryview:
         import obstore
 
         try:
-            return memoryview(obstore.get(self.bucket, f"{array}/c/{index}/0").bytes())
+            return memoryview(obstore.get(self.store, f"{array}/c/{index}/0").bytes())
         except Exception as exc:  # obstore's own (Rust-side) errors, after its retries
             raise CacheError(f"cannot read chunk {index} of '{array}' from {self.url}: "
                              f"{str(exc).splitlines()[0]}") from None
