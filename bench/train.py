@@ -157,12 +157,11 @@ def loader_rate(stream: ChunkStream, epochs: int) -> float:
 
 
 def raw_rate(client: CacheClient, stream: ChunkStream, hook: str, epochs: int) -> float:
-    """Rows/s of the same chunks' bytes (activations and tokens) just downloaded."""
+    """Rows/s of the same chunks' bytes just downloaded."""
     dataset = stream.manifest.dataset_id
     t0 = time.perf_counter()
     with ThreadPoolExecutor(stream.fetch_threads) as pool:
-        list(pool.map(lambda i: (client.chunk_bytes(dataset, hook, i), client.chunk_bytes(dataset, "tokens", i)),
-                      stream.train_chunk_ids * epochs))
+        list(pool.map(lambda i: client.chunk_bytes(dataset, hook, i), stream.train_chunk_ids * epochs))
     return epochs * stream.rows_per_epoch / (time.perf_counter() - t0)
 
 

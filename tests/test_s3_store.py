@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+import zarr
+from zarr.storage import FsspecStore
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job
@@ -64,6 +66,10 @@ def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server,
             keys = {o["Key"] for o in s3.list_objects_v2(Bucket="acts", Prefix="caches/")["Contents"]}
             assert f"caches/{dataset_id}/zarr.json" in keys
             assert f"caches/{dataset_id}/tokens/c/0/0" in keys
+            # A stock zarr client reads the bucket-backed dataset through the server, as on disk.
+            group = zarr.open_group(FsspecStore.from_url(f"{restarted.url}/zarr/{dataset_id}/", read_only=True), mode="r")
+            tokens = group["tokens"][:]
+            assert tokens.shape == (REQUEST["n_tokens"], 3) and tokens[-1, 2] == (REQUEST["n_tokens"] - 1) % 64
             # A trainer with read credentials streams the same rows straight from the bucket.
             assert manifest["store_url"] == f"s3://acts/caches/{dataset_id}"
             assert_bucket_stream_equals_server_stream(restarted, dataset_id, env, monkeypatch)

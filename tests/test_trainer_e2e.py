@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,11 @@ def test_stream_sees_each_training_row_once_per_epoch_and_resumes_exactly(server
         # Resume from the position after batch 7 (mid-window): the rest of the stream, exactly.
         resumed, _ = collect(stream, positions[6], 20)
         assert torch.equal(resumed, rows[7000:27000])
+        # A row id is the dataset row, and (per the stored tokens array) sequence * 64 + position.
+        for index in (0, dataset.n_chunks_total - 1):
+            tokens = client.chunk(dataset, "tokens", index)
+            first = index * dataset.chunk_rows
+            assert np.array_equal(tokens[:, 1].astype(np.int64) * 64 + tokens[:, 2], np.arange(first, first + len(tokens)))
         # A batch mixes the whole shuffle window: rows of all its 64 sequences, not a few.
         assert torch.unique(rows[:1000] // 64).numel() == 4096 // 64
 

@@ -11,7 +11,9 @@ kept in its checkpoint, so the batches do not depend on how many ranks train the
 with another world size (any divisor of its lanes) and sees the same rows, and a single process
 with ``lanes = 2`` trains what two ranks train.
 
-Rank 0 writes the run folder, checkpoints, metrics and exports; the others only train.
+Rank 0 writes the run folder, checkpoints, metrics and exports; the others only train. Every
+rank reads the checkpoint on ``--resume``, so across machines ``--out`` must be on a shared
+filesystem.
 """
 
 import os
@@ -34,9 +36,12 @@ class World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_rank)  # NCCL wants each rank on its own GPU first
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
 
     @property
     def main(self) -> bool:

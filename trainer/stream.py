@@ -41,8 +41,9 @@ class StreamPosition:
 class Batch:
     activations: Float[Tensor, "batch *component d"]
     row_ids: Int[Tensor, " batch"]
-    """Dataset row of each activation (sequence * context_size + position, from the stored tokens
-    array): which token it came from, for shuffle-quality figures and exactly-once checks."""
+    """Dataset row of each activation, which is also sequence * context_size + position: which
+    token it came from (the stored tokens array has its id), for shuffle-quality figures and
+    exactly-once checks."""
     position: StreamPosition
     """The stream position after this batch: what a checkpoint saves."""
 
@@ -113,18 +114,15 @@ class ChunkStream:
         return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index),
                             self.manifest.codec, out=out)
 
-    def _fetch_into(self, index: int, rows: np.ndarray, row_ids: np.ndarray) -> None:
+    def _fetch_into(self, index: int, rows: np.ndarray) -> None:
         """Fetch one chunk of every streamed hook and decode it into its slice of the window."""
         n_bytes = 0
         for c, hook in enumerate(self.hooks):
             data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
             self._decode(data, hook, index, out=rows[c])
             n_bytes += len(data)
-        data = self.client.chunk_bytes(self.manifest.dataset_id, "tokens", index)
-        tokens = self._decode(data, "tokens", index)
-        row_ids[:] = tokens[:, 1].astype(np.int64) * self.manifest.context_size + tokens[:, 2]
         with self._lock:
-            self.bytes_fetched += n_bytes + len(data)
+            self.bytes_fetched += n_bytes
 
     def _fetch_window(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
         """``[component, rows, d]`` in the storage dtype, and row ids: chunks decode in place."""
@@ -133,9 +131,11 @@ class ChunkStream:
         d = self.manifest.hook(self.hooks[0]).d
         storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
         rows = np.empty((len(self.hooks), offsets[-1], d), dtype=storage)
-        row_ids = np.empty(offsets[-1], dtype=np.int64)
-        jobs = [pool.submit(self._fetch_into, i, rows[:, lo:hi], row_ids[lo:hi])
-                for i, lo, hi in zip(chunk_ids, offsets[:-1], offsets[1:])]
+        # A dataset row's index is also sequence * context_size + position (chunks hold whole
+        # sequences, in order): no need to fetch the tokens array to know where a row came from.
+        row_ids = np.concatenate([np.arange(i * self.manifest.chunk_rows, i * self.manifest.chunk_rows + n)
+                                  for i, n in zip(chunk_ids, sizes)])
+        jobs = [pool.submit(self._fetch_into, i, rows[:, lo:hi]) for i, lo, hi in zip(chunk_ids, offsets[:-1], offsets[1:])]
         for job in jobs:
             job.result()
         return rows, row_ids
