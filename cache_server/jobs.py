@@ -169,11 +169,11 @@ class JobManager:
         manifest = DatasetManifest(
             dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=self.corpora.resolve(request.corpus).corpus_id,
             context_size=request.context_size, prepend_bos=request.prepend_bos, dtype=request.dtype,
-            hooks=[HookInfo(name=h.name, concat_dims=h.concat_dims, d=plan.widths[h.name],
-                            storage_dtype=storage, logical_dtype=request.dtype) for h in hooks],
+            hooks=[HookInfo(name=h.name, concat_dims=h.concat_dims, d=plan.widths[h.name], storage_dtype=storage,
+                            logical_dtype=request.dtype, codec=CodecInfo(name="none", level=0)) for h in hooks],
             tokens=ArrayInfo(name=TOKENS_ARRAY, d=3, storage_dtype="int32", logical_dtype="int32"),
             chunk_rows=chunk_rows, n_items_total=request.n_tokens, n_items=0, n_chunks_total=n_chunks,
-            n_chunks=0, codec=CodecInfo(), complete=False, batch_size=request.batch_size, created_at=_now(),
+            n_chunks=0, complete=False, batch_size=request.batch_size, created_at=_now(),
             store_url=self.store.bucket_url(plan.dataset_id),
         )
         if self.replica is not None and not self._won_creation(manifest):

@@ -189,7 +189,7 @@ class DatasetStore:
             shape=(manifest.n_items_total, array.d),
             chunks=(manifest.chunk_rows, array.d),
             dtype=array.storage_dtype,
-            compressors=zarr_compressors(manifest.codec),
+            compressors=zarr_compressors(array.codec),
             fill_value=0,
             attributes={"logical_dtype": array.logical_dtype},
             config={"write_empty_chunks": True},  # every committed chunk exists as a key

@@ -1,7 +1,8 @@
 """The chunk codec: how one stored chunk's bytes are encoded, and how a client decodes them.
 
 The server lets zarr write chunks with :func:`zarr_compressors` and serves the stored bytes as they
-are; a client decodes them with :func:`decode_chunk` (see ``CodecInfo`` for the level).
+are; a client decodes them with :func:`decode_chunk` (see ``CodecInfo``: activations are raw,
+tokens zstd).
 """
 
 import numpy as np
@@ -13,20 +14,31 @@ from shared.schemas import ArrayInfo, CodecInfo
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
-def zarr_compressors(codec: CodecInfo) -> list:
+def zarr_compressors(codec: CodecInfo) -> list | None:
     from zarr.codecs import ZstdCodec
 
-    return [ZstdCodec(level=codec.level)]
+    return None if codec.name == "none" else [ZstdCodec(level=codec.level)]
 
 
-def decode_chunk(data: bytes, array: ArrayInfo, chunk_rows: int, n_rows: int, codec: CodecInfo,
+def decode_chunk(data: bytes, array: ArrayInfo, chunk_rows: int, n_rows: int,
                  out: np.ndarray | None = None) -> np.ndarray:
     """Decode one chunk's stored bytes to ``[n_rows, d]`` in the storage dtype.
 
     Zarr stores edge chunks at full size; ``n_rows`` trims the padding of the last chunk. With
     ``out`` (a contiguous ``[n_rows, d]`` array), a full chunk decodes straight into it.
+
+    >>> info = ArrayInfo(name="h", d=2, storage_dtype="float16", logical_dtype="float16",
+    ...                  codec=CodecInfo(name="none"))
+    >>> decode_chunk(np.arange(6, dtype=np.float16).tobytes(), info, chunk_rows=3, n_rows=2).tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
     """
     dtype = np.dtype(array.storage_dtype).newbyteorder("<")
+    if array.codec.name == "none":
+        rows = np.frombuffer(data, dtype=dtype).reshape(chunk_rows, array.d)[:n_rows]
+        if out is None:
+            return rows.copy()  # writable, and not pinning the response's buffer
+        out[...] = rows
+        return out
     if out is not None and n_rows == chunk_rows:
         numcodecs.Zstd().decode(data, out=out)
         return out

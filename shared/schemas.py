@@ -107,6 +107,18 @@ class HookStats(BaseModel):
     mean_squared_norm: float = 0.0
 
 
+class CodecInfo(BaseModel):
+    """How one array's chunks are stored. Activations are stored raw (``none``): float16 rows
+    compress 1.00x with zstd's fast mode and 1.08x at level 1, so a codec would only cost the
+    reader a decode pass; raw chunks go from the socket straight into the loader's buffer. The
+    tokens array (small integers) is zstd in its fast mode, which any level decodes with the same
+    call."""
+
+    name: Literal["none", "zstd"] = "zstd"
+    level: int = -1
+    endian: Literal["little"] = "little"
+
+
 class ArrayInfo(BaseModel):
     """One stored array: ``[n_items, d]``, chunked along rows only."""
 
@@ -114,21 +126,12 @@ class ArrayInfo(BaseModel):
     d: int
     storage_dtype: str = Field(description="Dtype of the stored bytes (uint16 holds bfloat16 bits).")
     logical_dtype: str
+    codec: CodecInfo = Field(default_factory=CodecInfo)
 
 
 class HookInfo(ArrayInfo):
     concat_dims: int = 1
     stats: HookStats = Field(default_factory=HookStats)
-
-
-class CodecInfo(BaseModel):
-    """Zstd in its fast mode: float activations barely compress (1.08x at level 1), so the codec
-    is picked for speed (level -1 decodes at memory speed, ~20x level 1); the tokens array still
-    shrinks. Any level decodes with the same call."""
-
-    name: Literal["zstd"] = "zstd"
-    level: int = -1
-    endian: Literal["little"] = "little"
 
 
 class ModelInfo(BaseModel):
@@ -157,7 +160,6 @@ class DatasetManifest(BaseModel):
     n_items: int = Field(description="Committed rows: readers never see rows past this.")
     n_chunks_total: int
     n_chunks: int = Field(description="Committed chunks.")
-    codec: CodecInfo
     complete: bool
     batch_size: int
     created_at: datetime

@@ -248,7 +248,7 @@ def test_client_retries_server_errors_with_backoff():
     import http.server
     import threading
 
-    answers = iter([503, 502, 200, 404, 503, 200, 404])
+    answers = iter([503, 502, 200, 404, 503, 200, 404, 502, 200, 404])
     seen = []
 
     class Flaky(http.server.BaseHTTPRequestHandler):
@@ -277,6 +277,11 @@ def test_client_retries_server_errors_with_backoff():
             with pytest.raises(CacheError, match="chunks/0: 404 nope"):
                 client.chunk_bytes("0" * 24, "tokens", 0)
             assert seen == [503, 502, 200, 404, 503, 200, 404]
+            out = np.zeros(2, dtype=np.uint8)  # a raw chunk read straight into its buffer
+            assert client.chunk_into("0" * 24, "tokens", 0, out) == 2 and bytes(out) == b"[]"
+            with pytest.raises(CacheError, match="chunks/0: 404 nope"):
+                client.chunk_into("0" * 24, "tokens", 0, out)
+            assert seen[-3:] == [502, 200, 404]
     finally:
         httpd.shutdown()
 

@@ -7,8 +7,11 @@
 >>> rows = client.chunk(manifest, "blocks.3.hook_resid_post", 0)  # [rows, d] numpy  # doctest: +SKIP
 """
 
+import http.client
 import json
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,8 @@ class CacheClient:
         # is what bounds a loader on loopback or a fast network (measured in bench/train.py (e)).
         self.bulk = urllib3.PoolManager(maxsize=32, headers=headers, retries=False,
                                         timeout=urllib3.Timeout(connect=timeout, read=timeout))
+        self._local, self._headers, self.timeout = threading.local(), headers, timeout
+        self._base_path = urllib.parse.urlsplit(self.url).path
         self.retries, self.backoff = retries, backoff
 
     def close(self) -> None:
@@ -66,7 +71,7 @@ class CacheClient:
             raise _error(method, path, response.status_code, response.content)
         return response
 
-    def _retried(self, send: Callable, transport_error: type[Exception], status: Callable[[Any], int]):
+    def _retried(self, send: Callable, transport_error: type[Exception] | tuple, status: Callable[[Any], int]):
         for attempt in range(self.retries + 1):
             try:
                 response = send()
@@ -150,13 +155,60 @@ class CacheClient:
             raise _error("GET", path, response.status, response.data)
         return response.data
 
+    def chunk_into(self, dataset_id: str, array: str, index: int, out: np.ndarray) -> int:
+        """A raw (codec ``none``), full chunk read from the socket straight into ``out`` (a
+        contiguous array of exactly the chunk's size): no intermediate copy, and the GIL released
+        while the bytes arrive. Returns its size.
+
+        The standard library's ``http.client`` does this (``readinto`` is ``recv_into``; urllib3's
+        and httpx's read into bytes of their own first), on one kept-alive connection per thread."""
+        route = "tokens" if array == "tokens" else f"hooks/{array}"
+        path = f"/v1/datasets/{dataset_id}/{route}/chunks/{index}"
+        view = memoryview(out).cast("B")
+
+        def send() -> tuple[int, bytes]:
+            connection = self._connection()
+            try:
+                connection.request("GET", self._base_path + path, headers=self._headers)
+                response = connection.getresponse()
+                if response.status != 200:
+                    return response.status, response.read()
+                size = int(response.getheader("content-length", -1))
+                if size != len(view):
+                    response.read()
+                    raise CacheError(f"GET {path}: {size} bytes where a raw chunk holds {len(view)}")
+                done = 0
+                while done < size:
+                    got = response.readinto(view[done:])
+                    if not got:
+                        raise http.client.IncompleteRead(bytes(), size - done)
+                    done += got
+                return 200, b""
+            except (OSError, http.client.HTTPException):
+                self._local.connection = None  # a fresh connection for the retry
+                connection.close()
+                raise
+
+        status, body = self._retried(send, (OSError, http.client.HTTPException), lambda r: r[0])
+        if status >= 400:
+            raise _error("GET", path, status, body)
+        return len(view)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            url = urllib.parse.urlsplit(self.url)
+            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            connection = self._local.connection = kind(url.hostname, url.port, timeout=self.timeout)
+        return connection
+
     def chunk(self, manifest: DatasetManifest, array: str, index: int) -> np.ndarray:
         """A decoded chunk, ``[rows, d]`` in the storage dtype (see ``shared.codec.to_torch``)."""
         info: ArrayInfo | None = manifest.tokens if array == "tokens" else manifest.hook(array)
         if info is None:
             raise CacheError(f"dataset {manifest.dataset_id} has no hook '{array}'", 404)
         data = self.chunk_bytes(manifest.dataset_id, array, index)
-        return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index), manifest.codec)
+        return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index))
 
 
 def _error(method: str, path: str, status: int, body: bytes) -> CacheError:
@@ -197,3 +249,11 @@ class StoreReader:
         except Exception as exc:  # obstore's own (Rust-side) errors, after its retries
             raise CacheError(f"cannot read chunk {index} of '{array}' from {self.url}: "
                              f"{str(exc).splitlines()[0]}") from None
+
+    def chunk_into(self, dataset_id: str, array: str, index: int, out: np.ndarray) -> int:
+        data = self.chunk_bytes(dataset_id, array, index)
+        view = memoryview(out).cast("B")
+        if len(data) != len(view):
+            raise CacheError(f"chunk {index} of '{array}' in {self.url} holds {len(data)} bytes, not {len(view)}")
+        view[:] = data
+        return len(view)

@@ -9,8 +9,8 @@ rows of many chunks (and sequences), and the loader's position is just
 ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
 emitted, and sees neither repeated nor skipped rows.
 
-Background threads fetch and decode chunks (several connections; numcodecs decodes without the
-GIL) and build the next windows while the current one is trained on.
+Background threads fetch chunks (several connections; a raw chunk is read from the socket straight
+into its slice of the window) and build the next windows while the current one is trained on.
 """
 
 import collections
@@ -111,13 +111,15 @@ class ChunkStream:
     # -- fetching --------------------------------------------------------------------------------
     def _decode(self, data: bytes, array: str, index: int, out: np.ndarray | None = None) -> np.ndarray:
         info = self.manifest.tokens if array == "tokens" else self.manifest.hook(array)
-        return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index),
-                            self.manifest.codec, out=out)
+        return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index), out=out)
 
     def _fetch_into(self, index: int, rows: np.ndarray) -> None:
         """Fetch one chunk of every streamed hook and decode it into its slice of the window."""
-        n_bytes = 0
+        n_bytes, full = 0, self.manifest.rows_in_chunk(index) == self.manifest.chunk_rows
         for c, hook in enumerate(self.hooks):
+            if full and self.manifest.hook(hook).codec.name == "none":  # socket -> window, no copy
+                n_bytes += self.client.chunk_into(self.manifest.dataset_id, hook, index, rows[c])
+                continue
             data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
             self._decode(data, hook, index, out=rows[c])
             n_bytes += len(data)
@@ -153,8 +155,9 @@ class ChunkStream:
     def _ready(self, acts: Tensor) -> Float[Tensor, "batch *component d"]:
         """Rows as the SAEs take them: float32 and scaled. Done a batch at a time on the training
         device, where it costs a few per cent of a window-wide conversion (the batch is in cache,
-        and torch converts half floats with vector instructions)."""
-        return acts.float().mul_(self.scales)
+        and torch converts half floats with vector instructions). One pass: a half-float batch times
+        the float32 ``[component, 1]`` scales is float32."""
+        return acts * self.scales
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""

@@ -44,7 +44,8 @@ def get_vocabulary(dataset_id: str, svc: Services = Depends(services)) -> list[s
 
 
 _CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},
-                         "description": "The chunk's stored bytes (zstd), decoded by shared.codec.decode_chunk."}}
+                         "description": "The chunk's stored bytes (raw, or zstd for tokens: X-Chunk-Codec), "
+                                        "decoded by shared.codec.decode_chunk."}}
 
 
 @router.get("/{dataset_id}/hooks/{hook}/chunks/{index}", response_class=Response, responses=_CHUNK_RESPONSE)
@@ -76,7 +77,7 @@ async def _chunk(svc: Services, manifest: DatasetManifest, array: ArrayInfo, ind
     etag = f'"{xxhash.xxh3_64_hexdigest(data)}"'
     headers = {
         "ETag": etag,
-        "X-Chunk-Codec": f"{manifest.codec.name};level={manifest.codec.level}",
+        "X-Chunk-Codec": f"{array.codec.name};level={array.codec.level}",
         "X-Chunk-Shape": f"{manifest.chunk_rows},{array.d}",
         "X-Chunk-Rows": str(manifest.rows_in_chunk(index)),
         "X-Storage-Dtype": array.storage_dtype,
