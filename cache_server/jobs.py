@@ -165,6 +165,8 @@ class JobManager:
         storage = STORAGE_DTYPES[request.dtype]
         itemsize = 4 if request.dtype == "float32" else 2
         chunk_rows = choose_chunk_rows(request.context_size, itemsize * max(plan.widths.values()), self.chunk_bytes)
+        # No chunk longer than the dataset: raw chunks are stored at full size, padding included.
+        chunk_rows = min(chunk_rows, -(-request.n_tokens // request.context_size) * request.context_size)
         n_chunks = -(-request.n_tokens // chunk_rows)
         manifest = DatasetManifest(
             dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=self.corpora.resolve(request.corpus).corpus_id,

@@ -64,7 +64,10 @@ class Ledger:
             data, version = self.store.conditional.read(key)
             ledger = json.loads(data)
             result = change(ledger)
-            if self.store.conditional.write(key, json.dumps(ledger).encode(), version):
+            updated = json.dumps(ledger).encode()
+            if updated == json.dumps(json.loads(data)).encode():  # nothing to change: no write
+                return result
+            if self.store.conditional.write(key, updated, version):
                 return result
 
     def read(self) -> dict:
