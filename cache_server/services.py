@@ -26,6 +26,8 @@ def build_services(settings: Settings) -> Services:
     store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets")
     corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
-    jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
+    # Replicas sharing a store folder keep their own job files (a job is one server's part).
+    jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
+    jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
                       replica=settings.replica, lease_seconds=settings.lease_seconds)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, metrics=metrics)

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tests.server import wait_job
-from tests.test_s3_store import REQUEST, bucket_server
+from tests.server import ServerProcess, free_port, wait_job
+from tests.test_s3_store import CHUNKS, REQUEST, bucket_server
 
 SHARED = {**REQUEST, "n_tokens": 28_000}  # its own dataset
 
@@ -51,6 +51,49 @@ def test_two_replicas_one_restarted_harvest_what_one_server_harvests(server, buc
                     for index in range(reference["n_chunks_total"]):
                         path = f"/v1/datasets/{dataset_id}/{array}/chunks/{index}"
                         assert ca.get(path).content == local.get(path).content, path
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.timeout(900)
+def test_a_replica_that_never_returns_loses_its_ranges_on_a_shared_folder(server, tmp_path):
+    """Two replicas on one store folder; b is killed for good, a takes b's ranges over once b's
+    lease runs out, and the dataset still equals a single server's."""
+    request = {**SHARED, "n_tokens": 24_000}
+    shared = tmp_path / "shared-store"
+    a, b = (ServerProcess(store=shared, port=free_port(), env={**CHUNKS, "CACHE_SERVER_LEASE_SECONDS": "3"},
+                          extra_args=["--replica", name]).start() for name in ("a", "b"))
+    try:
+        with a.client() as ca, b.client() as cb:
+            for c, n in ((ca, 640), (cb, 704)):  # the model loaded on both first, so that both take part
+                assert wait_job(c, c.post("/v1/harvests", json={**request, "n_tokens": n}).json()["job_id"])
+            job_a = ca.post("/v1/harvests", json=request).json()
+            job_b = cb.post("/v1/harvests", json=request).json()
+            assert job_a["job_id"] and job_b["job_id"], (job_a, job_b)
+            ledger_file = shared / "datasets" / "_harvest" / job_a["dataset_id"] / "ledger.json"
+            def b_holds_work() -> bool:
+                ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {"ranges": []}
+                return any(r["owner"] == "b" and r["first"] + r["done"] < r["stop"] for r in ledger["ranges"])
+
+            while not b_holds_work():
+                time.sleep(0.01)
+            b.kill()
+            unfinished = [i for i, r in enumerate(json.loads(ledger_file.read_text())["ranges"])
+                          if r["owner"] == "b" and r["first"] + r["done"] < r["stop"]]
+            assert unfinished  # b died holding work
+            assert wait_job(ca, job_a["job_id"])["status"] == "completed"
+            ranges = json.loads(ledger_file.read_text())["ranges"]
+            assert all(ranges[i]["owner"] == "a" for i in unfinished)  # taken over once b's lease ran out
+            with server.client() as local:
+                single = local.post("/v1/harvests", json=request).json()
+                if single["job_id"]:
+                    assert wait_job(local, single["job_id"])["status"] == "completed"
+                reference = local.get(f"/v1/datasets/{job_a['dataset_id']}").json()
+                assert ca.get(f"/v1/datasets/{job_a['dataset_id']}").json()["hooks"] == reference["hooks"]
+                for index in range(reference["n_chunks_total"]):
+                    path = f"/v1/datasets/{job_a['dataset_id']}/hooks/{request['hooks'][0]}/chunks/{index}"
+                    assert ca.get(path).content == local.get(path).content, path
     finally:
         a.stop()
         b.stop()
