@@ -22,20 +22,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from trainer.client import CacheClient, StoreReader  # noqa: E402
 from trainer.local_server import LocalServer, free_port  # noqa: E402
 from trainer.stream import ChunkStream  # noqa: E402
+from train import BATCH, loader_rate as stream_rate  # noqa: E402  (bench/train.py, beside this file)
 
 HOOK = "blocks.3.hook_resid_post"
-BATCH = 4096
 
 
 def loader_rate(source, manifest, epochs: int) -> float:
     stream = ChunkStream(source, manifest, [HOOK], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-    n_rows, seen, t0 = epochs * stream.rows_per_epoch, 0, None
-    for batch in stream.batches():
-        t0 = t0 or time.perf_counter()
-        seen += batch.activations.shape[0]
-        if seen + BATCH > n_rows:
-            break
-    return (seen - BATCH) / (time.perf_counter() - t0)
+    return stream_rate(stream, epochs)
 
 
 def bucket(port: int) -> dict:

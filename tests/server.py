@@ -88,3 +88,21 @@ def kill_mid_harvest(server: ServerProcess, request: dict, after_tokens: int) ->
         server.kill()
     assert 0 < job["tokens_done"] < request["n_tokens"]
     return job
+
+
+def assert_same_as_single_harvest(single: ServerProcess, client: httpx.Client, request: dict) -> str:
+    """The dataset ``client``'s server holds for ``request`` equals ``single``'s own harvest of the
+    same request: the manifest's statistics to the last bit, and every chunk's bytes. Its id."""
+    with single.client() as local:
+        accepted = local.post("/v1/harvests", json=request).json()
+        if accepted["job_id"]:
+            assert wait_job(local, accepted["job_id"])["status"] == "completed"
+        dataset_id = accepted["dataset_id"]
+        manifest, reference = (c.get(f"/v1/datasets/{dataset_id}").json() for c in (client, local))
+        assert manifest["complete"] and manifest["n_items"] == reference["n_items"] == request["n_tokens"]
+        assert manifest["hooks"] == reference["hooks"]
+        for array in [f"hooks/{h}" for h in request["hooks"]] + ["tokens"]:
+            for index in range(reference["n_chunks_total"]):
+                path = f"/v1/datasets/{dataset_id}/{array}/chunks/{index}"
+                assert client.get(path).content == local.get(path).content, path
+    return dataset_id
