@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
         print(f"cache-server: error: bad setting {problems}", file=sys.stderr)
         return 2
-    problem = (_check_store(settings.local_root) or _check_bucket(settings.store) if settings.store_is_bucket
-               else _check_store(settings.local_root))
-    problem = problem or _check_port(settings.host, settings.port)
+    problem = (_check_store(settings.local_root)
+               or (_check_bucket(settings.store) if settings.store_is_bucket else None)
+               or _check_port(settings.host, settings.port))
     if problem:
         print(f"cache-server: error: {problem}", file=sys.stderr)
         return 1

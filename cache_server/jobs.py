@@ -27,7 +27,6 @@ from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id
 from shared.schemas import (
     ACTIVE_STATUSES, ArrayInfo, CodecInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
-    HookSpec,
 )
 
 log = logging.getLogger("cache_server.jobs")
@@ -196,8 +195,7 @@ class JobManager:
             if (found := self.store.manifest(manifest.dataset_id, fresh=True)) is not None:
                 return found
             time.sleep(0.5)
-        self.store.create(manifest, empty_state([HookSpec(name=h.name, concat_dims=h.concat_dims)
-                                                 for h in manifest.hooks], {h.name: h.d for h in manifest.hooks}))
+        self.store.create(manifest, empty_state(manifest.hooks, {h.name: h.d for h in manifest.hooks}))
         return manifest
 
     # -- the worker --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from cache_server.harvester import (
     COMMIT_SECONDS, Harvester, HarvestCancelled, _Chunk, add_stats, empty_state, stats_view,
 )
-from cache_server.store import DatasetStore
+from cache_server.store import COORDINATION, DatasetStore
 from shared.schemas import DatasetManifest
 
 MAX_RANGES = 16
@@ -37,11 +37,11 @@ class LostRange(Exception):
 
 
 def ledger_key(dataset_id: str) -> str:
-    return f"_harvest/{dataset_id}/ledger.json"
+    return f"{COORDINATION}/{dataset_id}/ledger.json"
 
 
 def stats_key(dataset_id: str, index: int) -> str:
-    return f"_harvest/{dataset_id}/stats/{index}.json"
+    return f"{COORDINATION}/{dataset_id}/stats/{index}.json"
 
 
 def new_ledger(n_chunks: int) -> dict:
@@ -57,25 +57,25 @@ class Ledger:
     replica: str
     lease: float
 
-    def _update(self, change) -> dict:
-        """Apply ``change(ledger) -> result`` by compare-and-swap until it lands; returns the result."""
+    def _update(self, change):
+        """Apply ``change(ledger) -> result`` by compare-and-swap until it lands (no write when it
+        changed nothing); returns the result."""
         key = ledger_key(self.dataset_id)
         while True:
             data, version = self.store.conditional.read(key)
             ledger = json.loads(data)
+            before = json.dumps(ledger)
             result = change(ledger)
-            updated = json.dumps(ledger).encode()
-            if updated == json.dumps(json.loads(data)).encode():  # nothing to change: no write
-                return result
-            if self.store.conditional.write(key, updated, version):
+            updated = json.dumps(ledger)
+            if updated == before or self.store.conditional.write(key, updated.encode(), version):
                 return result
 
     def read(self) -> dict:
         return json.loads(self.store.conditional.read(ledger_key(self.dataset_id))[0])
 
-    def claim(self) -> int | None:
-        """A range to work on (see the module's docstring for the order), or None for now."""
-        def take(ledger: dict) -> int | None:
+    def claim(self) -> tuple[int, dict] | None:
+        """A range to work on, as (index, range), in the order of the module's docstring; or None for now."""
+        def take(ledger: dict) -> tuple[int, dict] | None:
             now = time.time()
             open_ranges = [(i, r) for i, r in enumerate(ledger["ranges"]) if r["first"] + r["done"] < r["stop"]]
             mine = [i for i, r in open_ranges if r["owner"] == self.replica]
@@ -83,21 +83,20 @@ class Ledger:
             stale = [i for i, r in open_ranges if now - r["beat"] > self.lease]
             for i in (mine + free + stale)[:1]:
                 ledger["ranges"][i].update(owner=self.replica, beat=now)
-                return i
+                return i, dict(ledger["ranges"][i])
             return None
 
         return self._update(take)
 
-    def advance(self, index: int, done: int) -> bool:
-        """Mark ``done`` chunks of range ``index`` finished (and renew the lease); True when this
-        made every range done. Raises LostRange if another replica owns the range now."""
-        def mark(ledger: dict) -> bool:
+    def advance(self, index: int, done: int) -> dict:
+        """Mark ``done`` chunks of range ``index`` finished (and renew the lease); the ledger after.
+        Raises LostRange if another replica owns the range now."""
+        def mark(ledger: dict) -> dict:
             r = ledger["ranges"][index]
             if r["owner"] != self.replica:
                 raise LostRange(f"range {index} is now owned by {r['owner']}")
-            was_done = all(x["first"] + x["done"] >= x["stop"] for x in ledger["ranges"])
             r.update(done=max(r["done"], done), beat=time.time())
-            return not was_done and all(x["first"] + x["done"] >= x["stop"] for x in ledger["ranges"])
+            return ledger
 
         return self._update(mark)
 
@@ -123,13 +122,13 @@ class SharedHarvest:
             ledger = self.ledger.read()
             if all_done(ledger):
                 return self.finalize()
-            index = self.ledger.claim()
-            if index is None:  # the rest is claimed by live replicas: wait for them (or their leases)
+            claimed = self.ledger.claim()
+            if claimed is None:  # the rest is claimed by live replicas: wait for them (or their leases)
                 self.on_progress(done_rows(ledger, self.manifest))
                 if self.harvester.cancel.wait(self.poll):
                     raise HarvestCancelled()
                 continue
-            r = self.ledger.read()["ranges"][index]
+            index, r = claimed
             try:
                 self.harvester.pipeline(range(r["first"] + r["done"], r["stop"]),
                                         lambda chunks, errors: self._write_loop(index, r, chunks, errors))
@@ -148,8 +147,7 @@ class SharedHarvest:
                 if chunk.index + 1 < r["stop"] and time.monotonic() - last < COMMIT_SECONDS:
                     continue
                 last = time.monotonic()
-                self.ledger.advance(index, done)
-                self.on_progress(done_rows(self.ledger.read(), self.manifest))
+                self.on_progress(done_rows(self.ledger.advance(index, done), self.manifest))
         except BaseException as exc:
             errors.append(exc)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -36,6 +35,8 @@ from shared.ids import is_valid_id
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
 
 TOKENS_ARRAY = "tokens"
+COORDINATION = "_harvest"
+"""Prefix of the objects replicas sharing a store coordinate through (``<prefix>/<dataset_id>/``)."""
 
 
 def chunk_key(dataset_id: str, array: str, index: int) -> str:
@@ -126,7 +127,7 @@ class DatasetStore:
         """Where a dataset lives when the store is a bucket (told to trainers in its manifest)."""
         return None if self.root is not None else f"{self.location.rstrip('/')}/{dataset_id}"
 
-    def _get(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str) -> bytes | None:
         buffer = sync(self.zarr_store.get(key, prototype=default_buffer_prototype()))
         return None if buffer is None else buffer.to_bytes()
 
@@ -139,7 +140,7 @@ class DatasetStore:
         cached = self._manifests.get(dataset_id)
         if cached is not None and not fresh:
             return cached
-        meta = self._get(f"{dataset_id}/zarr.json")
+        meta = self.get_bytes(f"{dataset_id}/zarr.json")
         if meta is None:
             return None
         attrs = json.loads(meta).get("attributes", {})
@@ -162,9 +163,6 @@ class DatasetStore:
                     hooks=[h.name for h in manifest.hooks], n_items=manifest.n_items,
                     n_items_total=manifest.n_items_total, complete=manifest.complete))
         return out
-
-    def get_bytes(self, key: str) -> bytes | None:
-        return self._get(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """A whole small object (a temp file + rename on disk, one PUT in a bucket)."""
@@ -215,12 +213,8 @@ class DatasetStore:
         if self.manifest(dataset_id) is None:
             return False
         self._manifests.pop(dataset_id, None)
-        if self.root is None:
-            sync(self.zarr_store.delete_dir(dataset_id))
-            sync(self.zarr_store.delete_dir(f"_harvest/{dataset_id}"))
-        else:
-            shutil.rmtree(self.root / dataset_id)
-            shutil.rmtree(self.root / "_harvest" / dataset_id, ignore_errors=True)
+        for prefix in (dataset_id, f"{COORDINATION}/{dataset_id}"):
+            sync(self.zarr_store.delete_dir(prefix))
         return True
 
 

@@ -145,10 +145,14 @@ class CacheClient:
         """The source model's token strings by id."""
         return self.request("GET", f"/v1/datasets/{dataset_id}/vocabulary").json()
 
+    @staticmethod
+    def _chunk_path(dataset_id: str, array: str, index: int) -> str:
+        route = "tokens" if array == "tokens" else f"hooks/{array}"
+        return f"/v1/datasets/{dataset_id}/{route}/chunks/{index}"
+
     def chunk_bytes(self, dataset_id: str, array: str, index: int) -> bytes:
         """A chunk's stored (encoded) bytes; ``array`` is a hook name or ``tokens``."""
-        route = "tokens" if array == "tokens" else f"hooks/{array}"
-        path = f"/v1/datasets/{dataset_id}/{route}/chunks/{index}"
+        path = self._chunk_path(dataset_id, array, index)
         response = self._retried(lambda: self.bulk.request("GET", self.url + path), urllib3.exceptions.HTTPError,
                                  lambda r: r.status)
         if response.status >= 400:
@@ -162,8 +166,7 @@ class CacheClient:
 
         The standard library's ``http.client`` does this (``readinto`` is ``recv_into``; urllib3's
         and httpx's read into bytes of their own first), on one kept-alive connection per thread."""
-        route = "tokens" if array == "tokens" else f"hooks/{array}"
-        path = f"/v1/datasets/{dataset_id}/{route}/chunks/{index}"
+        path = self._chunk_path(dataset_id, array, index)
         view = memoryview(out).cast("B")
 
         def send() -> tuple[int, bytes]:

@@ -110,7 +110,7 @@ class Trainer:
                  progress: bool = True, sinks: list | None = None, world: World = World(), chunks=None):
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
         self.chunks = chunks or client
-        """Where chunk bytes come from: the server, or a ``BucketReader`` straight from the bucket."""
+        """Where chunk bytes come from: the server, or a ``StoreReader`` straight from the store."""
         self.run: RunConfig = sweep.run
         self.world = world
         self.progress = progress and world.main
@@ -148,10 +148,6 @@ class Trainer:
     def stream(self) -> ChunkStream:
         """This rank's first lane (the only one in a single-process run)."""
         return self.streams[0]
-
-    @property
-    def position(self) -> StreamPosition:
-        return self.positions[self.stream.lane]
 
     def _scale(self, hook: str) -> float:
         stats = self.manifest.hook(hook).stats
