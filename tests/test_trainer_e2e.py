@@ -164,12 +164,16 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     base = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--no-progress"]
     bad_sweep = tmp_path / "bad.toml"
     bad_sweep.write_text("[[sae]]\nl1_coef = 3\n")
+    odd_lanes = tmp_path / "lanes.toml"
+    odd_lanes.write_text("[run]\nbatch_size = 256\nlanes = 3\n")
     cases = [
         (["--config", str(bad_sweep), "--out", str(tmp_path / "a")], "unknown key(s) ['l1_coef']"),
         (["--cache-url", "http://127.0.0.1:9", "--out", str(tmp_path / "b")], "cannot reach cache server"),
         (["--dataset", "0123456789abcdef01234567", "--out", str(tmp_path / "c")], "unknown dataset"),
         (["--hook", "blocks.7.hook_nope", "--out", str(tmp_path / "d")], "has no hook 'blocks.7.hook_nope'"),
         (["--device", "cuda", "--out", str(tmp_path / "e")], "no CUDA device"),
+        (["--config", str(odd_lanes), "--out", str(tmp_path / "f")], "3 stream lane(s) cannot be shared"),
+        (["--from-bucket", "--out", str(tmp_path / "g")], "is not in a bucket; read it through the server"),
     ]
     for extra, message in cases:
         args = base + extra
