@@ -13,6 +13,7 @@ from trainer.cli import main as sae_train
 from trainer.client import CacheClient, CacheError
 from trainer.config import load_sweep
 from trainer.export import load_saelens
+from shared.codec import to_torch
 from trainer.stream import ChunkStream, StreamPosition
 from trainer.train import Trainer
 
@@ -86,6 +87,25 @@ def test_stream_sees_each_training_row_once_per_epoch_and_resumes_exactly(server
             assert np.array_equal(tokens[:, 1].astype(np.int64) * 64 + tokens[:, 2], np.arange(first, first + len(tokens)))
         # A batch mixes the whole shuffle window: rows of all its 64 sequences, not a few.
         assert torch.unique(rows[:1000] // 64).numel() == 4096 // 64
+
+
+def test_batches_hold_the_stored_rows_while_window_buffers_are_reused(server, dataset):
+    """Window buffers go back to a pool when their last batch is out (and when a stream is left
+    early); a buffer reused too soon would show here as rows of another window."""
+    with CacheClient(server.url) as client:
+        stream = ChunkStream(client, dataset, HOOKS, batch_size=700, window_rows=3000, seed=5, eval_chunks=2,
+                             scales=[0.5, 2.0])
+        reference = torch.cat([torch.stack([to_torch(client.chunk(dataset, h, i), dataset.dtype) for h in HOOKS], 1)
+                               for i in range(dataset.n_chunks_total)]).float() * torch.tensor([[0.5], [2.0]])
+        n_windows = 0
+        for n_batches in (3, 5, -(-2 * stream.rows_per_epoch // 700)):  # two streams left early, then two epochs
+            kept = list(zip(range(n_batches), stream.batches(StreamPosition(0, 1400 * n_batches))))
+            for _, batch in kept:  # every batch still held, checked only after the stream moved on
+                assert torch.equal(batch.activations, reference[batch.row_ids])
+            n_windows += -(-n_batches * 700 // 3000) + 1
+        buffers = stream._buffers
+        assert buffers.allocated == sum(len(free) for free in buffers._free.values())  # all given back
+        assert buffers.allocated < n_windows / 2  # and reused
 
 
 def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, capsys):

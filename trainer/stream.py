@@ -10,7 +10,8 @@ rows of many chunks (and sequences), and the loader's position is just
 emitted, and sees neither repeated nor skipped rows.
 
 Background threads fetch chunks (several connections; a raw chunk is read from the socket straight
-into its slice of the window) and build the next windows while the current one is trained on.
+into its slice of the window) and build the next windows while the current one is trained on. A
+window's host buffer is reused for a later window once its last batch is out.
 """
 
 import collections
@@ -58,11 +59,36 @@ class _Window:
     """The seeded shuffle: the window's i-th emitted row is ``activations[order[i]]``."""
     row_ids: Int[Tensor, " rows"]
     """Dataset row ids in emitted (shuffled) order."""
+    host: np.ndarray | None
+    """The host buffer ``activations`` is a view of (on CPU), for the next window once this one is done."""
 
     def rows(self, lo: int, hi: int) -> Tensor:
         """Emitted rows ``lo:hi``. Gathered a batch at a time, on the device and without the GIL:
         a window-wide permuted copy cost the loader a fifth of its throughput."""
         return self.activations.index_select(0, self.order[lo:hi])
+
+
+class _HostBuffers:
+    """Window buffers handed back and reused. A fresh array per window (25 MB in bench/train.py)
+    costs the kernel a page fault and a zero-fill per page: a third of the loader's CPU time when
+    measured there (sys 350 of ~1000 ns a row)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[np.ndarray]] = collections.defaultdict(list)
+        self._lock, self.allocated = threading.Lock(), 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            free = self._free[(shape, dtype.str)]
+            if free:
+                return free.pop()
+            self.allocated += 1
+        return np.empty(shape, dtype)
+
+    def give(self, buffer: np.ndarray | None) -> None:
+        if buffer is not None:
+            with self._lock:
+                self._free[(buffer.shape, buffer.dtype.str)].append(buffer)
 
 
 class ChunkStream:
@@ -90,7 +116,7 @@ class ChunkStream:
         self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
         self.train_chunk_ids = sorted(int(i) for i in held_out[eval_chunks:])
         self.bytes_fetched = 0
-        self._lock = threading.Lock()
+        self._lock, self._buffers = threading.Lock(), _HostBuffers()
 
     # -- layout of an epoch ----------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -126,13 +152,15 @@ class ChunkStream:
         with self._lock:
             self.bytes_fetched += n_bytes
 
-    def _fetch_window(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch_window(self, chunk_ids: list[int], pool: ThreadPoolExecutor,
+                      reuse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``[component, rows, d]`` in the storage dtype, and row ids: chunks decode in place."""
         sizes = [self.manifest.rows_in_chunk(i) for i in chunk_ids]
         offsets = np.cumsum([0, *sizes])
         d = self.manifest.hook(self.hooks[0]).d
         storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
-        rows = np.empty((len(self.hooks), offsets[-1], d), dtype=storage)
+        shape = (len(self.hooks), int(offsets[-1]), d)
+        rows = self._buffers.take(shape, storage) if reuse else np.empty(shape, storage)
         # A dataset row's index is also sequence * context_size + position (chunks hold whole
         # sequences, in order): no need to fetch the tokens array to know where a row came from.
         row_ids = np.concatenate([np.arange(i * self.manifest.chunk_rows, i * self.manifest.chunk_rows + n)
@@ -166,10 +194,14 @@ class ChunkStream:
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
-        rows, row_ids = self._fetch_window(chunk_ids, pool)
+        rows, row_ids = self._fetch_window(chunk_ids, pool, reuse=True)
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
-        return _Window(index, start_row, self._to_device(rows), torch.from_numpy(perm).to(self.device),
-                       torch.from_numpy(row_ids[perm]))
+        acts = self._to_device(rows)
+        if self.device.type == "cuda":  # the rows were copied to pinned memory: the buffer is free
+            self._buffers.give(rows)
+            rows = None
+        return _Window(index, start_row, acts, torch.from_numpy(perm).to(self.device),
+                       torch.from_numpy(row_ids[perm]), rows)
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -183,12 +215,11 @@ class ChunkStream:
             yield from self._consume(start, windows)
         finally:
             stop.set()
-            while producer.is_alive():
+            while producer.is_alive() or not windows.empty():
                 try:
-                    windows.get(timeout=0.1)
+                    self._recycle(windows.get(timeout=0.1))
                 except queue.Empty:
                     pass
-            producer.join()
 
     def _plan(self, start: StreamPosition) -> Iterator[tuple[int, int, list[int], int] | tuple[int, None]]:
         """(epoch, window index, chunk ids, first row) for every window still to emit, with an
@@ -206,10 +237,10 @@ class ChunkStream:
 
     def _produce(self, start: StreamPosition, out: queue.Queue, stop: threading.Event) -> None:
         """Build windows ahead, several at once (fetching the next while shuffling this one), in order."""
+        ahead: collections.deque = collections.deque()
         try:
             with ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="fetch") as pool, \
                     ThreadPoolExecutor(self.prefetch_windows, thread_name_prefix="window") as builders:
-                ahead: collections.deque = collections.deque()
                 for item in self._plan(start):
                     if stop.is_set():
                         return
@@ -225,45 +256,63 @@ class ChunkStream:
                             return
         except BaseException as exc:  # handed to the consumer, raised in the training loop
             self._put(out, exc, stop)
+        finally:  # stopped early: the windows built ahead give their buffers back (the builders are done)
+            for _, built in ahead:
+                if built is not None and built.exception() is None:
+                    self._recycle(built.result())
 
-    @staticmethod
-    def _put(out: queue.Queue, item, stop: threading.Event) -> None:
+    def _put(self, out: queue.Queue, item, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 out.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
+        self._recycle(item)
+
+    def _recycle(self, item) -> None:
+        """A window done with (or that will not be emitted), alone or as a queue item: its host
+        buffer goes back to the pool."""
+        window = item[1] if isinstance(item, tuple) else item
+        if isinstance(window, _Window):
+            self._buffers.give(window.host)
 
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
         size = self.batch_size
         carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
-        while True:
-            item = windows.get()
-            if isinstance(item, BaseException):
-                raise item
-            epoch, window = item
-            if window is None:  # end of an epoch: its last partial batch continues into the next
-                continue
-            offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
-            n = window.row_ids.shape[0]
-            if carry is not None:
-                need = size - carry[0].shape[0]
-                if n - offset < need:
-                    carry = (torch.cat([carry[0], window.rows(offset, n)]),
-                             torch.cat([carry[1], window.row_ids[offset:]]))
+        window: _Window | None = None
+        try:
+            while True:
+                item = windows.get()
+                # Batches and the carry are copies: the last window's buffer is free for a new one.
+                self._recycle(window)
+                window = None
+                if isinstance(item, BaseException):
+                    raise item
+                epoch, window = item
+                if window is None:  # end of an epoch: its last partial batch continues into the next
                     continue
-                offset += need
-                yield Batch(self._ready(torch.cat([carry[0], window.rows(offset - need, offset)])),
-                            torch.cat([carry[1], window.row_ids[offset - need : offset]]),
-                            StreamPosition(epoch, window.start_row + offset))
-                carry = None
-            while offset + size <= n:
-                offset += size
-                yield Batch(self._ready(window.rows(offset - size, offset)), window.row_ids[offset - size : offset],
-                            StreamPosition(epoch, window.start_row + offset))
-            if offset < n:
-                carry = (window.rows(offset, n), window.row_ids[offset:])
+                offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
+                n = window.row_ids.shape[0]
+                if carry is not None:
+                    need = size - carry[0].shape[0]
+                    if n - offset < need:
+                        carry = (torch.cat([carry[0], window.rows(offset, n)]),
+                                 torch.cat([carry[1], window.row_ids[offset:]]))
+                        continue
+                    offset += need
+                    yield Batch(self._ready(torch.cat([carry[0], window.rows(offset - need, offset)])),
+                                torch.cat([carry[1], window.row_ids[offset - need : offset]]),
+                                StreamPosition(epoch, window.start_row + offset))
+                    carry = None
+                while offset + size <= n:
+                    offset += size
+                    yield Batch(self._ready(window.rows(offset - size, offset)),
+                                window.row_ids[offset - size : offset], StreamPosition(epoch, window.start_row + offset))
+                if offset < n:
+                    carry = (window.rows(offset, n), window.row_ids[offset:])
+        finally:
+            self._recycle(window)
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
