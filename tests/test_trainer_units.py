@@ -5,7 +5,7 @@ import torch
 
 from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
 from trainer.metrics import evaluate, geometric_median
-from trainer.objectives import sae_loss
+from trainer.objectives import _matryoshka_dense, sae_loss
 from trainer.resample import resample_dead_neurons
 from trainer.sae import SparseAutoencoder
 
@@ -30,17 +30,24 @@ def test_unit_norm_decoder_survives_a_step():
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(1, 16))
 
 
-def test_sparse_topk_matches_the_dense_computation():
-    """The sparse TopK path (what trains) gives the dense path's loss and gradients."""
+@pytest.mark.parametrize("objective", ["vanilla", "matryoshka"])
+@pytest.mark.parametrize("n_components", [None, 2])
+def test_sparse_topk_matches_the_dense_computation(objective, n_components, monkeypatch):
+    """The sparse TopK path (what trains: encoded a block of rows at a time, decoded through CSR
+    matrices) gives the dense path's loss and gradients."""
+    monkeypatch.setattr("trainer.sae.ENCODE_ROWS", 24)  # blocks of 24, 24 and 8 rows
     torch.manual_seed(0)
-    x = torch.randn(32, 16)
-    sparse = SparseAutoencoder(SAEConfig(activation="topk", k=4, expansion=4), d_in=16)
+    x = torch.randn(56, 16) if n_components is None else torch.randn(56, n_components, 16)
+    cfg = SAEConfig(activation="topk", k=4, expansion=4, objective=objective)
+    sparse = SparseAutoencoder(cfg, d_in=16, n_components=n_components)
     sparse.b_enc.data.normal_()
-    dense = SparseAutoencoder(SAEConfig(activation="topk", k=4, expansion=4), d_in=16)
+    sparse.b_dec.data.normal_()
+    dense = SparseAutoencoder(cfg, d_in=16, n_components=n_components)
     dense.load_state_dict(sparse.state_dict())
     sparse_loss = sae_loss(sparse, x, 0.0, None).loss
-    acts, recon = dense(x)
-    dense_loss = (recon - x).pow(2).mean()
+    xc = dense._components_first(x)
+    acts = dense.activate(dense.pre_activations(xc), training=True)
+    dense_loss = _matryoshka_dense(dense, acts, xc) if objective == "matryoshka" else (dense.decode(acts) - xc).pow(2).mean()
     torch.testing.assert_close(sparse_loss, dense_loss)
     sparse_loss.backward()
     dense_loss.backward()

@@ -12,10 +12,10 @@ sparsely: only the k active latents of each row are decoded, forward and backwar
 costs about one encoder matmul.
 """
 
+import warnings
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -41,6 +41,34 @@ class ResetOptimizerParameterDetails(NamedTuple):
     axis: int
 
 
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # used for two matmuls only
+
+ENCODE_ROWS = 1024
+"""TopK encodes this many rows at a time: their pre-activations stay in cache for the top-k, and
+no [batch, d_sae] array is allocated (and page-faulted in) every step."""
+
+
+def _csr(indices: Int[Tensor, "batch k"], values: Float[Tensor, "batch k"], d_sae: int) -> Tensor:
+    """``[batch, d_sae]`` holding ``values`` at ``indices``, k a row, as a CSR matrix: multiplied
+    by a dense matrix it costs batch * k * width (MKL's sparse kernels on CPU)."""
+    batch, k = indices.shape
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    return torch.sparse_csr_tensor(crow, indices.reshape(-1), values.reshape(-1), (batch, d_sae),
+                                   check_invariants=False)
+
+
+def _csr_transposed(indices: Int[Tensor, "batch k"], values: Float[Tensor, "batch k"], d_sae: int) -> Tensor:
+    """The same matrix transposed, ``[d_sae, batch]``: its entries grouped by latent (a stable
+    sort), for the weight gradients ``G^T @ dense``."""
+    batch, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=flat.device)
+    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, order.div(k, rounding_mode="floor"), values.reshape(-1)[order], (d_sae, batch),
+                                   check_invariants=False)
+
+
 class _TopKEncode(torch.autograd.Function):
     """``topk(relu((x - b_dec) @ W + b))`` with a sparse backward: gradients touch only the chosen
     latents (cost batch * k * d_in instead of a second dense matmul)."""
@@ -48,26 +76,49 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
         centred = x - b_dec
-        pre = torch.addmm(b_enc, centred, W_enc)
-        values, indices = pre.topk(k, dim=1, sorted=False)
-        values = values.relu()
+        batch = x.shape[0]
+        values = centred.new_empty(batch, k)
+        indices = torch.empty(batch, k, dtype=torch.long, device=x.device)
+        pre = centred.new_empty(min(batch, ENCODE_ROWS), W_enc.shape[1])
+        for lo in range(0, batch, ENCODE_ROWS):
+            hi = min(lo + ENCODE_ROWS, batch)
+            torch.addmm(b_enc, centred[lo:hi], W_enc, out=pre[: hi - lo])
+            torch.topk(pre[: hi - lo], k, dim=1, sorted=False, out=(values[lo:hi], indices[lo:hi]))
+        values = values.relu_()
         ctx.save_for_backward(centred, indices, values > 0, W_enc)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _grad_indices):
         centred, indices, positive, W_enc = ctx.saved_tensors
-        grad = (grad_values * positive).reshape(-1)
-        batch, k = indices.shape
+        grad = grad_values * positive
         d_sae = W_enc.shape[1]
-        rows = torch.arange(batch, device=centred.device).repeat_interleave(k)
         # grad W_enc^T [d_sae, d_in] = G^T x, with G [batch, d_sae] holding k nonzeros per row.
-        sparse = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), grad, (d_sae, batch),
-                                         check_invariants=False)
-        grad_W_t = torch.sparse.mm(sparse, centred)
-        grad_b = torch.zeros(d_sae, device=grad.device, dtype=grad.dtype).index_add_(0, indices.reshape(-1), grad)
+        grad_W_t = _csr_transposed(indices, grad, d_sae) @ centred
+        grad_b = torch.zeros(d_sae, device=grad.device, dtype=grad.dtype).index_add_(0, indices.reshape(-1),
+                                                                                      grad.reshape(-1))
         # x - b_dec feeds every row, so b_dec's gradient is -W_enc @ (the summed latent gradients).
         return None, -(W_enc @ grad_b), grad_W_t.t(), grad_b, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``sum_j values[:, j] * W_dec[indices[:, j]] + b_dec``: the k active decoder rows of each
+    row, forward and backward (embedding_bag's backward costs twice as much, measured)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor):
+        ctx.save_for_backward(values, indices, W_dec)
+        return torch.addmm(b_dec, _csr(indices, values, W_dec.shape[0]), W_dec)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = None
+        if ctx.needs_input_grad[0]:  # (grad @ W_dec^T) at the active latents only
+            pattern = _csr(indices, torch.ones_like(values), W_dec.shape[0])
+            grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.t(), beta=0.0).values().view_as(values)
+        grad_W = _csr_transposed(indices, values, W_dec.shape[0]) @ grad
+        return grad_values, None, grad_W, grad.sum(0)
 
 
 class _Encode(torch.autograd.Function):
@@ -181,8 +232,8 @@ class SparseAutoencoder(nn.Module):
 
     def activate(self, pre: Tensor, training: bool) -> Tensor:
         act = self.cfg.activation
-        if act == "relu":
-            return pre.relu()
+        if act == "relu":  # in place: pre is ours and not needed again (a [batch, d_sae] array less)
+            return pre.relu_()
         if act == "jumprelu":
             return _JumpReLU.apply(pre, self.log_threshold.unsqueeze(1), self.cfg.jumprelu_bandwidth)
         if act == "topk":
@@ -209,10 +260,8 @@ class SparseAutoencoder(nn.Module):
     def decode_sparse(self, code: SparseCode, limit: int | None = None) -> Float[Tensor, "component batch d_in"]:
         """Sum of the active decoder rows (``limit``: only latents below it, for Matryoshka)."""
         values = code.values if limit is None else code.values * (code.indices < limit)
-        return torch.stack([
-            F.embedding_bag(code.indices[c], self.W_dec[c], per_sample_weights=values[c], mode="sum") + self.b_dec[c]
-            for c in range(code.values.shape[0])
-        ])
+        return torch.stack([_SparseDecode.apply(values[c], code.indices[c], self.W_dec[c], self.b_dec[c])
+                            for c in range(code.values.shape[0])])
 
     def decode(self, acts: Float[Tensor, "component batch d_sae"]) -> Float[Tensor, "component batch d_in"]:
         return torch.baddbmm(self.b_dec.unsqueeze(1), acts, self.W_dec)
