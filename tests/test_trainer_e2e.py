@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from shared.codec import to_torch
 from tests.conftest import TINY
 from trainer.cli import main as sae_train
 from trainer.client import CacheClient, CacheError
 from trainer.config import load_sweep
 from trainer.export import load_saelens
-from shared.codec import to_torch
 from trainer.stream import ChunkStream, StreamPosition
 from trainer.train import Trainer
 

@@ -15,6 +15,7 @@ window's host buffer is reused for a later window once its last batch is out.
 """
 
 import collections
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -277,19 +278,27 @@ class ChunkStream:
         if isinstance(window, _Window):
             self._buffers.give(window.host)
 
-    def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
-        size = self.batch_size
-        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+    def _arrivals(self, windows: queue.Queue) -> Iterator[tuple[int, _Window | None]]:
+        """The producer's items in order. A window's buffer goes back to the pool when the next
+        item arrives (batches and the carry are copies of its rows) or when the stream is left."""
         window: _Window | None = None
         try:
             while True:
                 item = windows.get()
-                # Batches and the carry are copies: the last window's buffer is free for a new one.
                 self._recycle(window)
                 window = None
                 if isinstance(item, BaseException):
                     raise item
-                epoch, window = item
+                window = item[1]
+                yield item
+        finally:
+            self._recycle(window)
+
+    def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
+        size = self.batch_size
+        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+        with contextlib.closing(self._arrivals(windows)) as arrivals:
+            for epoch, window in arrivals:
                 if window is None:  # end of an epoch: its last partial batch continues into the next
                     continue
                 offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
@@ -307,12 +316,10 @@ class ChunkStream:
                     carry = None
                 while offset + size <= n:
                     offset += size
-                    yield Batch(self._ready(window.rows(offset - size, offset)),
-                                window.row_ids[offset - size : offset], StreamPosition(epoch, window.start_row + offset))
+                    yield Batch(self._ready(window.rows(offset - size, offset)), window.row_ids[offset - size : offset],
+                                StreamPosition(epoch, window.start_row + offset))
                 if offset < n:
                     carry = (window.rows(offset, n), window.row_ids[offset:])
-        finally:
-            self._recycle(window)
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
