@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.client import CacheClient  # noqa: E402
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
+from trainer.gather import gather_scaled  # noqa: E402
 from trainer.local_server import LocalServer  # noqa: E402
 from trainer.stream import ChunkStream  # noqa: E402
 from trainer.train import SAEState, Trainer, _adam, train_step  # noqa: E402
@@ -203,9 +204,9 @@ def batch_work_seconds(stream: ChunkStream) -> float:
     """The loader's own per-batch work (gather a batch from a window, convert to float32, scale),
     on rows already in memory: what it must do beyond what a raw download does."""
     d = stream.manifest.hook(stream.hooks[0]).d
-    window = torch.randn(8 * BATCH, d).to(getattr(torch, stream.manifest.dtype))
+    window = torch.randn(1, 8 * BATCH, d).to(getattr(torch, stream.manifest.dtype))
     order = torch.randperm(8 * BATCH)
-    return timed(lambda: stream._ready(window.index_select(0, order[:BATCH])), 20)
+    return timed(lambda: gather_scaled(window, order[:BATCH], stream.scales), 20)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
+from trainer.gather import gather_scaled
 from trainer.metrics import evaluate, geometric_median
 from trainer.objectives import _matryoshka_dense, sae_loss
 from trainer.resample import resample_dead_neurons
@@ -160,3 +161,29 @@ def test_encoder_backward_matches_autograd():
     shapes = [(2, 5, 3), (2, 3), (2, 3, 4), (2, 4)]
     args = tuple(torch.randn(s, dtype=torch.double, requires_grad=True) for s in shapes)
     assert torch.autograd.gradcheck(_Encode.apply, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gather_scaled_equals_torch_gather_widen_and_scale(dtype):
+    """The one-pass kernel gives bit for bit what index_select + float() + mul_ give, for every
+    stored dtype, several components, and the edge values of half floats (signed zero, subnormal,
+    infinity, the largest finite)."""
+    torch.manual_seed(0)
+    window = torch.randn(3, 500, 100).to(dtype)
+    window[1, 7, :6] = torch.tensor([0.0, -0.0, 6e-8, float("inf"), -float("inf"), 65504.0]).to(dtype)
+    order, scales = torch.randperm(500)[:333], torch.tensor([1.3, 0.7, 2.0])
+    order[0] = 7
+    expected = window.transpose(0, 1).index_select(0, order).float().mul_(scales.view(-1, 1))
+    got = gather_scaled(window, order, scales)
+    assert got.dtype == torch.float32 and got.shape == (333, 3, 100)
+    assert torch.equal(got, expected)
+    assert gather_scaled(window, order[:0], scales).shape == (0, 3, 100)
+
+
+def test_gather_scaled_rejects_rows_outside_the_window():
+    window, scales = torch.randn(1, 10, 4).half(), torch.ones(1)
+    for bad in ([0, 10], [-1, 3]):
+        with pytest.raises(IndexError, match="out of range"):
+            gather_scaled(window, torch.tensor(bad), scales)
+    with pytest.raises(TypeError, match="cannot widen"):
+        gather_scaled(window.double(), torch.tensor([0]), scales)

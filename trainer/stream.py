@@ -4,7 +4,7 @@ Each epoch, the training chunks (every chunk but the held-out evaluation ones) a
 seeded random order and read in windows of several chunks. A window's rows are concatenated and
 moved to the training device (through pinned memory on CUDA) in their storage dtype; batches are
 consecutive slices of the stream of windows, each window read in its own seeded permutation, and
-are gathered and converted to float32 one batch at a time. So a batch mixes
+are gathered, widened to float32 and scaled one batch at a time (``trainer.gather``). So a batch mixes
 rows of many chunks (and sequences), and the loader's position is just
 ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
 emitted, and sees neither repeated nor skipped rows.
@@ -30,6 +30,7 @@ from torch import Tensor
 from shared.codec import decode_chunk, to_torch
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
+from trainer.gather import gather_scaled
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,23 @@ class Batch:
 class _Window:
     index: int
     start_row: int
-    activations: Tensor
+    activations: Float[Tensor, "component rows d"]
     """The window's rows in fetch order, in the storage dtype, on the training device."""
     order: Int[Tensor, " rows"]
-    """The seeded shuffle: the window's i-th emitted row is ``activations[order[i]]``."""
+    """The seeded shuffle: the window's i-th emitted row is ``activations[:, order[i]]``."""
     row_ids: Int[Tensor, " rows"]
     """Dataset row ids in emitted (shuffled) order."""
+    scales: Float[Tensor, " component"]
     host: np.ndarray | None
     """The host buffer ``activations`` is a view of (on CPU), for the next window once this one is done."""
 
-    def rows(self, lo: int, hi: int) -> Tensor:
-        """Emitted rows ``lo:hi``. Gathered a batch at a time, on the device and without the GIL:
-        a window-wide permuted copy cost the loader a fifth of its throughput."""
-        return self.activations.index_select(0, self.order[lo:hi])
+    def rows(self, lo: int, hi: int) -> Float[Tensor, "rows *component d"]:
+        """Emitted rows ``lo:hi`` as the SAEs take them: float32 and scaled, ``[rows, d]`` for one
+        hook and ``[rows, component, d]`` for several. Gathered a batch at a time (the batch is in
+        cache) and without the GIL: a window-wide permuted copy cost the loader a fifth of its
+        throughput."""
+        rows = gather_scaled(self.activations, self.order[lo:hi], self.scales)
+        return rows[:, 0] if rows.shape[1] == 1 else rows
 
 
 class _HostBuffers:
@@ -110,7 +115,7 @@ class ChunkStream:
         # A window holds at least one batch, so a batch spans at most two windows.
         self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
-        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device).view(-1, 1)
+        self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device)
         held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
         if eval_chunks >= manifest.n_chunks_total:
             raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
@@ -171,27 +176,21 @@ class ChunkStream:
             job.result()
         return rows, row_ids
 
-    def _to_device(self, rows: np.ndarray) -> Tensor:
+    def _to_device(self, rows: np.ndarray) -> Float[Tensor, "component rows d"]:
         """``[component, rows, d]`` on the host -> the same rows on the device, still in the storage
-        dtype (half the bytes to copy and to hold), as ``[rows, d]`` for one hook or a
-        ``[rows, component, d]`` view for several (sparse_autoencoder's n_components; the SAE works
-        component-major, as stored here). On CUDA through pinned memory, non_blocking."""
+        dtype (half the bytes to copy and to hold). On CUDA through pinned memory, non_blocking."""
         acts = to_torch(rows, self.manifest.dtype)
         if self.device.type == "cuda":
             acts = acts.pin_memory().to(self.device, non_blocking=True)
-        return acts[0] if len(self.hooks) == 1 else acts.transpose(0, 1)
-
-    def _ready(self, acts: Tensor) -> Float[Tensor, "batch *component d"]:
-        """Rows as the SAEs take them: float32 and scaled. Done a batch at a time on the training
-        device, where it costs a few per cent of a window-wide conversion (the batch is in cache,
-        and torch converts half floats with vector instructions). Convert, then scale in place:
-        a third cheaper than one mixed-dtype multiply (measured, one thread)."""
-        return acts.float().mul_(self.scales)
+        return acts
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
         rows, row_ids = self._fetch_window(chunk_ids, pool)
-        return self._ready(self._to_device(rows)), torch.from_numpy(row_ids)
+        acts = self._to_device(rows)
+        window = _Window(0, 0, acts, torch.arange(acts.shape[1], device=self.device), torch.from_numpy(row_ids),
+                         self.scales, None)
+        return window.rows(0, acts.shape[1]), window.row_ids
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
@@ -202,7 +201,7 @@ class ChunkStream:
             self._buffers.give(rows)
             rows = None
         return _Window(index, start_row, acts, torch.from_numpy(perm).to(self.device),
-                       torch.from_numpy(row_ids[perm]), rows)
+                       torch.from_numpy(row_ids[perm]), self.scales, rows)
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -310,13 +309,13 @@ class ChunkStream:
                                  torch.cat([carry[1], window.row_ids[offset:]]))
                         continue
                     offset += need
-                    yield Batch(self._ready(torch.cat([carry[0], window.rows(offset - need, offset)])),
+                    yield Batch(torch.cat([carry[0], window.rows(offset - need, offset)]),
                                 torch.cat([carry[1], window.row_ids[offset - need : offset]]),
                                 StreamPosition(epoch, window.start_row + offset))
                     carry = None
                 while offset + size <= n:
                     offset += size
-                    yield Batch(self._ready(window.rows(offset - size, offset)), window.row_ids[offset - size : offset],
+                    yield Batch(window.rows(offset - size, offset), window.row_ids[offset - size : offset],
                                 StreamPosition(epoch, window.start_row + offset))
                 if offset < n:
                     carry = (window.rows(offset, n), window.row_ids[offset:])
