@@ -100,17 +100,22 @@ _WIDEN = {torch.float16: _half, torch.bfloat16: _bfloat, torch.float32: _single}
 
 
 def gather_scaled(window: Float[Tensor, "component rows d"], order: Int[Tensor, " batch"],
-                  scales: Float[Tensor, " component"]) -> Float[Tensor, "batch component d"]:
+                  scales: Float[Tensor, " component"],
+                  out: Float[Tensor, "batch component d"] | None = None) -> Float[Tensor, "batch component d"]:
     """Rows ``order`` of every component of ``window`` (float16, bfloat16 or float32, on any
-    device), as float32 times their component's scale."""
+    device), as float32 times their component's scale; written to ``out`` when given (a batch
+    made of two windows' rows is filled in two calls, with no concatenation)."""
+    if out is None:
+        out = torch.empty(order.shape[0], window.shape[0], window.shape[2], dtype=torch.float32, device=window.device)
+    if out.shape != (order.shape[0], window.shape[0], window.shape[2]) or out.dtype != torch.float32:
+        raise ValueError(f"cannot write {order.shape[0]} rows of {tuple(window.shape)} to {out.dtype} {tuple(out.shape)}")
     if window.device.type != "cpu":
-        return window.transpose(0, 1).index_select(0, order).float().mul_(scales.view(-1, 1))
+        return out.copy_(window.transpose(0, 1).index_select(0, order)).mul_(scales.view(-1, 1))
     if window.dtype not in _WIDEN:
         raise TypeError(f"cannot widen {window.dtype} rows; stored rows are float16, bfloat16 or float32")
     if order.numel() and not 0 <= int(order.min()) <= int(order.max()) < window.shape[1]:
         raise IndexError(f"row order out of range for a window of {window.shape[1]} rows")
     stored = window if window.dtype == torch.float32 else window.view(torch.int16)
-    out = torch.empty(order.shape[0], window.shape[0], window.shape[2], dtype=torch.float32)
     src = stored.numpy()
     _gather_widened(src if src.dtype == np.float32 else src.view(np.uint16), order.numpy(),
                     scales.numpy().astype(np.float32, copy=False), out.numpy(), _WIDEN[window.dtype])

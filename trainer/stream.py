@@ -65,13 +65,11 @@ class _Window:
     host: np.ndarray | None
     """The host buffer ``activations`` is a view of (on CPU), for the next window once this one is done."""
 
-    def rows(self, lo: int, hi: int) -> Float[Tensor, "rows *component d"]:
-        """Emitted rows ``lo:hi`` as the SAEs take them: float32 and scaled, ``[rows, d]`` for one
-        hook and ``[rows, component, d]`` for several. Gathered a batch at a time (the batch is in
-        cache) and without the GIL: a window-wide permuted copy cost the loader a fifth of its
-        throughput."""
-        rows = gather_scaled(self.activations, self.order[lo:hi], self.scales)
-        return rows[:, 0] if rows.shape[1] == 1 else rows
+    def rows_into(self, lo: int, hi: int, out: Float[Tensor, "rows component d"]) -> None:
+        """Emitted rows ``lo:hi`` as the SAEs take them (float32 and scaled) into ``out``. Gathered
+        a batch at a time (the batch is in cache) and without the GIL: a window-wide permuted copy
+        cost the loader a fifth of its throughput."""
+        gather_scaled(self.activations, self.order[lo:hi], self.scales, out=out)
 
 
 class _HostBuffers:
@@ -188,9 +186,8 @@ class ChunkStream:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
         rows, row_ids = self._fetch_window(chunk_ids, pool)
         acts = self._to_device(rows)
-        window = _Window(0, 0, acts, torch.arange(acts.shape[1], device=self.device), torch.from_numpy(row_ids),
-                         self.scales, None)
-        return window.rows(0, acts.shape[1]), window.row_ids
+        out = gather_scaled(acts, torch.arange(acts.shape[1], device=self.device), self.scales)
+        return (out[:, 0] if len(self.hooks) == 1 else out), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
@@ -279,7 +276,7 @@ class ChunkStream:
 
     def _arrivals(self, windows: queue.Queue) -> Iterator[tuple[int, _Window | None]]:
         """The producer's items in order. A window's buffer goes back to the pool when the next
-        item arrives (batches and the carry are copies of its rows) or when the stream is left."""
+        item arrives (batches are copies of its rows) or when the stream is left."""
         window: _Window | None = None
         try:
             while True:
@@ -294,31 +291,27 @@ class ChunkStream:
             self._recycle(window)
 
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
-        size = self.batch_size
-        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+        size, components = self.batch_size, len(self.hooks)
+        acts = ids = None  # the batch being filled: from one window, or the end of one and the start of the next
+        filled = 0
         with contextlib.closing(self._arrivals(windows)) as arrivals:
             for epoch, window in arrivals:
                 if window is None:  # end of an epoch: its last partial batch continues into the next
                     continue
                 offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
                 n = window.row_ids.shape[0]
-                if carry is not None:
-                    need = size - carry[0].shape[0]
-                    if n - offset < need:
-                        carry = (torch.cat([carry[0], window.rows(offset, n)]),
-                                 torch.cat([carry[1], window.row_ids[offset:]]))
-                        continue
-                    offset += need
-                    yield Batch(torch.cat([carry[0], window.rows(offset - need, offset)]),
-                                torch.cat([carry[1], window.row_ids[offset - need : offset]]),
-                                StreamPosition(epoch, window.start_row + offset))
-                    carry = None
-                while offset + size <= n:
-                    offset += size
-                    yield Batch(window.rows(offset - size, offset), window.row_ids[offset - size : offset],
-                                StreamPosition(epoch, window.start_row + offset))
-                if offset < n:
-                    carry = (window.rows(offset, n), window.row_ids[offset:])
+                while offset < n:
+                    if acts is None:  # filled in place: no concatenation, no torch op that wakes its thread pool
+                        acts = torch.empty(size, components, window.activations.shape[2], device=self.device)
+                        ids = torch.empty(size, dtype=torch.long)
+                    take = min(size - filled, n - offset)
+                    window.rows_into(offset, offset + take, acts[filled : filled + take])
+                    ids[filled : filled + take] = window.row_ids[offset : offset + take]
+                    offset, filled = offset + take, filled + take
+                    if filled == size:
+                        yield Batch(acts[:, 0] if components == 1 else acts, ids,
+                                    StreamPosition(epoch, window.start_row + offset))
+                        acts, filled = None, 0
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
