@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
-from trainer.gather import gather_scaled
+from trainer.gather import gather_scaled, gather_scaled_torch
 from trainer.metrics import evaluate, geometric_median
 from trainer.objectives import _matryoshka_dense, sae_loss
 from trainer.resample import resample_dead_neurons
@@ -173,10 +173,16 @@ def test_gather_scaled_equals_torch_gather_widen_and_scale(dtype):
     window[1, 7, :6] = torch.tensor([0.0, -0.0, 6e-8, float("inf"), -float("inf"), 65504.0]).to(dtype)
     order, scales = torch.randperm(500)[:333], torch.tensor([1.3, 0.7, 2.0])
     order[0] = 7
-    expected = window.transpose(0, 1).index_select(0, order).float().mul_(scales.view(-1, 1))
+    expected = window.float()[:, order].transpose(0, 1) * scales.view(-1, 1)
     got = gather_scaled(window, order, scales)
     assert got.dtype == torch.float32 and got.shape == (333, 3, 100)
     assert torch.equal(got, expected)
+    # the path a GPU window takes gives the same, and both fill a slice of a larger batch
+    batch = torch.full((400, 3, 100), -1.0)
+    gather_scaled_torch(window, order, scales, out=batch[50:383])
+    assert torch.equal(batch[50:383], expected) and (batch[:50] == -1).all() and (batch[383:] == -1).all()
+    gather_scaled(window, order[:200], scales, out=batch[:200])
+    assert torch.equal(batch[:200], expected[:200]) and torch.equal(batch[200:383], expected[150:])
     assert gather_scaled(window, order[:0], scales).shape == (0, 3, 100)
 
 
@@ -187,3 +193,5 @@ def test_gather_scaled_rejects_rows_outside_the_window():
             gather_scaled(window, torch.tensor(bad), scales)
     with pytest.raises(TypeError, match="cannot widen"):
         gather_scaled(window.double(), torch.tensor([0]), scales)
+    with pytest.raises(ValueError, match="cannot write 2 rows"):
+        gather_scaled(window, torch.tensor([0, 1]), scales, out=torch.empty(3, 1, 4))

@@ -109,14 +109,20 @@ def gather_scaled(window: Float[Tensor, "component rows d"], order: Int[Tensor, 
         out = torch.empty(order.shape[0], window.shape[0], window.shape[2], dtype=torch.float32, device=window.device)
     if out.shape != (order.shape[0], window.shape[0], window.shape[2]) or out.dtype != torch.float32:
         raise ValueError(f"cannot write {order.shape[0]} rows of {tuple(window.shape)} to {out.dtype} {tuple(out.shape)}")
-    if window.device.type != "cpu":
-        return out.copy_(window.transpose(0, 1).index_select(0, order)).mul_(scales.view(-1, 1))
     if window.dtype not in _WIDEN:
         raise TypeError(f"cannot widen {window.dtype} rows; stored rows are float16, bfloat16 or float32")
     if order.numel() and not 0 <= int(order.min()) <= int(order.max()) < window.shape[1]:
         raise IndexError(f"row order out of range for a window of {window.shape[1]} rows")
-    stored = window if window.dtype == torch.float32 else window.view(torch.int16)
-    src = stored.numpy()
-    _gather_widened(src if src.dtype == np.float32 else src.view(np.uint16), order.numpy(),
+    if window.device.type != "cpu":
+        return gather_scaled_torch(window, order, scales, out)
+    stored = (window if window.dtype == torch.float32 else window.view(torch.int16)).numpy()
+    _gather_widened(stored if stored.dtype == np.float32 else stored.view(np.uint16), order.numpy(),
                     scales.numpy().astype(np.float32, copy=False), out.numpy(), _WIDEN[window.dtype])
     return out
+
+
+def gather_scaled_torch(window: Float[Tensor, "component rows d"], order: Int[Tensor, " batch"],
+                        scales: Float[Tensor, " component"],
+                        out: Float[Tensor, "batch component d"]) -> Float[Tensor, "batch component d"]:
+    """The same with torch ops (three passes), for a window on a GPU, which has the bandwidth."""
+    return out.copy_(window.transpose(0, 1).index_select(0, order)).mul_(scales.view(-1, 1))
