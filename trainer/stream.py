@@ -302,7 +302,8 @@ class ChunkStream:
                 n = window.row_ids.shape[0]
                 while offset < n:
                     if acts is None:  # filled in place: no concatenation, no torch op that wakes its thread pool
-                        acts = torch.empty(size, components, window.activations.shape[2], device=self.device)
+                        acts = torch.empty(size, components, window.activations.shape[2], dtype=torch.float32,
+                                           device=self.device)
                         ids = torch.empty(size, dtype=torch.long)
                     take = min(size - filled, n - offset)
                     window.rows_into(offset, offset + take, acts[filled : filled + take])
