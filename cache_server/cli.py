@@ -54,6 +54,9 @@ def _check_bucket(url: str) -> str | None:
 
 def _check_port(host: str, port: int) -> str | None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As uvicorn binds: a port whose last connections are in TIME_WAIT (a server just
+        # restarted) is free; one another socket listens on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -11,6 +11,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_port_already_in_use(tmp_path):
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # listening: taken all the same
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -39,3 +40,20 @@ def test_bad_replica_name_or_lease_is_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"cache-server: error: bad setting {setting}")
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_port_just_left_by_a_stopped_server_is_free():
+    """A restarted server finds its port's last connections in TIME_WAIT; uvicorn can bind it, so
+    the start-up check must not call it taken."""
+    from cache_server.cli import _check_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's (asyncio's) listener
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served, _ = listener.accept()
+            served.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+            client.recv(1)
+    assert _check_port("127.0.0.1", port) is None

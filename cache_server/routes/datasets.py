@@ -71,7 +71,7 @@ async def _chunk(svc: Services, manifest: DatasetManifest, array: ArrayInfo, ind
     if not 0 <= index < manifest.n_chunks:
         raise HTTPException(404, f"chunk {index} out of range: dataset '{manifest.dataset_id}' has "
                                  f"{manifest.n_chunks} committed chunks of {manifest.n_chunks_total}")
-    data = await svc.store.read_key(chunk_key(manifest.dataset_id, array.name, index))
+    data = await svc.store.read_chunk(chunk_key(manifest.dataset_id, array.name, index))
     if data is None:
         raise HTTPException(404, f"chunk {index} of '{array.name}' is missing from the store")
     etag = f'"{xxhash.xxh3_64_hexdigest(data)}"'
