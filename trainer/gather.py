@@ -110,10 +110,10 @@ def gather_scaled(window: Float[Tensor, "component rows d"], order: Int[Tensor, 
         raise ValueError(f"cannot write {order.shape[0]} rows of {tuple(window.shape)} to {out.dtype} {tuple(out.shape)}")
     if window.dtype not in _WIDEN:
         raise TypeError(f"cannot widen {window.dtype} rows; stored rows are float16, bfloat16 or float32")
-    if order.numel() and not 0 <= int(order.min()) <= int(order.max()) < window.shape[1]:
-        raise IndexError(f"row order out of range for a window of {window.shape[1]} rows")
-    if window.device.type != "cpu":
+    if window.device.type != "cpu":  # index_select checks the order there, without a sync per batch
         return gather_scaled_torch(window, order, scales, out)
+    if order.numel() and not 0 <= int(order.min()) <= int(order.max()) < window.shape[1]:
+        raise IndexError(f"row order out of range for a window of {window.shape[1]} rows")  # the kernel does not
     stored = (window if window.dtype == torch.float32 else window.view(torch.int16)).numpy()
     _gather_widened(stored if stored.dtype == np.float32 else stored.view(np.uint16), order.numpy(),
                     scales.numpy().astype(np.float32, copy=False), out.numpy(), _WIDEN[window.dtype])
