@@ -139,9 +139,10 @@ def main() -> None:
         # (e) loader alone vs raw HTTP download of the same bytes, with the same client and number of
         # connections; several epochs a round, rounds alternated, best of each (the box is shared).
         stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-        loader, raw = best_rates(client, stream, hook, args.rounds)
+        loader, raw = best_rates(client, stream, hook, args.rounds, server.process.pid)
         print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9); "
               "server and client sharing the 2 cores")
+        print_cpu(loader, raw)
 
         # The same with the server on core 0 and this process on core 1: two hosts, one core each,
         # as when the cache server runs on another machine.
@@ -150,32 +151,46 @@ def main() -> None:
             torch.set_num_threads(1)
             client = CacheClient(pinned.url)
             stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-            loader, raw = best_rates(client, stream, hook, args.rounds)
+            loader, raw = best_rates(client, stream, hook, args.rounds, pinned.process.pid)
             floor = batch_work_seconds(stream) / BATCH
         print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9); "
               "server on core 0, client on core 1")
-        print(f"    this process's CPU per row: loader {loader.cpu * 1e9:.0f} ns, raw HTTP {raw.cpu * 1e9:.0f} ns; "
-              f"the per-batch gather + float32 + scale alone {floor * 1e9:.0f} ns")
+        print_cpu(loader, raw)
+        print(f"    the loader's per-batch gather + float32 + scale alone: {floor * 1e9:.0f} ns a row")
+
+
+def print_cpu(loader: "Rate", raw: "Rate") -> None:
+    print(f"    CPU a row, this process / the server: loader {loader.cpu * 1e9:.0f} / {loader.server_cpu * 1e9:.0f} ns, "
+          f"raw HTTP {raw.cpu * 1e9:.0f} / {raw.server_cpu * 1e9:.0f} ns")
 
 
 class Rate(float):
-    """Rows/s, with this process's CPU seconds per row in the same measurement."""
+    """Rows/s, with this process's and the server's CPU seconds per row in the same measurement."""
 
     cpu: float
+    server_cpu: float
 
 
-def measured(rate_of, rows: int) -> Rate:
-    cpu0 = time.process_time()
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(rate_of, rows: int, server_pid: int) -> Rate:
+    cpu0, server0 = time.process_time(), process_cpu_seconds(server_pid)
     rate = Rate(rate_of())
     rate.cpu = (time.process_time() - cpu0) / rows
+    rate.server_cpu = (process_cpu_seconds(server_pid) - server0) / rows
     return rate
 
 
-def best_rates(client: CacheClient, stream: ChunkStream, hook: str, rounds: int, epochs: int = 10) -> tuple[Rate, Rate]:
+def best_rates(client: CacheClient, stream: ChunkStream, hook: str, rounds: int, server_pid: int,
+               epochs: int = 10) -> tuple[Rate, Rate]:
     loader, raw, rows = Rate(0.0), Rate(0.0), epochs * stream.rows_per_epoch
     for _ in range(rounds):
-        loader = max(loader, measured(lambda: loader_rate(stream, epochs), rows))
-        raw = max(raw, measured(lambda: raw_rate(client, stream, hook, epochs), rows))
+        loader = max(loader, measured(lambda: loader_rate(stream, epochs), rows, server_pid))
+        raw = max(raw, measured(lambda: raw_rate(client, stream, hook, epochs), rows, server_pid))
     return loader, raw
 
 
