@@ -4,8 +4,8 @@ Each epoch, the training chunks (every chunk but the held-out evaluation ones) a
 seeded random order and read in windows of several chunks. A window's rows are concatenated and
 moved to the training device (through pinned memory on CUDA) in their storage dtype; batches are
 consecutive slices of the stream of windows, each window read in its own seeded permutation, and
-are gathered, widened to float32 and scaled one batch at a time (``trainer.gather``). So a batch mixes
-rows of many chunks (and sequences), and the loader's position is just
+are gathered, widened to float32 and scaled one batch at a time (``trainer.gather``). So a batch
+mixes rows of many chunks (and sequences), and the loader's position is just
 ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
 emitted, and sees neither repeated nor skipped rows.
 
