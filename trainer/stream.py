@@ -61,15 +61,8 @@ class _Window:
     """The seeded shuffle: the window's i-th emitted row is ``activations[:, order[i]]``."""
     row_ids: Int[Tensor, " rows"]
     """Dataset row ids in emitted (shuffled) order."""
-    scales: Float[Tensor, " component"]
     host: np.ndarray | None
     """The host buffer ``activations`` is a view of (on CPU), for the next window once this one is done."""
-
-    def rows_into(self, lo: int, hi: int, out: Float[Tensor, "rows component d"]) -> None:
-        """Emitted rows ``lo:hi`` as the SAEs take them (float32 and scaled) into ``out``. Gathered
-        a batch at a time (the batch is in cache) and without the GIL: a window-wide permuted copy
-        cost the loader a fifth of its throughput."""
-        gather_scaled(self.activations, self.order[lo:hi], self.scales, out=out)
 
 
 class _HostBuffers:
@@ -187,7 +180,11 @@ class ChunkStream:
         rows, row_ids = self._fetch_window(chunk_ids, pool)
         acts = self._to_device(rows)
         out = gather_scaled(acts, torch.arange(acts.shape[1], device=self.device), self.scales)
-        return (out[:, 0] if len(self.hooks) == 1 else out), torch.from_numpy(row_ids)
+        return self._as_taken(out), torch.from_numpy(row_ids)
+
+    def _as_taken(self, rows: Float[Tensor, "rows component d"]) -> Float[Tensor, "rows *component d"]:
+        """``[rows, d]`` for one hook, ``[rows, component, d]`` for several (a view)."""
+        return rows[:, 0] if len(self.hooks) == 1 else rows
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
@@ -198,7 +195,7 @@ class ChunkStream:
             self._buffers.give(rows)
             rows = None
         return _Window(index, start_row, acts, torch.from_numpy(perm).to(self.device),
-                       torch.from_numpy(row_ids[perm]), self.scales, rows)
+                       torch.from_numpy(row_ids[perm]), rows)
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -291,7 +288,7 @@ class ChunkStream:
             self._recycle(window)
 
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
-        size, components = self.batch_size, len(self.hooks)
+        size = self.batch_size
         acts = ids = None  # the batch being filled: from one window, or the end of one and the start of the next
         filled = 0
         with contextlib.closing(self._arrivals(windows)) as arrivals:
@@ -302,16 +299,18 @@ class ChunkStream:
                 n = window.row_ids.shape[0]
                 while offset < n:
                     if acts is None:  # filled in place: no concatenation, no torch op that wakes its thread pool
-                        acts = torch.empty(size, components, window.activations.shape[2], dtype=torch.float32,
+                        acts = torch.empty(size, len(self.hooks), window.activations.shape[2], dtype=torch.float32,
                                            device=self.device)
                         ids = torch.empty(size, dtype=torch.long)
                     take = min(size - filled, n - offset)
-                    window.rows_into(offset, offset + take, acts[filled : filled + take])
+                    # Gathered, widened and scaled a batch at a time (the batch is in cache) and without
+                    # the GIL: a window-wide permuted copy cost the loader a fifth of its throughput.
+                    gather_scaled(window.activations, window.order[offset : offset + take], self.scales,
+                                  out=acts[filled : filled + take])
                     ids[filled : filled + take] = window.row_ids[offset : offset + take]
                     offset, filled = offset + take, filled + take
                     if filled == size:
-                        yield Batch(acts[:, 0] if components == 1 else acts, ids,
-                                    StreamPosition(epoch, window.start_row + offset))
+                        yield Batch(self._as_taken(acts), ids, StreamPosition(epoch, window.start_row + offset))
                         acts, filled = None, 0
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
