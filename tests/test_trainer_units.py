@@ -1,14 +1,17 @@
 """SAE parts and metrics against hand-computed cases."""
 
+import numpy as np
 import pytest
 import torch
 
+from shared.codec import to_storage
 from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
-from trainer.gather import gather_scaled, gather_scaled_torch
 from trainer.metrics import evaluate, geometric_median
 from trainer.objectives import _matryoshka_dense, sae_loss
 from trainer.resample import resample_dead_neurons
 from trainer.sae import SparseAutoencoder
+from trainer.scatter import _LINE_KERNELS, _kernel_for, _scatter_any_width, scatter_scaled
+from trainer.stream import shuffled_on_device
 
 
 def test_initialisation_follows_sparse_autoencoder():
@@ -163,35 +166,53 @@ def test_encoder_backward_matches_autograd():
     assert torch.autograd.gradcheck(_Encode.apply, args)
 
 
+def _window(rows: int, components: int, d: int, misaligned: bool) -> np.ndarray:
+    """A float32 window of -1s starting on a cache line, or 4 bytes past one."""
+    block = np.empty(rows * components * d + 32, np.float32)
+    start = (-block.ctypes.data % 64) // 4 + misaligned
+    window = block[start : start + rows * components * d].reshape(rows, components, d)
+    window[:] = -1
+    return window
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gather_scaled_equals_torch_gather_widen_and_scale(dtype):
-    """The one-pass kernel gives bit for bit what index_select + float() + mul_ give, for every
-    stored dtype, several components, and the edge values of half floats (signed zero, subnormal,
-    infinity, the largest finite)."""
+@pytest.mark.parametrize("d, misaligned, kernel", [(96, False, "non-temporal"), (96, True, "line"), (100, False, "any width")])
+def test_scatter_scaled_equals_the_torch_shuffle(dtype, d, misaligned, kernel):
+    """Each kernel (whole lines past the cache, whole lines, any width) writes bit for bit what
+    the torch ops of a GPU window give, for every stored dtype, several components, and the edge
+    values of half floats (signed zero, subnormal, infinity, the largest finite); and leaves the
+    window's other rows alone."""
     torch.manual_seed(0)
-    window = torch.randn(3, 500, 100).to(dtype)
-    window[1, 7, :6] = torch.tensor([0.0, -0.0, 6e-8, float("inf"), -float("inf"), 65504.0]).to(dtype)
-    order, scales = torch.randperm(500)[:333], torch.tensor([1.3, 0.7, 2.0])
-    order[0] = 7
-    expected = window.float()[:, order].transpose(0, 1) * scales.view(-1, 1)
-    got = gather_scaled(window, order, scales)
-    assert got.dtype == torch.float32 and got.shape == (333, 3, 100)
-    assert torch.equal(got, expected)
-    # the path a GPU window takes gives the same, and both fill a slice of a larger batch
-    batch = torch.full((400, 3, 100), -1.0)
-    gather_scaled_torch(window, order, scales, out=batch[50:383])
-    assert torch.equal(batch[50:383], expected) and (batch[:50] == -1).all() and (batch[383:] == -1).all()
-    gather_scaled(window, order[:200], scales, out=batch[:200])
-    assert torch.equal(batch[:200], expected[:200]) and torch.equal(batch[200:383], expected[150:])
-    assert gather_scaled(window, order[:0], scales).shape == (0, 3, 100)
+    stored = torch.randn(3, 500, d).to(dtype)
+    stored[1, 7, :6] = torch.tensor([0.0, -0.0, 6e-8, float("inf"), -float("inf"), 65504.0]).to(dtype)
+    order, scales = torch.randperm(600)[:500], torch.tensor([1.3, 0.7, 2.0])  # row r goes to order[r]
+    window = _window(600, 3, d, misaligned)
+    name = str(dtype).removeprefix("torch.")
+    for c in range(3):
+        rows = to_storage(stored[c], name)
+        scatter_scaled(rows[:200], order[:200].numpy(), scales[c].item(), window, c, name)  # a chunk at a time
+        scatter_scaled(rows[200:], order[200:].numpy(), scales[c].item(), window, c, name)
+    expected = shuffled_on_device(stored, torch.argsort(order), scales)
+    assert torch.equal(torch.from_numpy(window)[order.sort().values], expected)
+    assert (np.delete(window, order.numpy(), axis=0) == -1).all()
+    expected_kernel = {"non-temporal": _LINE_KERNELS.get((name, True)), "line": _LINE_KERNELS.get((name, False)),
+                       "any width": _scatter_any_width}[kernel]
+    assert _kernel_for(to_storage(stored[0], name), window, name) is expected_kernel
 
 
-def test_gather_scaled_rejects_rows_outside_the_window():
-    window, scales = torch.randn(1, 10, 4).half(), torch.ones(1)
+def test_scatter_scaled_rejects_bad_rows_places_and_windows():
+    rows, window = np.zeros((2, 16), np.float16), _window(10, 1, 16, False)
     for bad in ([0, 10], [-1, 3]):
         with pytest.raises(IndexError, match="out of range"):
-            gather_scaled(window, torch.tensor(bad), scales)
+            scatter_scaled(rows, np.array(bad), 1.0, window, 0, "float16")
+    with pytest.raises(IndexError, match="out of range"):
+        scatter_scaled(rows, np.array([0]), 1.0, window, 0, "float16")  # fewer places than rows
     with pytest.raises(TypeError, match="cannot widen"):
-        gather_scaled(window.double(), torch.tensor([0]), scales)
-    with pytest.raises(ValueError, match="cannot write 2 rows"):
-        gather_scaled(window, torch.tensor([0, 1]), scales, out=torch.empty(3, 1, 4))
+        scatter_scaled(rows.astype(np.float64), np.array([0, 1]), 1.0, window, 0, "float16")
+    with pytest.raises(TypeError, match="cannot widen"):
+        scatter_scaled(rows, np.array([0, 1]), 1.0, window, 0, "int8")
+    with pytest.raises(ValueError, match="cannot write"):
+        scatter_scaled(rows, np.array([0, 1]), 1.0, window, 1, "float16")  # no component 1
+    with pytest.raises(ValueError, match="cannot write"):
+        scatter_scaled(rows, np.array([0, 1]), 1.0, window.astype(np.float64), 0, "float16")
+    assert (window == -1).all()

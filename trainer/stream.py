@@ -1,22 +1,23 @@
 """Stream a dataset's chunks in shuffled order into batches on the training device.
 
 Each epoch, the training chunks (every chunk but the held-out evaluation ones) are put in a
-seeded random order and read in windows of several chunks. A window's rows are concatenated and
-moved to the training device (through pinned memory on CUDA) in their storage dtype; batches are
-consecutive slices of the stream of windows, each window read in its own seeded permutation, and
-are gathered, widened to float32 and scaled one batch at a time (``trainer.gather``). So a batch
+seeded random order and read in windows of several chunks. Each window's rows are put in their own
+seeded permutation and batches are consecutive slices of the stream of permuted windows. So a batch
 mixes rows of many chunks (and sequences), and the loader's position is just
 ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
 emitted, and sees neither repeated nor skipped rows.
 
-Background threads fetch chunks (several connections; a raw chunk is read from the socket straight
-into its slice of the window) and build the next windows while the current one is trained on. A
-window's host buffer is reused for a later window once its last batch is out.
+Background threads fetch chunks (several connections) and build the next windows while the current
+one is trained on. On the CPU, a chunk is read from the socket into a small per-thread buffer and
+its rows are widened to float32, scaled and written straight to their shuffled places in the window
+(``trainer.scatter``), while they are still in cache: a batch is then a slice of the window, with no
+work left per batch. On a GPU, the window goes there in its storage dtype (half the bytes to copy)
+and is shuffled and widened there.
 """
 
 import collections
-import contextlib
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from torch import Tensor
 from shared.codec import decode_chunk, to_torch
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
-from trainer.gather import gather_scaled
+from trainer.scatter import scatter_scaled
 
 
 @dataclass(frozen=True)
@@ -55,37 +56,72 @@ class Batch:
 class _Window:
     index: int
     start_row: int
-    activations: Float[Tensor, "component rows d"]
-    """The window's rows in fetch order, in the storage dtype, on the training device."""
-    order: Int[Tensor, " rows"]
-    """The seeded shuffle: the window's i-th emitted row is ``activations[:, order[i]]``."""
+    rows: Float[Tensor, "rows *component d"]
+    """The window's rows in emitted (shuffled) order, float32 and scaled, on the training device:
+    ``[rows, d]`` for one hook and ``[rows, component, d]`` for several. Batches are slices of it."""
     row_ids: Int[Tensor, " rows"]
-    """Dataset row ids in emitted (shuffled) order."""
-    host: np.ndarray | None
-    """The host buffer ``activations`` is a view of (on CPU), for the next window once this one is done."""
+    """Dataset row ids in emitted order."""
 
 
 class _HostBuffers:
-    """Window buffers handed back and reused. A fresh array per window (25 MB in bench/train.py)
-    costs the kernel a page fault and a zero-fill per page: a third of the loader's CPU time when
-    measured there (sys 350 of ~1000 ns a row)."""
+    """Host buffers for windows, reused once nothing refers to them any more (batches are views of
+    their window, and a view keeps the memory it views alive). A fresh array per window costs the
+    kernel a page fault and a zero-fill per page: a third of the loader's CPU time when measured
+    (sys 350 of ~1000 ns a row)."""
 
-    def __init__(self):
-        self._free: dict[tuple, list[np.ndarray]] = collections.defaultdict(list)
-        self._lock, self.allocated = threading.Lock(), 0
+    def __init__(self, keep: int):
+        self._blocks: list[np.ndarray] = []
+        """Byte arrays owning the memory; every view of one refers to it (numpy views refer to
+        the array owning their memory, never to an intermediate view)."""
+        self._lock, self.keep, self.allocated = threading.Lock(), keep, 0
 
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def _idle(self, i: int) -> bool:
+        return sys.getrefcount(self._blocks[i]) == 2  # the list's reference and getrefcount's argument
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, capacity: int = 0) -> np.ndarray:
+        """An array of ``shape`` that nothing else refers to, starting on a cache line (the scatter
+        writes whole lines): the front of a pooled block at least as large, or of a new one of
+        ``capacity`` elements (windows differ in size by a chunk and fit each other's), pooled in
+        place of an idle one when the pool is full."""
+        size = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
-            free = self._free[(shape, dtype.str)]
-            if free:
-                return free.pop()
+            for i in range(len(self._blocks)):
+                if len(self._blocks[i]) >= size + 64 and self._idle(i):
+                    return _aligned(self._blocks[i], size, dtype, shape)
+            block = np.empty(max(size, capacity * dtype.itemsize) + 64, np.uint8)
             self.allocated += 1
-        return np.empty(shape, dtype)
+            if len(self._blocks) < self.keep:
+                self._blocks.append(block)
+            else:
+                idle = [i for i in range(len(self._blocks)) if self._idle(i)]
+                if idle:
+                    self._blocks[idle[0]] = block
+            return _aligned(block, size, dtype, shape)
 
-    def give(self, buffer: np.ndarray | None) -> None:
-        if buffer is not None:
-            with self._lock:
-                self._free[(buffer.shape, buffer.dtype.str)].append(buffer)
+    def idle(self) -> bool:
+        """Whether no buffer of the pool is in use."""
+        with self._lock:
+            return all(self._idle(i) for i in range(len(self._blocks)))
+
+
+def _joined(first: Tensor, second: Tensor) -> Tensor:
+    """``torch.cat`` of two, but on the CPU with numpy: torch's would wake its thread pool, whose
+    threads then spin while the loader's threads fetch (~200 ns a row of CPU, measured)."""
+    if first.device.type != "cpu":
+        return torch.cat([first, second])
+    return torch.from_numpy(np.concatenate([first.numpy(), second.numpy()]))
+
+
+def _aligned(block: np.ndarray, size: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    start = -block.ctypes.data % 64
+    return block[start : start + size].view(dtype).reshape(shape)
+
+
+def shuffled_on_device(stored: Float[Tensor, "component rows d"], order: Int[Tensor, " rows"],
+                       scales: Float[Tensor, " component"]) -> Float[Tensor, "rows component d"]:
+    """A window on a GPU, in its storage dtype: its rows in ``order``, float32, scaled. What the
+    CPU's scatter computes, with torch ops (a GPU has the bandwidth for three passes)."""
+    return stored.transpose(0, 1).index_select(0, order).float().mul_(scales.view(-1, 1))
 
 
 class ChunkStream:
@@ -107,13 +143,17 @@ class ChunkStream:
         self.chunks_per_window = max(1, -(-max(window_rows, batch_size) // manifest.chunk_rows))
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
         self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device)
+        self._scale_values = [np.float32(s) for s in self.scales.tolist()]
         held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
         if eval_chunks >= manifest.n_chunks_total:
             raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
         self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
         self.train_chunk_ids = sorted(int(i) for i in held_out[eval_chunks:])
         self.bytes_fetched = 0
-        self._lock, self._buffers = threading.Lock(), _HostBuffers()
+        # Windows alive at once: queued, being built or handed over, the current one, and the last
+        # one's carry and batch.
+        self._buffers = _HostBuffers(keep=2 * prefetch_windows + 4)
+        self._lock, self._staging = threading.Lock(), threading.local()
 
     # -- layout of an epoch ----------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -136,66 +176,79 @@ class ChunkStream:
         info = self.manifest.tokens if array == "tokens" else self.manifest.hook(array)
         return decode_chunk(data, info, self.manifest.chunk_rows, self.manifest.rows_in_chunk(index), out=out)
 
-    def _fetch_into(self, index: int, rows: np.ndarray) -> None:
-        """Fetch one chunk of every streamed hook and decode it into its slice of the window."""
-        n_bytes, full = 0, self.manifest.rows_in_chunk(index) == self.manifest.chunk_rows
-        for c, hook in enumerate(self.hooks):
-            if full and self.manifest.hook(hook).codec.name == "none":  # socket -> window, no copy
-                n_bytes += self.client.chunk_into(self.manifest.dataset_id, hook, index, rows[c])
-                continue
-            data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
-            self._decode(data, hook, index, out=rows[c])
-            n_bytes += len(data)
+    def _receive(self, index: int, hook: str, out: np.ndarray) -> int:
+        """One chunk of ``hook`` decoded into ``out`` (``[rows in the chunk, d]``); its size in bytes."""
+        if self.manifest.rows_in_chunk(index) == self.manifest.chunk_rows and self.manifest.hook(hook).codec.name == "none":
+            return self.client.chunk_into(self.manifest.dataset_id, hook, index, out)  # socket -> out, no copy
+        data = self.client.chunk_bytes(self.manifest.dataset_id, hook, index)
+        self._decode(data, hook, index, out=out)
+        return len(data)
+
+    def _count(self, n_bytes: int) -> None:
         with self._lock:
             self.bytes_fetched += n_bytes
 
-    def _fetch_window(self, chunk_ids: list[int], pool: ThreadPoolExecutor,
-                      reuse: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``[component, rows, d]`` in the storage dtype, and row ids: chunks decode in place."""
-        sizes = [self.manifest.rows_in_chunk(i) for i in chunk_ids]
-        offsets = np.cumsum([0, *sizes])
+    def _fetch_into(self, index: int, rows: np.ndarray) -> None:
+        """Fetch one chunk of every streamed hook into its slice of a ``[component, rows, d]`` window."""
+        self._count(sum(self._receive(index, hook, rows[c]) for c, hook in enumerate(self.hooks)))
+
+    def _fetch_scattered(self, index: int, places: np.ndarray, out: np.ndarray) -> None:
+        """Fetch one chunk of every streamed hook and write its rows, widened and scaled, to
+        ``out[places, component]``, from a per-thread buffer the size of a chunk (still in cache)."""
         d = self.manifest.hook(self.hooks[0]).d
         storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
-        shape = (len(self.hooks), int(offsets[-1]), d)
-        rows = self._buffers.take(shape, storage) if reuse else np.empty(shape, storage)
+        staging = getattr(self._staging, "rows", None)
+        if staging is None or staging.shape != (self.manifest.chunk_rows, d) or staging.dtype != storage:
+            staging = self._staging.rows = np.empty((self.manifest.chunk_rows, d), storage)
+        rows, n_bytes = staging[: len(places)], 0
+        for c, hook in enumerate(self.hooks):
+            n_bytes += self._receive(index, hook, rows)
+            scatter_scaled(rows, places, self._scale_values[c], out, c, self.manifest.dtype)
+        self._count(n_bytes)
+
+    def _layout(self, chunk_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Where each chunk starts in the window, and the window's dataset row ids (fetch order)."""
+        sizes = [self.manifest.rows_in_chunk(i) for i in chunk_ids]
         # A dataset row's index is also sequence * context_size + position (chunks hold whole
         # sequences, in order): no need to fetch the tokens array to know where a row came from.
         row_ids = np.concatenate([np.arange(i * self.manifest.chunk_rows, i * self.manifest.chunk_rows + n)
                                   for i, n in zip(chunk_ids, sizes)])
-        jobs = [pool.submit(self._fetch_into, i, rows[:, lo:hi]) for i, lo, hi in zip(chunk_ids, offsets[:-1], offsets[1:])]
+        return np.cumsum([0, *sizes]), row_ids
+
+    def _load(self, chunk_ids: list[int], order: np.ndarray, pool: ThreadPoolExecutor) -> Float[Tensor, "rows *component d"]:
+        """These chunks' rows in ``order`` (the i-th is their row ``order[i]``) on the training
+        device, float32 and scaled."""
+        offsets, _ = self._layout(chunk_ids)
+        d, n = self.manifest.hook(self.hooks[0]).d, int(offsets[-1])
+        spans = list(zip(chunk_ids, offsets[:-1], offsets[1:]))
+        capacity = self.chunks_per_window * self.manifest.chunk_rows * len(self.hooks) * d
+        if self.device.type == "cpu":
+            out = self._buffers.take((n, len(self.hooks), d), np.dtype(np.float32), capacity)
+            places = np.empty_like(order)
+            places[order] = np.arange(n)
+            jobs = [pool.submit(self._fetch_scattered, i, places[lo:hi], out) for i, lo, hi in spans]
+            rows = torch.from_numpy(out)
+        else:  # the rows in their storage dtype to the GPU, through pinned memory; shuffled and widened there
+            storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
+            stored = self._buffers.take((len(self.hooks), n, d), storage, capacity)
+            jobs = [pool.submit(self._fetch_into, i, stored[:, lo:hi]) for i, lo, hi in spans]
         for job in jobs:
             job.result()
-        return rows, row_ids
-
-    def _to_device(self, rows: np.ndarray) -> Float[Tensor, "component rows d"]:
-        """``[component, rows, d]`` on the host -> the same rows on the device, still in the storage
-        dtype (half the bytes to copy and to hold). On CUDA through pinned memory, non_blocking."""
-        acts = to_torch(rows, self.manifest.dtype)
-        if self.device.type == "cuda":
-            acts = acts.pin_memory().to(self.device, non_blocking=True)
-        return acts
+        if self.device.type != "cpu":
+            on_device = to_torch(stored, self.manifest.dtype).pin_memory().to(self.device, non_blocking=True)
+            rows = shuffled_on_device(on_device, torch.from_numpy(order).to(self.device), self.scales)
+        return rows[:, 0] if len(self.hooks) == 1 else rows
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
-        rows, row_ids = self._fetch_window(chunk_ids, pool)
-        acts = self._to_device(rows)
-        out = gather_scaled(acts, torch.arange(acts.shape[1], device=self.device), self.scales)
-        return self._as_taken(out), torch.from_numpy(row_ids)
-
-    def _as_taken(self, rows: Float[Tensor, "rows component d"]) -> Float[Tensor, "rows *component d"]:
-        """``[rows, d]`` for one hook, ``[rows, component, d]`` for several (a view)."""
-        return rows[:, 0] if len(self.hooks) == 1 else rows
+        _, row_ids = self._layout(chunk_ids)
+        return self._load(chunk_ids, np.arange(len(row_ids)), pool), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
-        rows, row_ids = self._fetch_window(chunk_ids, pool, reuse=True)
-        perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
-        acts = self._to_device(rows)
-        if self.device.type == "cuda":  # the rows were copied to pinned memory: the buffer is free
-            self._buffers.give(rows)
-            rows = None
-        return _Window(index, start_row, acts, torch.from_numpy(perm).to(self.device),
-                       torch.from_numpy(row_ids[perm]), rows)
+        _, row_ids = self._layout(chunk_ids)
+        order = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
+        return _Window(index, start_row, self._load(chunk_ids, order, pool), torch.from_numpy(row_ids[order]))
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -209,11 +262,7 @@ class ChunkStream:
             yield from self._consume(start, windows)
         finally:
             stop.set()
-            while producer.is_alive() or not windows.empty():
-                try:
-                    self._recycle(windows.get(timeout=0.1))
-                except queue.Empty:
-                    pass
+            producer.join()
 
     def _plan(self, start: StreamPosition) -> Iterator[tuple[int, int, list[int], int] | tuple[int, None]]:
         """(epoch, window index, chunk ids, first row) for every window still to emit, with an
@@ -250,10 +299,6 @@ class ChunkStream:
                             return
         except BaseException as exc:  # handed to the consumer, raised in the training loop
             self._put(out, exc, stop)
-        finally:  # stopped early: the windows built ahead give their buffers back (the builders are done)
-            for _, built in ahead:
-                if built is not None and built.exception() is None:
-                    self._recycle(built.result())
 
     def _put(self, out: queue.Queue, item, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -262,56 +307,35 @@ class ChunkStream:
                 return
             except queue.Full:
                 continue
-        self._recycle(item)
-
-    def _recycle(self, item) -> None:
-        """A window done with (or that will not be emitted), alone or as a queue item: its host
-        buffer goes back to the pool."""
-        window = item[1] if isinstance(item, tuple) else item
-        if isinstance(window, _Window):
-            self._buffers.give(window.host)
-
-    def _arrivals(self, windows: queue.Queue) -> Iterator[tuple[int, _Window | None]]:
-        """The producer's items in order. A window's buffer goes back to the pool when the next
-        item arrives (batches are copies of its rows) or when the stream is left."""
-        window: _Window | None = None
-        try:
-            while True:
-                item = windows.get()
-                self._recycle(window)
-                window = None
-                if isinstance(item, BaseException):
-                    raise item
-                window = item[1]
-                yield item
-        finally:
-            self._recycle(window)
 
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
         size = self.batch_size
-        acts = ids = None  # the batch being filled: from one window, or the end of one and the start of the next
-        filled = 0
-        with contextlib.closing(self._arrivals(windows)) as arrivals:
-            for epoch, window in arrivals:
-                if window is None:  # end of an epoch: its last partial batch continues into the next
+        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+        while True:
+            item = windows.get()
+            if isinstance(item, BaseException):
+                raise item
+            epoch, window = item
+            if window is None:  # end of an epoch: its last partial batch continues into the next
+                continue
+            offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
+            n = window.row_ids.shape[0]
+            if carry is not None:
+                need = size - carry[0].shape[0]
+                if n - offset < need:
+                    carry = (_joined(carry[0], window.rows[offset:]), _joined(carry[1], window.row_ids[offset:]))
                     continue
-                offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
-                n = window.row_ids.shape[0]
-                while offset < n:
-                    if acts is None:  # filled in place: no concatenation, no torch op that wakes its thread pool
-                        acts = torch.empty(size, len(self.hooks), window.activations.shape[2], dtype=torch.float32,
-                                           device=self.device)
-                        ids = torch.empty(size, dtype=torch.long)
-                    take = min(size - filled, n - offset)
-                    # Gathered, widened and scaled a batch at a time (the batch is in cache) and without
-                    # the GIL: a window-wide permuted copy cost the loader a fifth of its throughput.
-                    gather_scaled(window.activations, window.order[offset : offset + take], self.scales,
-                                  out=acts[filled : filled + take])
-                    ids[filled : filled + take] = window.row_ids[offset : offset + take]
-                    offset, filled = offset + take, filled + take
-                    if filled == size:
-                        yield Batch(self._as_taken(acts), ids, StreamPosition(epoch, window.start_row + offset))
-                        acts, filled = None, 0
+                offset += need
+                yield Batch(_joined(carry[0], window.rows[offset - need : offset]),
+                            _joined(carry[1], window.row_ids[offset - need : offset]),
+                            StreamPosition(epoch, window.start_row + offset))
+                carry = None
+            while offset + size <= n:
+                offset += size
+                yield Batch(window.rows[offset - size : offset], window.row_ids[offset - size : offset],
+                            StreamPosition(epoch, window.start_row + offset))
+            if offset < n:
+                carry = (window.rows[offset:], window.row_ids[offset:])
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
