@@ -24,11 +24,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import xxhash
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cache_server.chunk_reads import read_local_chunk
 from cache_server.files import atomic_write
 from shared.codec import zarr_compressors
 from shared.ids import is_valid_id
@@ -170,14 +172,21 @@ class DatasetStore:
 
     async def read_key(self, key: str) -> bytes | None:
         """Stored bytes of one key, as they are (no decode). Keys are built by our own code."""
-        data = await self.read_chunk(key)
-        return None if data is None else bytes(data)
+        read = await self.read_chunk(key)
+        return None if read is None else bytes(read[0])
 
-    async def read_chunk(self, key: str) -> memoryview | None:
-        """The same, without copying them out of the buffer the store read them into: a chunk is
-        megabytes, and the server spent ~10% more CPU a row with that copy (bench/train.py (e))."""
+    async def read_chunk(self, key: str) -> tuple[memoryview, str] | None:
+        """A chunk's stored bytes and an ETag for them, for serving. The bytes stay in the buffer
+        they were read into: a chunk is megabytes, and the server spent ~10% more CPU a row with
+        a copy (bench/train.py (e)). A local folder's chunks take ``chunk_reads``; a bucket's, the
+        zarr store (and a content hash for the ETag)."""
+        if self.root is not None:
+            return await read_local_chunk(self.root / key)
         buffer = await self.zarr_store.get(key, prototype=default_buffer_prototype())
-        return None if buffer is None else memoryview(buffer.as_numpy_array()).cast("B")
+        if buffer is None:
+            return None
+        data = memoryview(buffer.as_numpy_array()).cast("B")
+        return data, f'"{xxhash.xxh3_64_hexdigest(data)}"'
 
     # -- writing -----------------------------------------------------------------------------
     def create(self, manifest: DatasetManifest, harvest_state: dict) -> None:

@@ -8,11 +8,13 @@ mixes rows of many chunks (and sequences), and the loader's position is just
 emitted, and sees neither repeated nor skipped rows.
 
 Background threads fetch chunks (several connections) and build the next windows while the current
-one is trained on. On the CPU, a chunk is read from the socket into a small per-thread buffer and
-its rows are widened to float32, scaled and written straight to their shuffled places in the window
+one is trained on. On the CPU, a chunk is read from the socket into a per-thread buffer and its
+rows are widened to float32, scaled and written straight to their shuffled places in the window
 (``trainer.scatter``), while they are still in cache: a batch is then a slice of the window, with no
-work left per batch. On a GPU, the window goes there in its storage dtype (half the bytes to copy)
-and is shuffled and widened there.
+work left per batch (but the one batch made of two windows' rows). A window takes
+``rows * components * d * 4`` bytes of host memory, and up to ``2 * prefetch_windows + 2`` are
+alive at once. On a GPU, the window goes there in its storage dtype (half the bytes to copy) and
+is shuffled and widened there.
 """
 
 import collections
@@ -64,8 +66,8 @@ class _Window:
 
 
 class _HostBuffers:
-    """Host buffers for windows, reused once nothing refers to them any more (batches are views of
-    their window, and a view keeps the memory it views alive). A fresh array per window costs the
+    """Host buffers for windows (and batches made of two), reused once nothing refers to them any
+    more (batches are views of their window, and a view keeps the memory it views alive). A fresh array per window costs the
     kernel a page fault and a zero-fill per page: a third of the loader's CPU time when measured
     (sys 350 of ~1000 ns a row)."""
 
@@ -102,14 +104,6 @@ class _HostBuffers:
         """Whether no buffer of the pool is in use."""
         with self._lock:
             return all(self._idle(i) for i in range(len(self._blocks)))
-
-
-def _joined(first: Tensor, second: Tensor) -> Tensor:
-    """``torch.cat`` of two, but on the CPU with numpy: torch's would wake its thread pool, whose
-    threads then spin while the loader's threads fetch (~200 ns a row of CPU, measured)."""
-    if first.device.type != "cpu":
-        return torch.cat([first, second])
-    return torch.from_numpy(np.concatenate([first.numpy(), second.numpy()]))
 
 
 def _aligned(block: np.ndarray, size: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -152,7 +146,7 @@ class ChunkStream:
         self.bytes_fetched = 0
         # Windows alive at once: queued, being built or handed over, the current one, and the last
         # one's carry and batch.
-        self._buffers = _HostBuffers(keep=2 * prefetch_windows + 4)
+        self._buffers, self._batch_buffers = _HostBuffers(keep=2 * prefetch_windows + 4), _HostBuffers(keep=4)
         self._lock, self._staging = threading.Lock(), threading.local()
 
     # -- layout of an epoch ----------------------------------------------------------------------
@@ -308,6 +302,16 @@ class ChunkStream:
             except queue.Full:
                 continue
 
+    def _joined(self, first: Tensor, second: Tensor) -> Tensor:
+        """``torch.cat`` of two windows' rows, but on the CPU into a pooled buffer (a fresh one costs
+        page faults) with numpy (torch would wake its thread pool, whose threads then spin while the
+        loader's threads fetch: ~200 ns a row of CPU, measured)."""
+        if first.device.type != "cpu":
+            return torch.cat([first, second])
+        out = self._batch_buffers.take((len(first) + len(second), *first.shape[1:]), np.dtype(np.float32))
+        out[: len(first)], out[len(first) :] = first.numpy(), second.numpy()
+        return torch.from_numpy(out)
+
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
         size = self.batch_size
         carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
@@ -323,11 +327,11 @@ class ChunkStream:
             if carry is not None:
                 need = size - carry[0].shape[0]
                 if n - offset < need:
-                    carry = (_joined(carry[0], window.rows[offset:]), _joined(carry[1], window.row_ids[offset:]))
+                    carry = (self._joined(carry[0], window.rows[offset:]), torch.cat([carry[1], window.row_ids[offset:]]))
                     continue
                 offset += need
-                yield Batch(_joined(carry[0], window.rows[offset - need : offset]),
-                            _joined(carry[1], window.row_ids[offset - need : offset]),
+                yield Batch(self._joined(carry[0], window.rows[offset - need : offset]),
+                            torch.cat([carry[1], window.row_ids[offset - need : offset]]),
                             StreamPosition(epoch, window.start_row + offset))
                 carry = None
             while offset + size <= n:

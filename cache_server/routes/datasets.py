@@ -1,4 +1,3 @@
-import xxhash
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
@@ -71,10 +70,10 @@ async def _chunk(svc: Services, manifest: DatasetManifest, array: ArrayInfo, ind
     if not 0 <= index < manifest.n_chunks:
         raise HTTPException(404, f"chunk {index} out of range: dataset '{manifest.dataset_id}' has "
                                  f"{manifest.n_chunks} committed chunks of {manifest.n_chunks_total}")
-    data = await svc.store.read_chunk(chunk_key(manifest.dataset_id, array.name, index))
-    if data is None:
+    read = await svc.store.read_chunk(chunk_key(manifest.dataset_id, array.name, index))
+    if read is None:
         raise HTTPException(404, f"chunk {index} of '{array.name}' is missing from the store")
-    etag = f'"{xxhash.xxh3_64_hexdigest(data)}"'
+    data, etag = read
     headers = {
         "ETag": etag,
         "X-Chunk-Codec": f"{array.codec.name};level={array.codec.level}",
