@@ -16,6 +16,7 @@ fraction of this machine's measured torch.mm rate.
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stream-tokens", type=int, default=120_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--e-rounds", type=int, default=6)
     args = parser.parse_args()
     torch.manual_seed(0)
     peak = mm_rate()
@@ -141,10 +143,8 @@ def main() -> None:
         # (e) loader alone vs raw HTTP download of the same bytes, with the same client and number of
         # connections; several epochs a round, rounds alternated, best of each (the box is shared).
         stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-        loader, raw = best_rates(client, stream, hook, args.rounds, server.process.pid)
-        print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9); "
-              "server and client sharing the 2 cores")
-        print_cpu(loader, raw)
+        report_e(paired_rates(client, stream, hook, args.e_rounds, server.process.pid),
+                 "server and client sharing the 2 cores")
 
         # The same with the server on core 0 and this process on core 1: two hosts, one core each,
         # as when the cache server runs on another machine.
@@ -153,16 +153,21 @@ def main() -> None:
             torch.set_num_threads(1)
             client = CacheClient(pinned.url)
             stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
-            loader, raw = best_rates(client, stream, hook, args.rounds, pinned.process.pid)
+            pairs = paired_rates(client, stream, hook, args.e_rounds, pinned.process.pid)
             floor = scatter_seconds_a_row(stream)
-        print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9); "
-              "server on core 0, client on core 1")
-        print_cpu(loader, raw)
+        report_e(pairs, "server on core 0, client on core 1")
         print(f"    the loader's own work, a chunk's rows to float32, scaled, to their shuffled places: "
               f"{floor * 1e9:.0f} ns a row")
 
 
-def print_cpu(loader: "Rate", raw: "Rate") -> None:
+def report_e(pairs: list[tuple["Rate", "Rate"]], setting: str) -> None:
+    """Best of each side, and the median and range of the rounds' own ratios (each round measures
+    the loader and then the raw download: a ratio within a round cancels the box's slow drifts)."""
+    loader, raw = max(p[0] for p in pairs), max(p[1] for p in pairs)
+    ratios = sorted(a / b for a, b in pairs)
+    print(f"(e) loader {loader:,.0f} rows/s vs raw HTTP {raw:,.0f} rows/s: {loader / raw:.2f}x (target >= 0.9); "
+          f"median of {len(ratios)} rounds' ratios {statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f}); "
+          f"{setting}")
     print(f"    CPU a row, this process / the server: loader {loader.cpu * 1e9:.0f} / {loader.server_cpu * 1e9:.0f} ns, "
           f"raw HTTP {raw.cpu * 1e9:.0f} / {raw.server_cpu * 1e9:.0f} ns")
 
@@ -188,13 +193,13 @@ def measured(rate_of, rows: int, server_pid: int) -> Rate:
     return rate
 
 
-def best_rates(client: CacheClient, stream: ChunkStream, hook: str, rounds: int, server_pid: int,
-               epochs: int = 10) -> tuple[Rate, Rate]:
-    loader, raw, rows = Rate(0.0), Rate(0.0), epochs * stream.rows_per_epoch
-    for _ in range(rounds):
-        loader = max(loader, measured(lambda: loader_rate(stream, epochs), rows, server_pid))
-        raw = max(raw, measured(lambda: raw_rate(client, stream, hook, epochs), rows, server_pid))
-    return loader, raw
+def paired_rates(client: CacheClient, stream: ChunkStream, hook: str, rounds: int, server_pid: int,
+                 epochs: int = 10) -> list[tuple[Rate, Rate]]:
+    """(loader, raw download) rates of each round, after a warm-up (numba compiles the kernel)."""
+    rows = epochs * stream.rows_per_epoch
+    loader_rate(stream, 1)
+    return [(measured(lambda: loader_rate(stream, epochs), rows, server_pid),
+             measured(lambda: raw_rate(client, stream, hook, epochs), rows, server_pid)) for _ in range(rounds)]
 
 
 def loader_rate(stream: ChunkStream, epochs: int) -> float:
