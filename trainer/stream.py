@@ -67,9 +67,9 @@ class _Window:
 
 class _HostBuffers:
     """Host buffers for windows (and batches made of two), reused once nothing refers to them any
-    more (batches are views of their window, and a view keeps the memory it views alive). A fresh array per window costs the
-    kernel a page fault and a zero-fill per page: a third of the loader's CPU time when measured
-    (sys 350 of ~1000 ns a row)."""
+    more (batches are views of their window, and a view keeps the memory it views alive). A fresh
+    array per window costs the kernel a page fault and a zero-fill per page: a third of the
+    loader's CPU time when measured (sys 350 of ~1000 ns a row)."""
 
     def __init__(self, keep: int):
         self._blocks: list[np.ndarray] = []
