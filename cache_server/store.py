@@ -172,21 +172,25 @@ class DatasetStore:
 
     async def read_key(self, key: str) -> bytes | None:
         """Stored bytes of one key, as they are (no decode). Keys are built by our own code."""
-        read = await self.read_chunk(key)
-        return None if read is None else bytes(read[0])
+        data = await self.read_stored(key)
+        return None if data is None else bytes(data)
+
+    async def read_stored(self, key: str) -> memoryview | None:
+        """The same, without copying them out of the buffer they were read into: a chunk is
+        megabytes, and the server spent ~10% more CPU a row with a copy (bench/train.py (e))."""
+        if self.root is not None:
+            read = await read_local_chunk(self.root / key)
+            return None if read is None else read[0]
+        buffer = await self.zarr_store.get(key, prototype=default_buffer_prototype())
+        return None if buffer is None else memoryview(buffer.as_numpy_array()).cast("B")
 
     async def read_chunk(self, key: str) -> tuple[memoryview, str] | None:
-        """A chunk's stored bytes and an ETag for them, for serving. The bytes stay in the buffer
-        they were read into: a chunk is megabytes, and the server spent ~10% more CPU a row with
-        a copy (bench/train.py (e)). A local folder's chunks take ``chunk_reads``; a bucket's, the
-        zarr store (and a content hash for the ETag)."""
+        """A chunk's stored bytes and an ETag for them, for serving: from a local folder, the
+        file's identity (``chunk_reads``); from a bucket, a content hash."""
         if self.root is not None:
             return await read_local_chunk(self.root / key)
-        buffer = await self.zarr_store.get(key, prototype=default_buffer_prototype())
-        if buffer is None:
-            return None
-        data = memoryview(buffer.as_numpy_array()).cast("B")
-        return data, f'"{xxhash.xxh3_64_hexdigest(data)}"'
+        data = await self.read_stored(key)
+        return None if data is None else (data, f'"{xxhash.xxh3_64_hexdigest(data)}"')
 
     # -- writing -----------------------------------------------------------------------------
     def create(self, manifest: DatasetManifest, harvest_state: dict) -> None:

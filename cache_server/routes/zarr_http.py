@@ -36,10 +36,9 @@ async def zarr_key(dataset_id: str, key: str, svc: Services = Depends(services))
     match = _CHUNK.match(rest)
     if match is None or int(match.group(1)) >= manifest.n_chunks:
         raise HTTPException(404, f"no committed chunk '{key}' in dataset '{dataset_id}'")
-    read = await svc.store.read_chunk(f"{dataset_id}/{array}/c/{int(match.group(1))}/0")
-    if read is None:
+    data = await svc.store.read_stored(f"{dataset_id}/{array}/c/{int(match.group(1))}/0")
+    if data is None:
         raise HTTPException(404, f"no chunk '{key}'")
-    data = read[0]
     svc.metrics.served("zarr", len(data))
     return Response(data, media_type="application/octet-stream")
 
