@@ -209,10 +209,10 @@ class ChunkStream:
                                   for i, n in zip(chunk_ids, sizes)])
         return np.cumsum([0, *sizes]), row_ids
 
-    def _load(self, chunk_ids: list[int], order: np.ndarray, pool: ThreadPoolExecutor) -> Float[Tensor, "rows *component d"]:
-        """These chunks' rows in ``order`` (the i-th is their row ``order[i]``) on the training
-        device, float32 and scaled."""
-        offsets, _ = self._layout(chunk_ids)
+    def _load(self, chunk_ids: list[int], offsets: np.ndarray, order: np.ndarray,
+              pool: ThreadPoolExecutor) -> Float[Tensor, "rows *component d"]:
+        """These chunks' rows (starting at ``offsets``, from ``_layout``) in ``order`` (the i-th is
+        their row ``order[i]``) on the training device, float32 and scaled."""
         d, n = self.manifest.hook(self.hooks[0]).d, int(offsets[-1])
         spans = list(zip(chunk_ids, offsets[:-1], offsets[1:]))
         capacity = self.chunks_per_window * self.manifest.chunk_rows * len(self.hooks) * d
@@ -235,14 +235,14 @@ class ChunkStream:
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
         """Rows of these chunks on the training device, in float32, scaled; and their row ids."""
-        _, row_ids = self._layout(chunk_ids)
-        return self._load(chunk_ids, np.arange(len(row_ids)), pool), torch.from_numpy(row_ids)
+        offsets, row_ids = self._layout(chunk_ids)
+        return self._load(chunk_ids, offsets, np.arange(len(row_ids)), pool), torch.from_numpy(row_ids)
 
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor) -> _Window:
-        _, row_ids = self._layout(chunk_ids)
+        offsets, row_ids = self._layout(chunk_ids)
         order = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
-        return _Window(index, start_row, self._load(chunk_ids, order, pool), torch.from_numpy(row_ids[order]))
+        return _Window(index, start_row, self._load(chunk_ids, offsets, order, pool), torch.from_numpy(row_ids[order]))
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
