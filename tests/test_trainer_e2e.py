@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -118,24 +119,25 @@ def test_batches_hold_the_stored_rows_while_window_buffers_are_reused(server, da
 def test_leaving_the_loop_cancels_the_fetches_queued_ahead(server, dataset):
     """The windows built ahead are dropped when a loop is left; their chunks not yet being fetched
     are never fetched (with the default window, hundreds of megabytes at the end of a run)."""
-    gate, fetched = threading.Event(), []
+    left, after = threading.Event(), []
 
-    class Held(CacheClient):  # the real client; chunks after the first window wait until the loop is left
+    class Slow(CacheClient):  # the real client; chunks after the first window take 50 ms more
         def chunk_into(self, dataset_id, array, index, out):
+            if left.is_set():
+                after.append(index)
             if index not in first_window:
-                gate.wait(30)
-            fetched.append(index)
+                time.sleep(0.05)
             return super().chunk_into(dataset_id, array, index, out)
 
-    with Held(server.url) as client:
+    with Slow(server.url) as client:
         stream = ChunkStream(client, dataset, HOOKS[:1], batch_size=500, window_rows=4 * dataset.chunk_rows,
-                             fetch_threads=1, prefetch_windows=2)
+                             fetch_threads=2, prefetch_windows=2)
         first_window = set(stream.windows(0)[0])
         assert len(stream.windows(0)) >= 3
         for _ in stream.batches():
-            threading.Timer(0.2, gate.set).start()  # after the loop is left: the fetch in flight ends
+            left.set()
             break
-    assert sorted(fetched[:4]) == sorted(first_window) and len(fetched) == 4 + 1  # not 4 + 8 chunks
+    assert len(after) <= 2  # at most one a fetch thread, started as the loop was left; not the 8 chunks ahead
 
 
 def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, capsys):
