@@ -116,6 +116,31 @@ def test_batches_hold_the_stored_rows_while_window_buffers_are_reused(server, da
         assert buffers.allocated == allocated and buffers.idle()  # served from the pool alone
 
 
+def test_a_batch_joins_rows_of_up_to_three_windows(server, dataset):
+    """A batch made of several windows' rows is joined in one window's free rows, in either
+    direction; an epoch's last window can be shorter than the batch's rest, so a batch can take
+    rows of three windows (and two epochs)."""
+    with CacheClient(server.url) as client:
+        batch = 2 * dataset.chunk_rows + dataset.chunk_rows // 2 + 1  # windows of 3 chunks: carries of all sizes
+        stream = ChunkStream(client, dataset, HOOKS[:1], batch_size=batch, window_rows=batch, seed=1,
+                             eval_chunks=(dataset.n_chunks_total - 1) % 3)
+        assert len(stream.train_chunk_ids) % 3 == 1  # every epoch ends with a window of one chunk
+        reference = torch.cat([to_torch(client.chunk(dataset, HOOKS[0], i), dataset.dtype)
+                               for i in range(dataset.n_chunks_total)]).float()
+        n_batches = 3 * stream.rows_per_epoch // batch
+        bounds = np.cumsum([sum(dataset.rows_in_chunk(i) for i in w) for e in range(4) for w in stream.windows(e)])
+        spans = [np.searchsorted(bounds, (k + 1) * batch - 1, "right") - np.searchsorted(bounds, k * batch, "right") + 1
+                 for k in range(n_batches)]
+        assert max(spans) == 3  # windows a batch takes rows of
+        batches = [b for _, b in zip(range(n_batches), stream.batches())]
+        for b in batches:
+            assert torch.equal(b.activations, reference[b.row_ids])
+        rows = torch.cat([b.row_ids for b in batches])
+        per_epoch = stream.rows_per_epoch
+        assert torch.equal(rows[:per_epoch].sort().values, rows[per_epoch : 2 * per_epoch].sort().values)
+        assert rows[:per_epoch].unique().numel() == per_epoch
+
+
 def test_leaving_the_loop_cancels_the_fetches_queued_ahead(server, dataset):
     """The windows built ahead are dropped when a loop is left; their chunks not yet being fetched
     are never fetched (with the default window, hundreds of megabytes at the end of a run)."""

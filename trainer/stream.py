@@ -58,15 +58,27 @@ class Batch:
 class _Window:
     index: int
     start_row: int
-    rows: Float[Tensor, "rows *component d"]
-    """The window's rows in emitted (shuffled) order, float32 and scaled, on the training device:
-    ``[rows, d]`` for one hook and ``[rows, component, d]`` for several. Batches are slices of it."""
+    padded: Float[Tensor, "room_rows_room *component d"]
+    """The window's rows in emitted (shuffled) order, float32 and scaled, on the training device
+    (``[rows, d]`` for one hook and ``[rows, component, d]`` for several), with ``room`` free rows
+    (a batch) before and after them: the batch made of two windows' rows is joined in one of these."""
+    room: int
     row_ids: Int[Tensor, " rows"]
     """Dataset row ids in emitted order."""
 
 
+@dataclass
+class _Carry:
+    """Rows ``buffer[start:end]`` of a window's padded buffer, fewer than a batch, waiting for the
+    next window's; the buffer's rows from ``end`` to ``start + batch`` are free."""
+    buffer: Tensor
+    start: int
+    end: int
+    row_ids: Tensor
+
+
 class _HostBuffers:
-    """Host buffers for windows (and batches made of two), reused once nothing refers to them any
+    """Host buffers for windows, reused once nothing refers to them any
     more (batches are views of their window, and a view keeps the memory it views alive). A fresh
     array per window costs the kernel a page fault and a zero-fill per page: a third of the
     loader's CPU time when measured (sys 350 of ~1000 ns a row)."""
@@ -117,6 +129,28 @@ def _unless(stop: threading.Event | None, fetch):
     return fetch if stop is None else lambda *args: None if stop.is_set() else fetch(*args)
 
 
+def _joined(carry: _Carry, window: _Window, offset: int, take: int) -> _Carry:
+    """``carry`` followed by the window's rows ``offset : offset + take``, made contiguous by copying
+    the fewer rows: the carry into the free rows before those in the window's buffer, or those into
+    the free rows after the carry in its buffer. No batch handed out views either."""
+    row_ids = torch.cat([carry.row_ids, window.row_ids[offset : offset + take]])
+    n, at = carry.end - carry.start, window.room + offset
+    if n <= take:
+        _copy(window.padded[at - n : at], carry.buffer[carry.start : carry.end])
+        return _Carry(window.padded, at - n, at + take, row_ids)
+    _copy(carry.buffer[carry.end : carry.end + take], window.padded[at : at + take])
+    return _Carry(carry.buffer, carry.start, carry.end + take, row_ids)
+
+
+def _copy(to: Tensor, rows: Tensor) -> None:
+    """``to[:] = rows``; on the CPU with numpy (torch would wake its thread pool, whose threads then
+    spin while the loader's threads fetch: ~200 ns a row of CPU, measured)."""
+    if to.device.type == "cpu":
+        to.numpy()[:] = rows.numpy()
+    else:
+        to.copy_(rows)
+
+
 def shuffled_on_device(stored: Float[Tensor, "component rows d"], order: Int[Tensor, " rows"],
                        scales: Float[Tensor, " component"]) -> Float[Tensor, "rows component d"]:
     """A window on a GPU, in its storage dtype: its rows in ``order``, float32, scaled. What the
@@ -152,7 +186,7 @@ class ChunkStream:
         self.bytes_fetched = 0
         # Windows alive at once: queued, being built or handed over, the current one, and the last
         # one's carry and batch.
-        self._buffers, self._batch_buffers = _HostBuffers(keep=2 * prefetch_windows + 4), _HostBuffers(keep=4)
+        self._buffers = _HostBuffers(keep=2 * prefetch_windows + 4)
         self._lock, self._staging = threading.Lock(), threading.local()
 
     # -- layout of an epoch ----------------------------------------------------------------------
@@ -216,28 +250,31 @@ class ChunkStream:
         return np.cumsum([0, *sizes]), row_ids
 
     def _load(self, chunk_ids: list[int], offsets: np.ndarray, order: np.ndarray, pool: ThreadPoolExecutor,
-              stop: threading.Event | None = None) -> Float[Tensor, "rows *component d"]:
+              stop: threading.Event | None = None, room: int = 0) -> Float[Tensor, "room_rows_room *component d"]:
         """These chunks' rows (starting at ``offsets``, from ``_layout``) in ``order`` (the i-th is
-        their row ``order[i]``) on the training device, float32 and scaled. Once ``stop`` is set, the
-        window is being dropped: its chunks not fetched yet are left out."""
+        their row ``order[i]``) on the training device, float32 and scaled, with ``room`` rows
+        (uninitialised) before and after them. Once ``stop`` is set, the window is being dropped:
+        its chunks not fetched yet are left out."""
         d, n = self.manifest.hook(self.hooks[0]).d, int(offsets[-1])
         spans = list(zip(chunk_ids, offsets[:-1], offsets[1:]))
-        capacity = self.chunks_per_window * self.manifest.chunk_rows * len(self.hooks) * d
         if self.device.type == "cpu":
-            out = self._buffers.take((n, len(self.hooks), d), np.dtype(np.float32), capacity)
+            capacity = (self.chunks_per_window * self.manifest.chunk_rows + 2 * room) * len(self.hooks) * d
+            out = self._buffers.take((room + n + room, len(self.hooks), d), np.dtype(np.float32), capacity)
             places = np.empty_like(order)
-            places[order] = np.arange(n)
+            places[order] = np.arange(room, room + n)
             jobs = [pool.submit(_unless(stop, self._fetch_scattered), i, places[lo:hi], out) for i, lo, hi in spans]
             rows = torch.from_numpy(out)
         else:  # the rows in their storage dtype to the GPU, through pinned memory; shuffled and widened there
             storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
+            capacity = self.chunks_per_window * self.manifest.chunk_rows * len(self.hooks) * d
             stored = self._buffers.take((len(self.hooks), n, d), storage, capacity)
             jobs = [pool.submit(_unless(stop, self._fetch_into), i, stored[:, lo:hi]) for i, lo, hi in spans]
         for job in jobs:
             job.result()
         if self.device.type != "cpu":
             on_device = to_torch(stored, self.manifest.dtype).pin_memory().to(self.device, non_blocking=True)
-            rows = shuffled_on_device(on_device, torch.from_numpy(order).to(self.device), self.scales)
+            rows = torch.empty((room + n + room, len(self.hooks), d), device=self.device)
+            rows[room : room + n] = shuffled_on_device(on_device, torch.from_numpy(order).to(self.device), self.scales)
         return rows[:, 0] if len(self.hooks) == 1 else rows
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
@@ -249,8 +286,8 @@ class ChunkStream:
                       pool: ThreadPoolExecutor, stop: threading.Event) -> _Window:
         offsets, row_ids = self._layout(chunk_ids)
         order = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
-        rows = self._load(chunk_ids, offsets, order, pool, stop)
-        return _Window(index, start_row, rows, torch.from_numpy(row_ids[order]))
+        padded = self._load(chunk_ids, offsets, order, pool, stop, room=self.batch_size)
+        return _Window(index, start_row, padded, self.batch_size, torch.from_numpy(row_ids[order]))
 
     # -- batches ---------------------------------------------------------------------------------
     def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[Batch]:
@@ -310,19 +347,9 @@ class ChunkStream:
             except queue.Full:
                 continue
 
-    def _joined(self, first: Tensor, second: Tensor) -> Tensor:
-        """``torch.cat`` of two windows' rows, but on the CPU into a pooled buffer (a fresh one costs
-        page faults) with numpy (torch would wake its thread pool, whose threads then spin while the
-        loader's threads fetch: ~200 ns a row of CPU, measured)."""
-        if first.device.type != "cpu":
-            return torch.cat([first, second])
-        out = self._batch_buffers.take((len(first) + len(second), *first.shape[1:]), np.dtype(np.float32))
-        out[: len(first)], out[len(first) :] = first.numpy(), second.numpy()
-        return torch.from_numpy(out)
-
     def _consume(self, start: StreamPosition, windows: queue.Queue) -> Iterator[Batch]:
         size = self.batch_size
-        carry: tuple[Tensor, Tensor] | None = None  # fewer than batch_size rows, awaiting the next window
+        carry: _Carry | None = None
         while True:
             item = windows.get()
             if isinstance(item, BaseException):
@@ -331,23 +358,22 @@ class ChunkStream:
             if window is None:  # end of an epoch: its last partial batch continues into the next
                 continue
             offset = max(0, start.rows - window.start_row) if epoch == start.epoch else 0  # resumed: skip
-            n = window.row_ids.shape[0]
+            n, room = window.row_ids.shape[0], window.room
             if carry is not None:
-                need = size - carry[0].shape[0]
-                if n - offset < need:
-                    carry = (self._joined(carry[0], window.rows[offset:]), torch.cat([carry[1], window.row_ids[offset:]]))
+                take = min(size - (carry.end - carry.start), n - offset)
+                carry = _joined(carry, window, offset, take)
+                offset += take
+                if carry.end - carry.start < size:  # a window smaller than the batch's rest
                     continue
-                offset += need
-                yield Batch(self._joined(carry[0], window.rows[offset - need : offset]),
-                            torch.cat([carry[1], window.row_ids[offset - need : offset]]),
+                yield Batch(carry.buffer[carry.start : carry.end], carry.row_ids,
                             StreamPosition(epoch, window.start_row + offset))
                 carry = None
             while offset + size <= n:
                 offset += size
-                yield Batch(window.rows[offset - size : offset], window.row_ids[offset - size : offset],
+                yield Batch(window.padded[room + offset - size : room + offset], window.row_ids[offset - size : offset],
                             StreamPosition(epoch, window.start_row + offset))
             if offset < n:
-                carry = (window.rows[offset:], window.row_ids[offset:])
+                carry = _Carry(window.padded, room + offset, room + n, window.row_ids[offset:])
 
     def evaluation_rows(self, max_rows: int | None = None) -> tuple[Tensor, Tensor]:
         """The held-out chunks' rows (never trained on), for evaluation."""
