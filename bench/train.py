@@ -185,42 +185,57 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(rate_of, rows: int, server_pid: int) -> Rate:
-    cpu0, server0 = time.process_time(), process_cpu_seconds(server_pid)
-    rate = Rate(rate_of())
-    rate.cpu = (time.process_time() - cpu0) / rows
-    rate.server_cpu = (process_cpu_seconds(server_pid) - server0) / rows
-    return rate
+class Meter:
+    """Time, this process's CPU and the server's (when its pid is given), from ``start()`` to ``rate(rows)``."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+
+    def _server_cpu(self) -> float:
+        return process_cpu_seconds(self.server_pid) if self.server_pid else 0.0
+
+    def start(self) -> None:
+        self.t0, self.cpu0, self.server0 = time.perf_counter(), time.process_time(), self._server_cpu()
+
+    def rate(self, rows: int) -> Rate:
+        rate = Rate(rows / (time.perf_counter() - self.t0))
+        rate.cpu = (time.process_time() - self.cpu0) / rows
+        rate.server_cpu = (self._server_cpu() - self.server0) / rows
+        return rate
 
 
 def paired_rates(client: CacheClient, stream: ChunkStream, hook: str, rounds: int, server_pid: int,
                  epochs: int = 10) -> list[tuple[Rate, Rate]]:
     """(loader, raw download) rates of each round, after a warm-up (numba compiles the kernel)."""
-    rows = epochs * stream.rows_per_epoch
-    loader_rate(stream, 1)
-    return [(measured(lambda: loader_rate(stream, epochs), rows, server_pid),
-             measured(lambda: raw_rate(client, stream, hook, epochs), rows, server_pid)) for _ in range(rounds)]
+    loader_rate(stream, 2)
+    return [(loader_rate(stream, epochs, server_pid), raw_rate(client, stream, hook, epochs, server_pid))
+            for _ in range(rounds)]
 
 
-def loader_rate(stream: ChunkStream, epochs: int) -> float:
-    """Rows/s of float32 batches out of the loader, timed from the first batch (the first window's
-    fetch is start-up latency)."""
-    n_rows, seen, t0 = epochs * stream.rows_per_epoch, 0, None
+def loader_rate(stream: ChunkStream, epochs: int, server_pid: int | None = None) -> Rate:
+    """Rows/s of float32 batches out of the loader in its steady state: from the first batch after
+    the windows it builds ahead have been filled (as many are built ahead, and not counted, at the
+    end) to the last."""
+    meter, n_rows, seen, counted_from = Meter(server_pid), epochs * stream.rows_per_epoch, 0, None
+    fill = (stream.prefetch_windows + 1) * stream.chunks_per_window * stream.manifest.chunk_rows
+    assert n_rows > fill + 2 * BATCH, "too few epochs to measure past the loader's start"
     for batch in stream.batches():
-        t0 = t0 or time.perf_counter()
         seen += batch.activations.shape[0]
-        if seen + BATCH > n_rows:
-            break
-    return (seen - BATCH) / (time.perf_counter() - t0)
+        if counted_from is None and seen >= fill:
+            meter.start()
+            counted_from = seen
+        elif counted_from is not None and seen + BATCH > n_rows:
+            return meter.rate(seen - counted_from)
+    raise AssertionError("unreachable: batches() is endless")
 
 
-def raw_rate(client: CacheClient, stream: ChunkStream, hook: str, epochs: int) -> float:
+def raw_rate(client: CacheClient, stream: ChunkStream, hook: str, epochs: int, server_pid: int | None = None) -> Rate:
     """Rows/s of the same chunks' bytes just downloaded (and dropped, as ``curl > /dev/null``)."""
-    dataset = stream.manifest.dataset_id
-    t0 = time.perf_counter()
+    dataset, meter = stream.manifest.dataset_id, Meter(server_pid)
+    meter.start()
     with ThreadPoolExecutor(stream.fetch_threads) as pool:
         sum(pool.map(lambda i: len(client.chunk_bytes(dataset, hook, i)), stream.train_chunk_ids * epochs))
-    return epochs * stream.rows_per_epoch / (time.perf_counter() - t0)
+    return meter.rate(epochs * stream.rows_per_epoch)
 
 
 def scatter_seconds_a_row(stream: ChunkStream) -> float:
