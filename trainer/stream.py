@@ -33,6 +33,7 @@ from torch import Tensor
 from shared.codec import decode_chunk, to_torch
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
+from trainer.permutation import permutation, places_of, seed_of
 from trainer.scatter import scatter_scaled
 
 
@@ -178,7 +179,7 @@ class ChunkStream:
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
         self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device)
         self._scale_values = [np.float32(s) for s in self.scales.tolist()]
-        held_out = np.random.default_rng([seed, 2**31]).permutation(manifest.n_chunks_total)
+        held_out = permutation(manifest.n_chunks_total, seed_of(seed, 2**31))
         if eval_chunks >= manifest.n_chunks_total:
             raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
         self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
@@ -193,7 +194,7 @@ class ChunkStream:
     def epoch_order(self, epoch: int) -> list[int]:
         """This lane's share of the epoch's seeded chunk order: every ``lanes``-th chunk from
         ``lane``. Lanes split an epoch between data-parallel ranks; their union is the epoch."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_chunk_ids))
+        order = permutation(len(self.train_chunk_ids), seed_of(self.seed, epoch))
         return [self.train_chunk_ids[i] for i in order[self.lane :: self.lanes]]
 
     def windows(self, epoch: int) -> list[list[int]]:
@@ -242,12 +243,12 @@ class ChunkStream:
 
     def _layout(self, chunk_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Where each chunk starts in the window, and the window's dataset row ids (fetch order)."""
-        sizes = [self.manifest.rows_in_chunk(i) for i in chunk_ids]
+        sizes = np.array([self.manifest.rows_in_chunk(i) for i in chunk_ids])
+        offsets = np.cumsum([0, *sizes])
         # A dataset row's index is also sequence * context_size + position (chunks hold whole
         # sequences, in order): no need to fetch the tokens array to know where a row came from.
-        row_ids = np.concatenate([np.arange(i * self.manifest.chunk_rows, i * self.manifest.chunk_rows + n)
-                                  for i, n in zip(chunk_ids, sizes)])
-        return np.cumsum([0, *sizes]), row_ids
+        firsts = np.array(chunk_ids) * self.manifest.chunk_rows
+        return offsets, np.repeat(firsts - offsets[:-1], sizes) + np.arange(offsets[-1])
 
     def _load(self, chunk_ids: list[int], offsets: np.ndarray, order: np.ndarray, pool: ThreadPoolExecutor,
               stop: threading.Event | None = None, room: int = 0) -> Float[Tensor, "room_rows_room *component d"]:
@@ -260,8 +261,7 @@ class ChunkStream:
         if self.device.type == "cpu":
             capacity = (self.chunks_per_window * self.manifest.chunk_rows + 2 * room) * len(self.hooks) * d
             out = self._buffers.take((room + n + room, len(self.hooks), d), np.dtype(np.float32), capacity)
-            places = np.empty_like(order)
-            places[order] = np.arange(room, room + n)
+            places = places_of(order, room)
             jobs = [pool.submit(_unless(stop, self._fetch_scattered), i, places[lo:hi], out) for i, lo, hi in spans]
             rows = torch.from_numpy(out)
         else:  # the rows in their storage dtype to the GPU, through pinned memory; shuffled and widened there
@@ -285,7 +285,7 @@ class ChunkStream:
     def _build_window(self, epoch: int, index: int, chunk_ids: list[int], start_row: int,
                       pool: ThreadPoolExecutor, stop: threading.Event) -> _Window:
         offsets, row_ids = self._layout(chunk_ids)
-        order = np.random.default_rng([self.seed, epoch, index]).permutation(len(row_ids))
+        order = permutation(len(row_ids), seed_of(self.seed, epoch, index))
         padded = self._load(chunk_ids, offsets, order, pool, stop, room=self.batch_size)
         return _Window(index, start_row, padded, self.batch_size, torch.from_numpy(row_ids[order]))
 
