@@ -2,19 +2,21 @@
 
 Each epoch, the training chunks (every chunk but the held-out evaluation ones) are put in a
 seeded random order and read in windows of several chunks. Each window's rows are put in their own
-seeded permutation and batches are consecutive slices of the stream of permuted windows. So a batch
-mixes rows of many chunks (and sequences), and the loader's position is just
-``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips what was
-emitted, and sees neither repeated nor skipped rows.
+seeded permutation (``trainer.permutation``) and batches are consecutive slices of the stream of
+permuted windows. So a batch mixes rows of many chunks (and sequences), and the loader's position
+is just ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips
+what was emitted, and sees neither repeated nor skipped rows.
 
 Background threads fetch chunks (several connections) and build the next windows while the current
 one is trained on. On the CPU, a chunk is read from the socket into a per-thread buffer and its
 rows are widened to float32, scaled and written straight to their shuffled places in the window
 (``trainer.scatter``), while they are still in cache: a batch is then a slice of the window, with no
-work left per batch (but the one batch made of two windows' rows). A window takes
-``rows * components * d * 4`` bytes of host memory, and up to ``2 * prefetch_windows + 2`` are
-alive at once. On a GPU, the window goes there in its storage dtype (half the bytes to copy) and
-is shuffled and widened there.
+work left per batch. A window keeps a batch of free rows before and after its own, where the batch
+made of two windows' rows is joined (copying the carry or the rest, whichever is fewer rows). A
+window takes ``(rows + 2 * batch) * components * d * 4`` bytes of host memory, and up to
+``2 * prefetch_windows + 2`` are alive at once. On a GPU, the window goes there in its storage dtype
+(half the bytes to copy) and is shuffled and widened there. Leaving the loop drops the windows
+built ahead; their chunks not being fetched yet are not fetched.
 """
 
 import collections
@@ -79,10 +81,10 @@ class _Carry:
 
 
 class _HostBuffers:
-    """Host buffers for windows, reused once nothing refers to them any
-    more (batches are views of their window, and a view keeps the memory it views alive). A fresh
-    array per window costs the kernel a page fault and a zero-fill per page: a third of the
-    loader's CPU time when measured (sys 350 of ~1000 ns a row)."""
+    """Host buffers for windows, reused once nothing refers to them any more (batches are views of
+    their window, and a view keeps the memory it views alive). A fresh array per window costs the
+    kernel a page fault and a zero-fill per page: a third of the loader's CPU time when measured
+    (sys 350 of ~1000 ns a row)."""
 
     def __init__(self, keep: int):
         self._blocks: list[np.ndarray] = []
