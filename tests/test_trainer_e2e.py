@@ -162,7 +162,7 @@ def test_leaving_the_loop_cancels_the_fetches_queued_ahead(server, dataset):
         for _ in stream.batches():
             left.set()
             break
-    assert len(after) <= 2  # at most one a fetch thread, started as the loop was left; not the 8 chunks ahead
+    assert len(after) <= 2  # at most one per fetch thread, started as the loop was left; not the 8 chunks ahead
 
 
 def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, capsys):

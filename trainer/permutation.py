@@ -1,7 +1,7 @@
 """A window's seeded shuffle: the order its rows are emitted in, and where each row goes.
 
 numpy's ``Generator.permutation`` costs ~14 ns a row and holds the GIL while it runs (the fetch
-threads wait for it); a Fisher–Yates shuffle driven by SplitMix64, compiled by numba, costs ~1.5 and
+threads wait for it); a Fisher–Yates shuffle driven by SplitMix64, compiled by numba, costs ~2 and
 runs without the GIL. Its random stream is this project's own, so a seed gives the same order
 whatever numpy's version: a resumed run relies on rebuilding the same window.
 """
