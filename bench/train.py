@@ -141,7 +141,7 @@ def main() -> None:
               f"({fetched / (args.steps * BATCH):.0f} B/row)")
 
         # (e) loader alone vs raw HTTP download of the same bytes, with the same client and number of
-        # connections; several epochs a round, rounds alternated, best of each (the box is shared).
+        # connections; several epochs a round, the two alternated round by round (the box is shared).
         stream = ChunkStream(client, manifest, [hook], batch_size=BATCH, window_rows=8 * BATCH, eval_chunks=1)
         report_e(paired_rates(client, stream, hook, args.e_rounds, server.process.pid),
                  "server and client sharing the 2 cores")

@@ -13,8 +13,8 @@ rows are widened to float32, scaled and written straight to their shuffled place
 (``trainer.scatter``), while they are still in cache: a batch is then a slice of the window, with no
 work left per batch. A window keeps a batch of free rows before and after its own, where the batch
 made of two windows' rows is joined (copying the carry or the rest, whichever is fewer rows). A
-window takes ``(rows + 2 * batch) * components * d * 4`` bytes of host memory, and up to
-``2 * prefetch_windows + 2`` are alive at once. On a GPU, the window goes there in its storage dtype
+window takes ``(rows + 2 * batch) * components * d * 4`` bytes of host memory, and the pool keeps
+up to ``2 * prefetch_windows + 4`` of them. On a GPU, the window goes there in its storage dtype
 (half the bytes to copy) and is shuffled and widened there. Leaving the loop drops the windows
 built ahead; their chunks not being fetched yet are not fetched.
 """
@@ -263,14 +263,15 @@ class ChunkStream:
         if self.device.type == "cpu":
             capacity = (self.chunks_per_window * self.manifest.chunk_rows + 2 * room) * len(self.hooks) * d
             out = self._buffers.take((room + n + room, len(self.hooks), d), np.dtype(np.float32), capacity)
-            places = places_of(order, room)
-            jobs = [pool.submit(_unless(stop, self._fetch_scattered), i, places[lo:hi], out) for i, lo, hi in spans]
+            places, fetch = places_of(order, room), _unless(stop, self._fetch_scattered)
+            jobs = [pool.submit(fetch, i, places[lo:hi], out) for i, lo, hi in spans]
             rows = torch.from_numpy(out)
         else:  # the rows in their storage dtype to the GPU, through pinned memory; shuffled and widened there
             storage = np.dtype(self.manifest.hook(self.hooks[0]).storage_dtype)
             capacity = self.chunks_per_window * self.manifest.chunk_rows * len(self.hooks) * d
             stored = self._buffers.take((len(self.hooks), n, d), storage, capacity)
-            jobs = [pool.submit(_unless(stop, self._fetch_into), i, stored[:, lo:hi]) for i, lo, hi in spans]
+            fetch = _unless(stop, self._fetch_into)
+            jobs = [pool.submit(fetch, i, stored[:, lo:hi]) for i, lo, hi in spans]
         for job in jobs:
             job.result()
         if self.device.type != "cpu":
