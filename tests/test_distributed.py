@@ -1,5 +1,6 @@
 """Data-parallel training: ``torchrun`` with 2 CPU ranks (gloo) against a single process, over HTTP."""
 
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,19 @@ from trainer.stream import ChunkStream, StreamPosition
 
 STEPS = 60
 BATCH = 256
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_exits_without_interpreter_finalization(world_size):
+    """A torchrun rank skips finalization (where a gloo worker releasing a Python tensor aborts the
+    process), its output flushed; a lone process exits normally. Both keep the exit code."""
+    script = ("import atexit; atexit.register(print, 'finalized'); from trainer.distributed import exit_process; "
+              "print('trained'); exit_process(3)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output to a pipe is buffered
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**env, "WORLD_SIZE": world_size})
+    assert result.returncode == 3
+    assert result.stdout.split() == (["trained"] if world_size == "2" else ["trained", "finalized"])
 
 
 def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811

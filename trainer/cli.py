@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trainer.client import CacheClient, CacheError, StoreReader
 from trainer.config import ConfigError, load_sweep
-from trainer.distributed import World
+from trainer.distributed import World, exit_process
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.train import RunError, Trainer
 
@@ -145,5 +145,10 @@ def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
+def run() -> None:
+    """The ``sae-train`` command (and ``python -m trainer``)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
