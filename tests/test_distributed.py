@@ -28,6 +28,15 @@ def test_a_rank_exits_without_interpreter_finalization(world_size):
     assert result.stdout.split() == (["trained"] if world_size == "2" else ["trained", "finalized"])
 
 
+def test_a_rank_that_crashes_prints_the_traceback_and_exits_1_the_same_way():
+    script = ("import atexit; atexit.register(print, 'finalized'); import trainer.cli as cli; "
+              "cli.main = lambda: 1 / 0; cli.run()")  # a bug in the trainer, not bad input
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WORLD_SIZE": "2"})
+    assert result.returncode == 1
+    assert "ZeroDivisionError" in result.stderr and "finalized" not in result.stdout
+
+
 def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811
     """Two lanes (two ranks' shares) see disjoint rows whose union is the epoch, every epoch."""
     with CacheClient(server.url) as client:

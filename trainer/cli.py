@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from trainer.client import CacheClient, CacheError, StoreReader
@@ -146,8 +147,14 @@ def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
 
 
 def run() -> None:
-    """The ``sae-train`` command (and ``python -m trainer``)."""
-    exit_process(main())
+    """The ``sae-train`` command (and ``python -m trainer``). A crash (a bug, not bad input) prints
+    its traceback and exits 1 through ``exit_process`` too, so a rank under torchrun cannot abort."""
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
 
 
 if __name__ == "__main__":
