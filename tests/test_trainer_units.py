@@ -197,6 +197,9 @@ def test_scatter_scaled_equals_the_torch_shuffle(dtype, d, misaligned, kernel):
         scatter_scaled(rows[200:], order[200:].numpy(), scales[c].item(), window, c, name)
     expected = shuffled_on_device(stored, torch.argsort(order), scales)
     assert torch.equal(torch.from_numpy(window)[order.sort().values], expected)
+    padded = torch.full((502, 3, d), -1.0)  # a GPU window's rows, with a free row before and after
+    assert shuffled_on_device(stored, torch.argsort(order), scales, out=padded[1:501]).data_ptr() == padded[1].data_ptr()
+    assert torch.equal(padded[1:501], expected) and (padded[[0, 501]] == -1).all()
     assert (np.delete(window, order.numpy(), axis=0) == -1).all()
     expected_kernel = {"non-temporal": _LINE_KERNELS.get((name, True)), "line": _LINE_KERNELS.get((name, False)),
                        "any width": _scatter_any_width}[kernel]

@@ -155,10 +155,13 @@ def _copy(to: Tensor, rows: Tensor) -> None:
 
 
 def shuffled_on_device(stored: Float[Tensor, "component rows d"], order: Int[Tensor, " rows"],
-                       scales: Float[Tensor, " component"]) -> Float[Tensor, "rows component d"]:
-    """A window on a GPU, in its storage dtype: its rows in ``order``, float32, scaled. What the
-    CPU's scatter computes, with torch ops (a GPU has the bandwidth for three passes)."""
-    return stored.transpose(0, 1).index_select(0, order).float().mul_(scales.view(-1, 1))
+                       scales: Float[Tensor, " component"],
+                       out: Float[Tensor, "rows component d"] | None = None) -> Float[Tensor, "rows component d"]:
+    """A window on a GPU, in its storage dtype: its rows in ``order``, float32, scaled, written to
+    ``out`` when given (a padded window's rows). What the CPU's scatter computes, with torch ops
+    (a GPU has the bandwidth for three passes)."""
+    picked = stored.transpose(0, 1).index_select(0, order)
+    return (picked.float() if out is None else out.copy_(picked)).mul_(scales.view(-1, 1))
 
 
 class ChunkStream:
@@ -277,7 +280,7 @@ class ChunkStream:
         if self.device.type != "cpu":
             on_device = to_torch(stored, self.manifest.dtype).pin_memory().to(self.device, non_blocking=True)
             rows = torch.empty((room + n + room, len(self.hooks), d), device=self.device)
-            rows[room : room + n] = shuffled_on_device(on_device, torch.from_numpy(order).to(self.device), self.scales)
+            shuffled_on_device(on_device, torch.from_numpy(order).to(self.device), self.scales, out=rows[room : room + n])
         return rows[:, 0] if len(self.hooks) == 1 else rows
 
     def load_rows(self, chunk_ids: list[int], pool: ThreadPoolExecutor) -> tuple[Tensor, Tensor]:
