@@ -28,6 +28,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def _launched_size() -> int:
+    """The number of ranks torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -37,7 +42,7 @@ class World:
     @classmethod
     def from_env(cls) -> "World":
         """The world torchrun describes in the environment (one process when there is none)."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
+        size = _launched_size()
         if size == 1:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -115,7 +120,7 @@ def exit_process(code: int) -> NoReturn:
     rank that leaves first; once in CI for the trainer's 2-rank test.
     By the time a rank exits, its files are closed and its own threads joined, so skipping
     finalization loses nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _launched_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

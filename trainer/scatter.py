@@ -3,7 +3,8 @@
 This is the loader's own work on the CPU, on top of what a raw download costs: each row is read
 once, from the per-thread buffer the socket just filled (a chunk, mostly still in cache), and
 written once, straight to where the window's permutation puts it, so a batch is then a slice of
-the window with no work left. Half floats are widened by LLVM's ``fpext`` (``vcvtph2ps`` on x86), bfloat16 by a shift.
+the window with no work left. Half floats are widened by LLVM's ``fpext`` (``vcvtph2ps`` on x86),
+bfloat16 by a shift.
 
 When rows are whole cache lines (a multiple of 16 float32s) and the window starts on one, each
 line is written with one non-temporal store: the window is written now and read a batch at a time
