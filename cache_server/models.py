@@ -9,6 +9,7 @@ Names that resolve:
 - any other name: a Hugging Face hub model (when ``allow_hub``). ``trust_remote_code`` is never set.
 """
 
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -95,10 +96,13 @@ class SourceModel:
                     f"{_PROBE_LEN}: it must be [batch, position, ...] with concat_dims "
                     f"({hook.concat_dims}) leaving batch and position as item axes"
                 )
-            d = 1
-            for size in shape[-hook.concat_dims :]:
-                d *= size
-            self._hook_d[hook] = d
+            if n_item_axes > 2:  # [batch, pos, head, d_head] at concat_dims 1: rows per token, not one
+                raise ModelError(
+                    f"hook '{hook.name}' has shape {list(shape)}: concat_dims={hook.concat_dims} would store "
+                    f"{math.prod(shape[2:-hook.concat_dims])} rows per token; use concat_dims={len(shape) - 2} "
+                    "for one row per token (every axis after position concatenated)"
+                )
+            self._hook_d[hook] = math.prod(shape[-hook.concat_dims :])
 
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, hooks: list[HookSpec]) -> dict[str, torch.Tensor]:

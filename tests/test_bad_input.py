@@ -22,6 +22,10 @@ def assert_refused(response, status: int, *phrases: str) -> None:
     ({"hooks": ["blocks.0.hook_nope"]}, 422, ["unknown hook", "blocks.0.hook_nope", "valid hooks:", "blocks.1.hook_resid_post"]),
     ({"hooks": ["blocks.0.attn.hook_pattern"]}, 422, ["must be [batch, position, ...]"]),
     ({"hooks": [{"name": "blocks.0.attn.hook_z", "concat_dims": 3}]}, 422, ["concat_dims"]),
+    # [batch, pos, head, d_head] at the default concat_dims 1 would be 4 rows a token: refused, never truncated
+    ({"hooks": ["blocks.0.attn.hook_z"]}, 422, ["4 rows per token", "use concat_dims=2"]),
+    ({"hooks": ["blocks.1.hook_resid_post", {"name": "blocks.0.attn.hook_q", "concat_dims": 1}]}, 422,
+     ["blocks.0.attn.hook_q", "use concat_dims=2"]),
     ({"hooks": ["../../x"]}, 422, ["hooks.0"]),
     ({"hooks": []}, 422, ["hooks"]),
     ({"n_tokens": 0}, 422, ["n_tokens", "greater than 0"]),
