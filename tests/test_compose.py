@@ -76,7 +76,7 @@ def test_the_services_command_lines_run_the_pipeline(tmp_path):
         result = subprocess.run([str(bin_dir / trainer_cmd[0]), *trainer_cmd[1:]], env=env, capture_output=True,
                                 text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "FVU" in result.stdout and len([l for l in result.stdout.splitlines() if l.startswith(("relu-", "topk-"))]) == 5
+        assert "FVU" in result.stdout and len([l for l in result.stdout.splitlines() if l.startswith(("relu-", "topk-"))]) == 6
         assert (tmp_path / "runs" / "default" / "train" / "eval.json").exists()
         assert list((tmp_path / "data" / "store" / "datasets").glob("*/zarr.json"))
     finally:

@@ -61,7 +61,9 @@ def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811
 
 def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False):  # noqa: F811
     sweep = out.parent / f"{out.name}.toml"
-    sweep.write_text(SWEEP.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
+    # No LR decay: it follows the run's budget, so the half run resumed to the whole would differ.
+    text = SWEEP.replace("[[sae]]\n", "[[sae]]\nlr_decay = 0\n")
+    sweep.write_text(text.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
     args = ["-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
             "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress"]
     if ranks > 1:

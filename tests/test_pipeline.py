@@ -14,7 +14,7 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     first = run_pipeline(tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     table = first.stdout.split("sae ")[-1].splitlines()
-    assert len([line for line in table if line.startswith(("relu-", "topk-"))]) == 5
+    assert len([line for line in table if line.startswith(("relu-", "topk-"))]) == 6
     assert (tmp_path / "train" / "eval.json").exists() and (tmp_path / "train" / "curves.png").exists()
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| SAE | L0 | FVU |" in report and "### Feature" in report and "«" in report

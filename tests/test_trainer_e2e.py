@@ -33,14 +33,14 @@ eval_chunks = 4
 activation = "relu"
 l1_coefficient = 1e-3
 lr = 1e-3
-lr_warmup_steps = 20
-sparsity_warmup_steps = 50
+lr_warmup = 20
+sparsity_warmup = 50
 
 [[sae]]
 activation = "topk"
 k = 8
 lr = 1e-3
-lr_warmup_steps = 20
+lr_warmup = 20
 """
 
 
@@ -169,7 +169,11 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     out = tmp_path / "run"
     code = sae_train(["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[1],
                       "--out", str(out), "--config", str(sweep_file), "--no-progress"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # The TopK SAE's dead-latent window (1M tokens) outlasts the 76,800-token run: said, once, before training.
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "topk" in warnings[0] and "AuxK / resampling never act" in warnings[0], err
     results = json.loads((out / "eval.json").read_text())
     assert len(results) == 2
     for r in results:
@@ -243,7 +247,17 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     bad_sweep.write_text("[[sae]]\nl1_coef = 3\n")
     odd_lanes = tmp_path / "lanes.toml"
     odd_lanes.write_text("[run]\nbatch_size = 256\nlanes = 3\n")
+    sweeps = {name: tmp_path / f"{name}.toml" for name in ("big_k", "prefixes", "schedule", "fraction")}
+    sweeps["big_k"].write_text("[[sae]]\nk = 5000\n")  # d_sae is 8 x 64 = 512
+    sweeps["prefixes"].write_text('[[sae]]\nobjective = "matryoshka"\nmatryoshka_prefixes = [64, 1024]\n')
+    sweeps["schedule"].write_text("[run]\ntokens = 2560\nbatch_size = 256\n[[sae]]\nlr_warmup = 8\nlr_decay = 4\n")
+    sweeps["fraction"].write_text("[[sae]]\nlr_decay = 20.0\n")
     cases = [
+        # checked against the dataset and budget before the first step: no run folder is left
+        (["--config", str(sweeps["big_k"]), "--out", str(tmp_path / "k")], "k=5000 must be below d_sae=512"),
+        (["--config", str(sweeps["prefixes"]), "--out", str(tmp_path / "m")], "matryoshka_prefixes [64, 1024] must lie in"),
+        (["--config", str(sweeps["schedule"]), "--out", str(tmp_path / "s")], "is longer than the run's 10 steps"),
+        (["--config", str(sweeps["fraction"]), "--out", str(tmp_path / "fr")], "lr_decay=20.0: a float is a fraction"),
         (["--config", str(bad_sweep), "--out", str(tmp_path / "a")], "unknown key(s) ['l1_coef']"),
         (["--cache-url", "http://127.0.0.1:9", "--out", str(tmp_path / "b")], "cannot reach cache server"),
         (["--dataset", "0123456789abcdef01234567", "--out", str(tmp_path / "c")], "unknown dataset"),
@@ -258,6 +272,8 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
         assert result.returncode == 1, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sae-train: error:") and message in lines[0], result.stderr
+    for name in ("k", "m", "s", "fr"):
+        assert not (tmp_path / name).exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -17,24 +17,64 @@ from trainer.scatter import _LINE_KERNELS, _kernel_for, _scatter_any_width, scat
 from trainer.stream import shuffled_on_device
 
 
-def test_initialisation_follows_sparse_autoencoder():
+def test_initialisation_small_decoder_rows_encoder_as_their_transpose():
     median = torch.tensor([1.0, -2.0, 0.5, 3.0])
     sae = SparseAutoencoder(SAEConfig(expansion=4), d_in=4, geometric_median_dataset=median)
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(1, 16))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((1, 16), 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.transpose(1, 2))
     assert torch.equal(sae.b_dec[0], median) and not sae.b_enc.any()
+    assert not SparseAutoencoder(SAEConfig(expansion=4), d_in=4).b_dec.any()  # zeros without a median
 
 
-def test_unit_norm_decoder_survives_a_step():
-    sae = SparseAutoencoder(SAEConfig(expansion=2), d_in=8)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=0.1)
-    x = torch.randn(64, 8)
-    sae_loss(sae, x, 1e-3, None).loss.backward()
-    sae.remove_parallel_gradient()
-    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5  # no component along the rows
-    optimizer.step()
-    sae.post_backwards_hook()
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(1, 16))
+def test_initialisation_from_data_puts_each_latent_on_a_distinct_row():
+    rows = torch.randn(40, 4)
+    sae = SparseAutoencoder(SAEConfig(d_sae=16, seed=3), d_in=4)
+    sae.initialize_from_data(rows)
+    directions = rows / rows.norm(dim=-1, keepdim=True)
+    cosines = (sae.W_dec[0] / 0.1) @ directions.T  # [16, 40]: each latent matches one row exactly
+    torch.testing.assert_close(cosines.max(dim=1).values, torch.ones(16))
+    assert len(set(cosines.argmax(dim=1).tolist())) == 16
+    assert torch.equal(sae.W_enc, sae.W_dec.transpose(1, 2))
+    few = SparseAutoencoder(SAEConfig(d_sae=16), d_in=4)
+    before = few.W_dec.detach().clone()
+    few.initialize_from_data(rows[:5])  # fewer rows than latents: the rest keep their random rows
+    assert torch.equal(few.W_dec[0, 5:], before[0, 5:]) and not torch.equal(few.W_dec[0, :5], before[0, :5])
+
+
+def test_the_sae_computes_with_unit_decoder_rows_and_scales_in_the_encoder():
+    """weights() is the same function as the stored parameters (SAELens' decoder-norm rescaling):
+    an activation is what the latent adds to the reconstruction, through a unit-norm row."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation="relu", expansion=2), d_in=8)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(1, 16, 1) * 3)  # rows of any norm
+        sae.b_enc.normal_()
+    x = torch.randn(32, 8)
+    w = sae.weights()
+    torch.testing.assert_close(w.W_dec.norm(dim=-1), torch.ones(1, 16))
+    stored = torch.relu((x - sae.b_dec) @ sae.W_enc[0] + sae.b_enc) @ sae.W_dec[0] + sae.b_dec
+    torch.testing.assert_close(sae(x).decoded_activations, stored)
+    acts = sae(x).learned_activations
+    torch.testing.assert_close(acts, torch.relu((x - sae.b_dec) @ sae.W_enc[0] + sae.b_enc) * sae.W_dec.norm(dim=-1))
+
+
+def test_the_loss_is_on_saelens_scale():
+    """Squared error summed over d_in and L1 summed over latents, both averaged over rows (SAELens'
+    StandardTrainingSAE), so a coefficient carries over from a SAELens config."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation="relu", expansion=2), d_in=8)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(1, 16, 1) * 3)
+    x = torch.randn(32, 8)
+    out = sae_loss(sae, x, 3.0, None)
+    pre = (x - sae.b_dec) @ sae.W_enc[0] + sae.b_enc
+    acts = torch.relu(pre)
+    recon = acts @ sae.W_dec[0] + sae.b_dec
+    mse = (recon - x).pow(2).sum(-1).mean()
+    l1 = (acts * sae.W_dec[0].norm(dim=-1)).sum(-1).mean()  # SAELens: decoder-norm-weighted, summed
+    torch.testing.assert_close(out.mse, mse)
+    torch.testing.assert_close(out.sparsity, l1)
+    torch.testing.assert_close(out.loss, mse + 3.0 * l1)
 
 
 @pytest.mark.parametrize("objective", ["vanilla", "matryoshka"])
@@ -52,9 +92,10 @@ def test_sparse_topk_matches_the_dense_computation(objective, n_components, monk
     dense = SparseAutoencoder(cfg, d_in=16, n_components=n_components)
     dense.load_state_dict(sparse.state_dict())
     sparse_loss = sae_loss(sparse, x, 0.0, None).loss
-    xc = dense._components_first(x)
-    acts = dense.activate(dense.pre_activations(xc), training=True)
-    dense_loss = _matryoshka_dense(dense, acts, xc) if objective == "matryoshka" else (dense.decode(acts) - xc).pow(2).mean()
+    xc, w = dense._components_first(x), dense.weights()
+    acts = dense.activate(dense.pre_activations(xc, w), training=True)
+    dense_loss = (_matryoshka_dense(dense, acts, xc, w) if objective == "matryoshka"
+                  else (dense.decode(acts, w) - xc).pow(2).sum(-1).mean())
     torch.testing.assert_close(sparse_loss, dense_loss)
     sparse_loss.backward()
     dense_loss.backward()
@@ -93,7 +134,7 @@ def test_aux_k_gives_dead_latents_a_gradient():
 
 def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SAEConfig(expansion=2), d_in=4)
+    sae = SparseAutoencoder(SAEConfig(activation="relu", expansion=2), d_in=4)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     x = torch.randn(128, 4)
     sae_loss(sae, x, 1e-3, None).loss.backward()
@@ -103,7 +144,7 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     before = sae.W_dec.detach().clone()
     assert resample_dead_neurons(sae, optimizer, dead, x, torch.Generator().manual_seed(0)) == 2
     assert not torch.equal(sae.W_dec[0, 1], before[0, 1]) and torch.equal(sae.W_dec[0, 0], before[0, 0])
-    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.full((2,), 0.1))
     state = optimizer.state[sae.W_enc]
     assert not state["exp_avg"][0][:, [1, 5]].any() and state["exp_avg"][0][:, 0].any()
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
@@ -111,7 +152,7 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
 
 
 def test_evaluate_against_a_hand_computed_case():
-    sae = SparseAutoencoder(SAEConfig(d_sae=3), d_in=2)
+    sae = SparseAutoencoder(SAEConfig(activation="relu", d_sae=3), d_in=2)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, -1.0]]]))
         sae.b_enc.copy_(torch.tensor([[0.0, 0.0, -5.0]]))  # latent 2 never fires
@@ -134,12 +175,12 @@ def test_geometric_median_resists_outliers():
 
 def test_sweep_files(tmp_path):
     sweep_file = tmp_path / "sweep.toml"
-    sweep_file.write_text('[run]\nbatch_size = 512\n[[sae]]\nl1_coefficient = [1e-3, 1e-2]\n'
-                          '[[sae]]\nactivation = "topk"\nk = [16, 32]\n')
+    sweep_file.write_text('[run]\nbatch_size = 512\n[[sae]]\nactivation = "relu"\nl1_coefficient = [1e-3, 1e-2]\n'
+                          '[[sae]]\nk = [16, 32]\n')
     sweep = load_sweep(sweep_file, {"tokens": 1000})
     assert sweep.run.batch_size == 512 and sweep.run.tokens == 1000
     assert [(c.activation, c.l1_coefficient, c.k) for c in sweep.saes] == [
-        ("relu", 1e-3, 32), ("relu", 1e-2, 32), ("topk", 1e-3, 16), ("topk", 1e-3, 32)]
+        ("relu", 1e-3, 32), ("relu", 1e-2, 32), ("topk", 5.0, 16), ("topk", 5.0, 32)]
     assert [len(g) for g in split_cfgs(list(sweep.saes))] == [2, 2]
 
 
@@ -236,3 +277,35 @@ def test_window_permutation_is_seeded_uniform_and_inverted_by_places():
     counts = collections.Counter(tuple(permutation(3, seed_of(7, k)).tolist()) for k in range(60_000))
     assert len(counts) == 6 and all(abs(c - 10_000) < 500 for c in counts.values())
     assert permutation(0, seed_of(1)).shape == (0,) and permutation(1, seed_of(1)).tolist() == [0]
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_an_export_computes_what_the_trained_sae_computes_on_raw_inputs(activation, tmp_path):
+    """Input scale folded into the files and decoder rows of any norm: the loaded SAE on raw rows
+    is the trained SAE on scaled rows, unscaled (BatchTopK through its calibrated threshold)."""
+    from trainer.export import export_saelens, load_saelens
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation=activation, expansion=4, k=3, jumprelu_threshold=0.05), d_in=8)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(1, 32, 1) * 3)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_()
+    raw, scale = torch.randn(64, 8) * 5, 0.3
+    if activation == "batchtopk":
+        sae.calibrate_threshold(raw * scale)
+    export_saelens(sae.eval(), tmp_path, component=0, scale=scale, metadata={})
+    loaded, _ = load_saelens(tmp_path)
+    expected = sae(raw * scale)
+    got = loaded(raw)
+    torch.testing.assert_close(got.decoded_activations, expected.decoded_activations / scale, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.learned_activations > 0, expected.learned_activations > 0)
+
+
+def test_batchtopk_threshold_is_calibrated_to_k_on_the_rows_given():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation="batchtopk", k=4, expansion=4), d_in=8)
+    x = torch.randn(300, 8)
+    sae.calibrate_threshold(x, rows=64)  # blocks of 64 rows: the same as all at once
+    acts = sae.eval()(x).learned_activations
+    assert (acts > 0).sum().item() == 4 * 300

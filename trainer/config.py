@@ -17,20 +17,50 @@ Objective = Literal["vanilla", "matryoshka"]
 
 @dataclass(frozen=True)
 class SAEConfig:
-    activation: Activation = "relu"
+    """One SAE. Defaults are the measured recipe (bench/quality.py): TopK k=32 at x8, Anthropic's
+    and SAELens' initialisation (small decoder rows, encoder as their transpose, decoder bias at
+    zero), Adam with gradient-norm clipping, the LR decayed to 0 over the last part of the run.
+
+    Schedules (``lr_warmup``, ``lr_decay``, ``sparsity_warmup``) are relative to the run: a float
+    is a fraction of its steps, an int a number of steps."""
+
+    activation: Activation = "topk"
     objective: Objective = "vanilla"
     expansion: int = 8
     """d_sae = expansion * d_in (ignored when d_sae is set)."""
     d_sae: int | None = None
     k: int = 32
     """Active latents per token for topk / batchtopk."""
-    l1_coefficient: float = 1e-3
-    """Sparsity coefficient: L1 (relu) or L0 (jumprelu); unused by topk / batchtopk."""
-    lr: float = 4e-4
-    lr_warmup_steps: int = 100
-    sparsity_warmup_steps: int = 500
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient on SAELens' scale (squared error summed over d_in, penalty summed over
+    latents, both averaged over rows): L1 of the decoder-norm-weighted activations (relu) or the
+    L0 (jumprelu); unused by topk / batchtopk."""
+    lr: float = 1e-3
+    lr_warmup: float = 0.0
+    """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
+    lr_decay: float = 0.2
+    """Linear LR decay to 0 at the end of the run (fraction of the run's steps, or steps)."""
+    sparsity_warmup: float = 0.0
+    """Linear warmup of the sparsity coefficient from 0 (fraction of the run's steps, or steps)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's norm to this before each step (0: no clipping), as SAELens does."""
+    decoder_init: Literal["data", "random"] = "data"
+    """Directions of the decoder rows at initialisation: those of distinct random training rows
+    (every latent starts on the data, so fewer die), or random ones (SAELens)."""
+    decoder_init_norm: float = 0.1
+    """Norm of the decoder rows at initialisation (the encoder starts as their transpose)."""
+    b_dec_init: Literal["zeros", "geometric_median"] = "zeros"
+    """Decoder bias at initialisation: zeros, or the geometric median of a sample of the data
+    (sparse_autoencoder's choice; measured denser and worse for short runs)."""
     jumprelu_threshold: float = 1e-3
+    """JumpReLU's initial threshold (in activation units: what a latent adds to the reconstruction)."""
     jumprelu_bandwidth: float = 1e-3
+    """Width of the rectangle kernel of the threshold's straight-through gradient."""
+    jumprelu_sparsity: Literal["tanh", "step"] = "tanh"
+    """JumpReLU's penalty: sum of tanh(jumprelu_tanh_scale * activation) (Anthropic, 2025), whose
+    gradient reaches the encoder, or DeepMind's L0 step, whose gradient reaches only the thresholds
+    (too slow to sparsify a short run: measured dense)."""
+    jumprelu_tanh_scale: float = 4.0
     matryoshka_prefixes: tuple[int, ...] = ()
     """Dictionary prefix sizes for matryoshka; default d_sae/8, d_sae/4, d_sae/2, d_sae."""
     aux_k: int = 256
@@ -40,6 +70,10 @@ class SAEConfig:
     resample_every: int = 0
     """Resample dead latents every N steps (0: never), sparse_autoencoder style."""
     seed: int = 0
+
+    def schedule_steps(self, total_steps: int) -> dict[str, int]:
+        """``lr_warmup``, ``lr_decay`` and ``sparsity_warmup`` in steps of a run of ``total_steps``."""
+        return {name: steps_of(getattr(self, name), total_steps) for name in ("lr_warmup", "lr_decay", "sparsity_warmup")}
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -89,6 +123,38 @@ class ConfigError(ValueError):
     pass
 
 
+def steps_of(value: float, total_steps: int) -> int:
+    """A schedule length: an int is steps, a float a fraction of ``total_steps``.
+
+    >>> steps_of(100, 1000), steps_of(0.05, 1000), steps_of(0.0, 1000)
+    (100, 50, 0)
+    """
+    return value if isinstance(value, int) else round(value * total_steps)
+
+
+def check_for_run(cfg: SAEConfig, d_in: int, total_steps: int, run_tokens: int) -> list[str]:
+    """Refuse (``ConfigError``) what cannot train on this data and budget; return warnings for what
+    will train but not as asked. Runs before the first step."""
+    where, d_sae = f"SAE {cfg.name()}", cfg.width(d_in)
+    if cfg.activation in ("topk", "batchtopk") and cfg.k >= d_sae:
+        raise ConfigError(f"{where}: k={cfg.k} must be below d_sae={d_sae} (d_in {d_in} x expansion {cfg.expansion})")
+    if cfg.objective == "matryoshka" and not all(0 < m <= d_sae for m in cfg.prefixes(d_in)):
+        raise ConfigError(f"{where}: matryoshka_prefixes {list(cfg.prefixes(d_in))} must lie in 1..d_sae={d_sae}")
+    steps = cfg.schedule_steps(total_steps)
+    if steps["lr_warmup"] + steps["lr_decay"] > total_steps:
+        raise ConfigError(f"{where}: lr_warmup ({steps['lr_warmup']} steps) + lr_decay ({steps['lr_decay']} steps) "
+                          f"is longer than the run's {total_steps} steps; give them as fractions (e.g. 0.05)")
+    warnings = []
+    if steps["sparsity_warmup"] > total_steps and cfg.activation in ("relu", "jumprelu"):
+        warnings.append(f"{where}: sparsity_warmup ({steps['sparsity_warmup']} steps) outlasts the run's "
+                        f"{total_steps} steps: the sparsity coefficient never reaches {cfg.l1_coefficient:g}")
+    uses_dead = cfg.resample_every or cfg.activation in ("topk", "batchtopk")
+    if uses_dead and cfg.dead_after_tokens >= run_tokens:
+        warnings.append(f"{where}: dead_after_tokens={cfg.dead_after_tokens:,} is not below the run's "
+                        f"{run_tokens:,} tokens: no latent will count as dead, so AuxK / resampling never act")
+    return warnings
+
+
 def _build(cls, table: dict, where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(known))
@@ -103,6 +169,9 @@ def _build(cls, table: dict, where: str):
     return cfg
 
 
+_SCHEDULES = ("lr_warmup", "lr_decay", "sparsity_warmup")
+
+
 def _check(cfg, where: str) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -111,6 +180,9 @@ def _check(cfg, where: str) -> None:
             raise ConfigError(f"{where}: {f.name}={value!r} is not one of {list(allowed)}")
         if f.type in (int, float, "int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{where}: {f.name}={value!r} is not a number")
+        if f.name in _SCHEDULES and isinstance(value, float) and value > 1:
+            raise ConfigError(f"{where}: {f.name}={value!r}: a float is a fraction of the run's steps (at most 1); "
+                              f"an int counts steps")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{where}: {f.name}={value!r} must not be negative")
     for name in ("expansion", "k", "lr", "batch_size", "tokens"):
@@ -153,7 +225,7 @@ CANNOT_PARALLELIZE = ("activation", "objective")
 def split_cfgs(cfgs: list[SAEConfig]) -> list[list[SAEConfig]]:
     """Group configs that can be trained together (saev's ``split_cfgs``).
 
-    >>> groups = split_cfgs([SAEConfig(l1_coefficient=1e-3), SAEConfig(activation="topk"), SAEConfig(lr=1e-3)])
+    >>> groups = split_cfgs([SAEConfig(activation="relu"), SAEConfig(activation="topk"), SAEConfig(activation="relu", lr=1e-3)])
     >>> [len(g) for g in groups]
     [2, 1]
     """

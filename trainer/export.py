@@ -21,10 +21,11 @@ ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumpr
 
 def saelens_state(sae: SparseAutoencoder, component: int, scale: float) -> dict[str, torch.Tensor]:
     """One component's weights with the input scale folded in: x' = scale * x."""
+    w = sae.weights()  # unit-norm decoder rows: what SAELens' tools expect
     state = {
-        "W_enc": sae.W_enc[component] * scale,
-        "b_enc": sae.b_enc[component],
-        "W_dec": sae.W_dec[component] / scale,
+        "W_enc": w.W_enc[component] * scale,
+        "b_enc": w.b_enc[component],
+        "W_dec": w.W_dec[component] / scale,
         "b_dec": sae.b_dec[component] / scale,
     }
     if sae.cfg.activation == "jumprelu":
@@ -60,7 +61,10 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
 
 
 def load_saelens(folder: Path) -> tuple[SparseAutoencoder, dict]:
-    """An exported SAE, on raw activations (``n_components`` None)."""
+    """An exported SAE, on raw activations (``n_components`` None). It computes what the file's
+    weights compute (decoder rows of any norm); a TopK's latents are ranked by what they add to
+    the reconstruction, which is the file's ranking when its rows share one norm (SAELens folds
+    them to 1; this project's exports have 1 / input scale)."""
     cfg = json.loads((folder / "cfg.json").read_text())
     state = load_file(folder / "sae_weights.safetensors")
     activation = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[cfg["architecture"]]
@@ -70,5 +74,8 @@ def load_saelens(folder: Path) -> tuple[SparseAutoencoder, dict]:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(state[name].unsqueeze(0))
         if activation == "jumprelu":
-            sae.log_threshold.copy_(state["threshold"].clamp_min(1e-12).log().unsqueeze(0))
+            # The SAE thresholds what a latent adds through a unit-norm row: the file's threshold
+            # times its decoder row's norm (1 / input scale for this project's exports).
+            threshold = state["threshold"] * state["W_dec"].norm(dim=-1)
+            sae.log_threshold.copy_(threshold.clamp_min(1e-12).log().unsqueeze(0))
     return sae, cfg

@@ -2,7 +2,7 @@
 
 Starts a cache server on 127.0.0.1, harvests all-MiniLM-L6-v2 (a residual stream and an MLP
 output) on the built-in corpus, trains a small sweep on the residual stream from the cache URL
-(ReLU + L1 at three coefficients, TopK at two k), prints a results table, and stops the server
+(TopK at k = 16, 32, 64, 128 and ReLU + L1 at two coefficients: an L0 frontier), prints a results table, and stops the server
 (also on Ctrl-C). A second run is a cache hit for the harvest and resumes (or reuses) the training.
 """
 
@@ -40,9 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_sweep(train_tokens: int) -> Sweep:
-    common = dict(expansion=4, lr=1e-3, lr_warmup_steps=20, sparsity_warmup_steps=50)
-    saes = [SAEConfig(activation="relu", l1_coefficient=c, **common) for c in (1e-3, 3e-3, 1e-2)]
-    saes += [SAEConfig(activation="topk", k=k, **common) for k in (16, 32)]
+    """An L0 frontier from 16 to 128 active latents: TopK at four k, ReLU + L1 at two
+    coefficients (SAELens' scale); every other setting the trainer's default recipe."""
+    saes = [SAEConfig(activation="topk", k=k, expansion=4) for k in (16, 32, 64, 128)]
+    saes += [SAEConfig(activation="relu", l1_coefficient=c, expansion=4) for c in (2.0, 5.0)]
     run = RunConfig(batch_size=1024, tokens=train_tokens, shuffle_buffer_rows=65_536, eval_chunks=4,
                     log_every=20, checkpoint_every=100)
     return Sweep(run=run, saes=tuple(saes))

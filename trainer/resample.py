@@ -17,8 +17,8 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
     Inputs are drawn with probability proportional to their squared reconstruction loss.
     Returns the number of latents resampled.
     """
-    xc = sae._components_first(inputs)
-    recon = sae.decode(sae.activate(sae.pre_activations(xc), training=False))
+    xc, w = sae._components_first(inputs), sae.weights()
+    recon = sae.decode(sae.activate(sae.pre_activations(xc, w), training=False), w)
     losses = (recon - xc).pow(2).sum(-1)  # [component, n]
     total = 0
     for c in range(xc.shape[0]):
@@ -31,9 +31,11 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         directions = xc[c, picks] - sae.b_dec[c]
         directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         alive = ~dead[c]
-        enc_norm = sae.W_enc[c][:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-        sae.W_dec[c, ids] = directions
-        sae.W_enc[c][:, ids] = directions.T * enc_norm * ENCODER_NORM_FACTOR
+        enc_norm = w.W_enc[c][:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        # Stored rows at the decoder's initial norm; the computing encoder as sparse_autoencoder sets it.
+        row_norm = sae.cfg.decoder_init_norm
+        sae.W_dec[c, ids] = directions * row_norm
+        sae.W_enc[c][:, ids] = directions.T * (enc_norm * ENCODER_NORM_FACTOR / row_norm)
         sae.b_enc[c, ids] = 0
         for detail in sae.reset_optimizer_parameter_details:
             state = optimizer.state.get(detail.parameter, {})

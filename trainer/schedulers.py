@@ -1,4 +1,5 @@
-"""Schedules and budgets, as in saev: ``Warmup`` (linear ramp) and ``BatchLimiter`` (token budget)."""
+"""Schedules and budgets, as in saev: ``Warmup`` (linear ramp), ``LRSchedule`` (warmup, constant,
+linear decay to 0 at the end of the run) and ``BatchLimiter`` (token budget)."""
 
 from collections.abc import Iterable, Iterator
 
@@ -29,6 +30,30 @@ class Warmup:
 
     def __repr__(self) -> str:
         return f"Warmup(init={self.init}, final={self.final}, n_steps={self.n_steps})"
+
+
+class LRSchedule(Warmup):
+    """``Warmup`` from 0 to ``lr`` over ``warmup_steps``, then constant, then a linear decay to 0
+    over the last ``decay_steps`` of ``total_steps`` (Anthropic's recipe decays over the last 20%),
+    its last step at ``lr / (decay_steps + 1)``, not at 0 (a step that would change nothing).
+
+    >>> s = LRSchedule(1.0, warmup_steps=2, decay_steps=2, total_steps=6)
+    >>> [round(s.step(), 3) for _ in range(6)]
+    [0.5, 1.0, 1.0, 1.0, 0.667, 0.333]
+    """
+
+    def __init__(self, lr: float, warmup_steps: int, decay_steps: int, total_steps: int):
+        super().__init__(0.0, lr, warmup_steps)
+        self.decay_steps, self.total_steps = decay_steps, total_steps
+
+    def step(self) -> float:
+        lr = super().step()
+        left = self.total_steps - self._step + 1  # this step and those after it
+        return lr * min(1.0, left / (self.decay_steps + 1)) if self.decay_steps else lr
+
+    def __repr__(self) -> str:
+        return f"LRSchedule(lr={self.final}, warmup_steps={self.n_steps}, decay_steps={self.decay_steps}, " \
+               f"total_steps={self.total_steps})"
 
 
 class BatchLimiter:

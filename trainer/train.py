@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,14 +21,14 @@ from tqdm.auto import tqdm
 
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient
-from trainer.config import RunConfig, SAEConfig, Sweep, split_cfgs
+from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, split_cfgs
 from trainer.distributed import World
 from trainer.export import export_saelens
 from trainer.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
 from trainer.objectives import sae_loss
 from trainer.resample import resample_dead_neurons
 from trainer.sae import SparseAutoencoder
-from trainer.schedulers import Warmup
+from trainer.schedulers import LRSchedule, Warmup
 from trainer.sinks import JsonlSink
 from trainer.stream import Batch, ChunkStream, StreamPosition
 
@@ -67,7 +68,7 @@ class SAEState:
     cfg: SAEConfig
     sae: SparseAutoencoder
     optimizer: torch.optim.Optimizer
-    lr: Warmup
+    lr: LRSchedule
     sparsity: Warmup
     tokens_since_fired: torch.Tensor
     objective: torch.nn.Module | None = None
@@ -97,9 +98,9 @@ def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
     out = s.objective(x, s.sparsity.step(), dead if dead.any() else None)
     s.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
-    s.sae.remove_parallel_gradient()
+    if s.cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(s.sae.parameters(), s.cfg.max_grad_norm, foreach=True)
     s.optimizer.step()
-    s.sae.post_backwards_hook()
     s.tokens_since_fired += x.shape[0] * world.size
     s.tokens_since_fired[world.any_(out.fired)] = 0
     return out
@@ -162,8 +163,22 @@ class Trainer:
         return {"dataset_id": self.manifest.dataset_id, "hooks": self.hooks,
                 "run": run, "saes": [dataclasses.asdict(c) for c in self.sweep.saes]}
 
+    @property
+    def total_steps(self) -> int:
+        return self.run.tokens // self.run.batch_size
+
+    def check_sweep(self) -> list[str]:
+        """Refuse SAEs that cannot train on this dataset and budget (``ConfigError``); warnings for
+        those that will train, but not as asked."""
+        if self.total_steps == 0:
+            raise RunError(f"tokens={self.run.tokens:,} is less than one batch of {self.run.batch_size:,} rows")
+        return [w for cfg in self.sweep.saes for w in check_for_run(cfg, self.d_in, self.total_steps, self.run.tokens)]
+
     def prepare(self, resume: bool) -> None:
         """Check (rank 0) and open the run folder; load its checkpoint or initialise the SAEs."""
+        for warning in self.check_sweep():
+            if self.world.main:
+                print(f"warning: {warning}", file=sys.stderr)
         error = None
         if self.world.main:
             try:
@@ -194,22 +209,33 @@ class Trainer:
         run_file.write_text(json.dumps(self.identity(), indent=1))
 
     def _init_saes(self) -> None:
-        sample = self._median_sample()
-        sample = sample.unsqueeze(1) if sample.dim() == 2 else sample
-        medians = torch.stack([geometric_median(sample[:, c]) for c in range(sample.shape[1])])
+        cfgs = self.sweep.saes
+        sample = medians = None
+        if any(c.b_dec_init == "geometric_median" or c.decoder_init == "data" for c in cfgs):
+            sample = self._training_sample(max([8192] + [c.width(self.d_in) for c in cfgs if c.decoder_init == "data"]))
+        if any(c.b_dec_init == "geometric_median" for c in cfgs):
+            rows = sample[:8192].unsqueeze(1) if sample.dim() == 2 else sample[:8192]
+            medians = torch.stack([geometric_median(rows[:, c]) for c in range(rows.shape[1])])
         self._build_saes(medians)
+        for s in self.saes:
+            if s.cfg.decoder_init == "data":
+                s.sae.initialize_from_data(sample)
 
-    def _build_saes(self, medians: torch.Tensor) -> None:
+    def _build_saes(self, medians: torch.Tensor | None) -> None:
         self.saes = []
         for cfg in self.sweep.saes:
-            sae = SparseAutoencoder(cfg, self.d_in, self.n_components, geometric_median_dataset=medians).to(self.device)
+            sae = SparseAutoencoder(cfg, self.d_in, self.n_components,
+                                    geometric_median_dataset=medians if cfg.b_dec_init == "geometric_median" else None)
+            sae = sae.to(self.device)
+            steps = cfg.schedule_steps(self.total_steps)
             self.saes.append(SAEState(
                 cfg=cfg, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
-                lr=Warmup(0.0, cfg.lr, cfg.lr_warmup_steps), sparsity=Warmup(0.0, cfg.l1_coefficient, cfg.sparsity_warmup_steps),
+                lr=LRSchedule(cfg.lr, steps["lr_warmup"], steps["lr_decay"], self.total_steps),
+                sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
                 tokens_since_fired=torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
 
-    def _median_sample(self, max_rows: int = 8192) -> torch.Tensor:
-        """Rows of the first training chunks, for the geometric-median initialisation of b_dec."""
+    def _training_sample(self, max_rows: int = 8192) -> torch.Tensor:
+        """Rows of the first training chunks (b_dec's geometric median; BatchTopK's threshold)."""
         with ThreadPoolExecutor(self.run.fetch_threads) as pool:
             chunk_ids = self.stream.epoch_order(0)[: max(1, -(-max_rows // self.manifest.chunk_rows))]
             rows, _ = self.stream.load_rows(chunk_ids, pool)
@@ -232,7 +258,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self._build_saes(torch.zeros(self.n_components or 1, self.d_in))  # every value comes from the checkpoint
+        self._build_saes(None)  # every value comes from the checkpoint
         for s, saved in zip(self.saes, state["saes"], strict=True):
             s.sae.load_state_dict(saved["model"])
             s.optimizer.load_state_dict(saved["optimizer"])
@@ -260,7 +286,7 @@ class Trainer:
     def train(self, max_steps: int | None = None, should_stop=lambda: False) -> None:
         """Train until the token budget, ``max_steps`` more steps, or ``should_stop()`` (Ctrl-C)."""
         run, world = self.run, self.world
-        total_steps = run.tokens // run.batch_size
+        total_steps = self.total_steps
         groups = split_cfgs(list(self.sweep.saes))
         bar = tqdm(total=total_steps * run.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
                    desc="train", disable=not self.progress)
@@ -327,13 +353,18 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return self.step >= self.run.tokens // self.run.batch_size
+        return self.step >= self.total_steps
 
     # -- evaluation and export -------------------------------------------------------------------
     def evaluate_and_export(self) -> list[dict]:
         rows, _ = self.stream.evaluation_rows()
         from trainer import plots
 
+        if any(s.cfg.activation == "batchtopk" for s in self.saes):
+            sample = self._training_sample().to(self.device)
+            for s in self.saes:
+                if s.cfg.activation == "batchtopk":
+                    s.sae.calibrate_threshold(sample)
         results = []
         for s in self.saes:
             metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size)
