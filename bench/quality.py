@@ -1,0 +1,168 @@
+"""SAE quality, side by side: a fixed sweep trained by this project's trainer and by SAELens on the
+same cached activations, the same budget and the same held-out rows.
+
+    .venv/bin/python bench/quality.py [--lr 4e-4] [--tokens 409600] [--saelens-python /work/saelens-venv/bin/python]
+
+The data is the offline default: all-MiniLM-L6-v2 ``blocks.3.hook_resid_post`` harvested by a cache
+server started here (float32, context 128, the whole built-in corpus: 290,944 rows), normalised as
+the trainer does (mean norm sqrt(d)). 16 chunks (20,480 rows) are held out; no SAE sees them. This
+project trains through its real path (stream from the server, ``Trainer``, export); its figures are
+computed from the exported safetensors on the held-out rows in the model's units. SAELens (its own
+virtual environment, see bench/saelens_reference.py) trains on the same training rows, shuffled,
+and is evaluated on the same held-out rows. Both use batch 4096, d_sae 3072 (x8) and the given lr
+with no warmup or decay; every other setting is each library's default.
+
+Prints one row per SAE (L0, FVU, dead %, training tokens/s, each side) and writes
+``frontier.png`` (FVU against L0, log axes; marker = architecture, colour = library) and
+``quality.json`` into --out.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.client import CacheClient  # noqa: E402
+from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
+from trainer.export import load_saelens  # noqa: E402
+from trainer.local_server import LocalServer  # noqa: E402
+from trainer.metrics import evaluate  # noqa: E402
+from trainer.train import Trainer  # noqa: E402
+
+HOOK = "blocks.3.hook_resid_post"
+HARVEST = {"model": "all-MiniLM-L6-v2", "hooks": [HOOK], "corpus": "default", "n_tokens": 290_944,
+           "context_size": 128, "dtype": "float32", "batch_size": 32}
+# (label, this project's config, SAELens' arch and flags)
+SWEEP = [
+    ("topk k16", dict(activation="topk", k=16), ("topk", ["--k", "16"])),
+    ("topk k32", dict(activation="topk", k=32), ("topk", ["--k", "32"])),
+    ("batchtopk k32", dict(activation="batchtopk", k=32), ("batchtopk", ["--k", "32"])),
+    ("matryoshka-batchtopk k32", dict(activation="batchtopk", objective="matryoshka", k=32),
+     ("matryoshka_batchtopk", ["--k", "32"])),
+    ("relu l1 3", dict(activation="relu", l1_coefficient=3.0), ("standard", ["--coefficient", "3"])),
+    ("relu l1 5", dict(activation="relu", l1_coefficient=5.0), ("standard", ["--coefficient", "5"])),
+    ("jumprelu 1", dict(activation="jumprelu", l1_coefficient=1.0), ("jumprelu", ["--coefficient", "1"])),
+    ("jumprelu 3", dict(activation="jumprelu", l1_coefficient=3.0), ("jumprelu", ["--coefficient", "3"])),
+]
+MARKERS = {"topk": "o", "batchtopk": "s", "matryoshka": "D", "relu": "^", "jumprelu": "v"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE (both sides)")
+    parser.add_argument("--lr", type=float, default=4e-4, help="both sides (4e-4: issue 13's reference runs)")
+    parser.add_argument("--saelens-python", default="/work/saelens-venv/bin/python",
+                        help="python of a venv with sae-lens (skipped when missing)")
+    parser.add_argument("--only", help="comma-separated labels of the sweep to run")
+    return parser.parse_args()
+
+
+def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dict, torch.Tensor, Trainer]:
+    """Train each SAE through the real trainer (one run each, so each has its own tokens/s);
+    held-out figures from the exported files, on the model's own units."""
+    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0)
+    run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
+    results = {}
+    for label, config, _ in picked:
+        out = folder / label.replace(" ", "-")
+        trainer = Trainer(client, manifest, [HOOK], Sweep(run=run, saes=(SAEConfig(**common, **config),)), out,
+                          progress=False)
+        trainer.prepare(resume=False)
+        trainer.train()
+        trainer.evaluate_and_export()
+        rows, _ = trainer.stream.evaluation_rows()
+        rate = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["tokens_per_second"]
+        sae, _ = load_saelens(out / "saes" / trainer.saes[0].name)
+        m = evaluate(sae, rows / trainer.scales[0])
+        results[label] = {"l0": m.l0, "fvu": m.fvu, "dead_pct": 100 * m.n_dead / sae.d_sae, "tokens_per_second": rate}
+        print(f"ours {label}: {results[label]}", file=sys.stderr)
+    return results, rows, trainer
+
+
+def saelens(args, picked, trainer: Trainer, eval_rows: torch.Tensor) -> dict:
+    python = Path(args.saelens_python)
+    if not python.exists():
+        print(f"(no SAELens venv at {python}: reference column skipped)", file=sys.stderr)
+        return {}
+    stream = trainer.stream
+    with ThreadPoolExecutor(stream.fetch_threads) as pool:
+        train_rows, _ = stream.load_rows(stream.train_chunk_ids, pool)
+    order = torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(0))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/train.npy", train_rows[order].numpy())
+        np.save(f"{tmp}/eval.npy", eval_rows.numpy())
+        del train_rows
+        for label, _, (arch, flags) in picked:
+            command = [str(python), str(Path(__file__).with_name("saelens_reference.py")), "--train", f"{tmp}/train.npy",
+                       "--eval", f"{tmp}/eval.npy", "--arch", arch, *flags, "--tokens", str(args.tokens),
+                       "--batch-size", "4096", "--lr", str(args.lr), "--d-sae", "3072", "--seed", "0"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                print(f"SAELens {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def frontier(table: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in table:
+        family = "matryoshka" if row["label"].startswith("matryoshka") else row["label"].split()[0]
+        for side, colour in (("ours", "tab:blue"), ("saelens", "tab:orange")):
+            if side in row:
+                ax.scatter(row[side]["l0"], row[side]["fvu"], marker=MARKERS[family], color=colour, s=50)
+    for family, marker in MARKERS.items():
+        ax.scatter([], [], marker=marker, color="grey", label=family)
+    ax.scatter([], [], marker="o", color="tab:blue", label="this project")
+    ax.scatter([], [], marker="o", color="tab:orange", label="SAELens 6.54")
+    ax.set(xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU",
+           title="MiniLM blocks.3.hook_resid_post, same rows and budget")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    picked = [s for s in SWEEP if not args.only or s[0] in args.only.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_folder = args.out / f"train-lr{args.lr:g}-{args.tokens}"
+    shutil.rmtree(run_folder, ignore_errors=True)  # a fresh run each time
+    with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server, CacheClient(server.url) as client:
+        manifest = client.wait(client.harvest(HARVEST), progress=False)
+        mine, scaled_eval, trainer = ours(client, manifest, args, picked, run_folder)
+        reference = saelens(args, picked, trainer, scaled_eval)
+    table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {})}
+             for label, _, _ in picked]
+    print(f"MiniLM {HOOK}: {manifest.n_items:,} rows, {args.tokens:,} training tokens, lr {args.lr:g}, "
+          f"{scaled_eval.shape[0]:,} held-out rows")
+    print(f"{'SAE':26} {'L0':>7} {'FVU':>7} {'dead%':>6} {'tok/s':>7} | {'SAELens L0':>10} {'FVU':>7} {'dead%':>6} {'tok/s':>7}")
+    for row in table:
+        o, r = row["ours"], row.get("saelens")
+        ref = f"{r['l0']:10.1f} {r['fvu']:7.3f} {r['dead_pct']:6.1f} {r['tokens_per_second']:7.0f}" if r else f"{'-':>10}"
+        print(f"{row['label']:26} {o['l0']:7.1f} {o['fvu']:7.3f} {o['dead_pct']:6.1f} {o['tokens_per_second']:7.0f} | {ref}")
+    (args.out / "quality.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
+    frontier(table, args.out / f"frontier-lr{args.lr:g}.png")
+    print(f"frontier plot: {args.out / f'frontier-lr{args.lr:g}.png'}")
+    assert all(math.isfinite(row["ours"]["fvu"]) for row in table)
+
+
+if __name__ == "__main__":
+    main()
