@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cache_server.settings import Settings
+from shared.devices import resolve_device
 
 
 def parse_settings(argv: list[str] | None) -> Settings:
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
         print(f"cache-server: error: bad setting {problems}", file=sys.stderr)
+        return 2
+    try:
+        resolve_device(settings.device)
+    except ValueError as exc:
+        print(f"cache-server: error: --device: {exc}", file=sys.stderr)
         return 2
     problem = (_check_store(settings.local_root)
                or (_check_bucket(settings.store) if settings.store_is_bucket else None)

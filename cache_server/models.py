@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from cache_server.errors import ServiceError
+from shared.devices import resolve_device
 from shared.ids import content_id
 from shared.schemas import HookSpec, ModelInfo
 
@@ -124,9 +125,7 @@ def _first_known(tokenizer, attributes: tuple[str, ...]) -> int | None:
 
 
 def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    return resolve_device(setting)  # checked by the CLI at start-up; ValueError names the problem
 
 
 def _files_fingerprint(folder: Path) -> str:

@@ -42,6 +42,21 @@ def test_bad_replica_name_or_lease_is_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_refused_at_start_up(tmp_path):
+    """Not a traceback, and not a server that starts and then fails every harvest (issue 16)."""
+    import torch
+
+    cases = [("tpu", "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+             ("cpu:0x", "device 'cpu:0x' is not one of")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "torch sees no CUDA device"))
+    for device, message in cases:
+        result = run_cli("--store", str(tmp_path / "store"), "--device", device)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cache-server: error: --device:") and message in lines[0], lines
+
+
 def test_a_port_just_left_by_a_stopped_server_is_free():
     """A restarted server finds its port's last connections in TIME_WAIT; uvicorn can bind it, so
     the start-up check must not call it taken."""

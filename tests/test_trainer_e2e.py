@@ -263,6 +263,10 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
         (["--dataset", "0123456789abcdef01234567", "--out", str(tmp_path / "c")], "unknown dataset"),
         (["--hook", "blocks.7.hook_nope", "--out", str(tmp_path / "d")], "has no hook 'blocks.7.hook_nope'"),
         (["--device", "cuda", "--out", str(tmp_path / "e")], "no CUDA device"),
+        (["--device", "tpu", "--out", str(tmp_path / "e2")], "--device: device 'tpu' is not one of auto, cpu, cuda"),
+        (["--device", "cpu:0x", "--out", str(tmp_path / "e3")], "device 'cpu:0x' is not one of"),
+        # --resume of a folder with no run: an error, not a fresh run with the default sweep
+        (["--resume", "--out", str(tmp_path / "nothing-here")], "holds no run to resume"),
         (["--config", str(odd_lanes), "--out", str(tmp_path / "f")], "3 stream lane(s) cannot be shared"),
         (["--from-bucket", "--out", str(tmp_path / "g")], "is not in a bucket; read it through the server"),
     ]

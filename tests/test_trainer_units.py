@@ -295,7 +295,9 @@ def test_an_export_computes_what_the_trained_sae_computes_on_raw_inputs(activati
     if activation == "batchtopk":
         sae.calibrate_threshold(raw * scale)
     export_saelens(sae.eval(), tmp_path, component=0, scale=scale, metadata={})
-    loaded, _ = load_saelens(tmp_path)
+    loaded, cfg = load_saelens(str(tmp_path))  # a str works as well as a Path
+    sparsity = {"k"} if activation in ("topk", "batchtopk") else {"l1_coefficient"}
+    assert set(cfg["trainer"]) == {"activation", "objective", "input_scale"} | sparsity  # no irrelevant k
     expected = sae(raw * scale)
     got = loaded(raw)
     torch.testing.assert_close(got.decoded_activations, expected.decoded_activations / scale, atol=1e-4, rtol=1e-4)

@@ -48,8 +48,10 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
         "normalize_activations": "none",  # folded into the weights
         "reshape_activations": "none",
         "metadata": metadata,
-        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "k": sae.cfg.k,
-                    "l1_coefficient": sae.cfg.l1_coefficient, "input_scale": scale},
+        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "input_scale": scale,
+                    # only the sparsity setting this architecture has
+                    **({"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk")
+                       else {"l1_coefficient": sae.cfg.l1_coefficient})},
     }
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
@@ -60,11 +62,12 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
     return folder
 
 
-def load_saelens(folder: Path) -> tuple[SparseAutoencoder, dict]:
+def load_saelens(folder: Path | str) -> tuple[SparseAutoencoder, dict]:
     """An exported SAE, on raw activations (``n_components`` None). It computes what the file's
     weights compute (decoder rows of any norm); a TopK's latents are ranked by what they add to
     the reconstruction, which is the file's ranking when its rows share one norm (SAELens folds
     them to 1; this project's exports have 1 / input scale)."""
+    folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     state = load_file(folder / "sae_weights.safetensors")
     activation = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[cfg["architecture"]]

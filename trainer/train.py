@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from shared.devices import resolve_device
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient
 from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, split_cfgs
@@ -41,11 +42,10 @@ class RunError(Exception):
 
 
 def pick_device(setting: str, world: World = World()) -> torch.device:
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        device = resolve_device(setting)
+    except ValueError as exc:
+        raise RunError(f"--device: {exc}") from None
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)  # one GPU per rank
     return device
@@ -196,6 +196,8 @@ class Trainer:
 
     def _claim_folder(self, resume: bool) -> None:
         run_file = self.out / RUN_FILE
+        if resume and not run_file.exists():
+            raise RunError(f"--resume: --out {self.out} holds no run to resume; drop --resume to start one there")
         if run_file.exists():
             recorded = json.loads(run_file.read_text())
             if recorded != json.loads(json.dumps(self.identity())):
