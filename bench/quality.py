@@ -13,8 +13,8 @@ and is evaluated on the same held-out rows. Both use batch 4096, d_sae 3072 (x8)
 with no warmup or decay; every other setting is each library's default.
 
 Prints one row per SAE (L0, FVU, dead %, training tokens/s, each side) and writes
-``frontier.png`` (FVU against L0, log axes; marker = architecture, colour = library) and
-``quality.json`` into --out.
+``frontier-lr<lr>-<tokens>.png`` (FVU against L0, log axes; marker = architecture, colour =
+library) and ``quality-lr<lr>-<tokens>.json`` into --out.
 """
 
 import argparse
@@ -158,9 +158,10 @@ def main() -> None:
         o, r = row["ours"], row.get("saelens")
         ref = f"{r['l0']:10.1f} {r['fvu']:7.3f} {r['dead_pct']:6.1f} {r['tokens_per_second']:7.0f}" if r else f"{'-':>10}"
         print(f"{row['label']:26} {o['l0']:7.1f} {o['fvu']:7.3f} {o['dead_pct']:6.1f} {o['tokens_per_second']:7.0f} | {ref}")
-    (args.out / "quality.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
-    frontier(table, args.out / f"frontier-lr{args.lr:g}.png")
-    print(f"frontier plot: {args.out / f'frontier-lr{args.lr:g}.png'}")
+    tag = f"lr{args.lr:g}-{args.tokens}"
+    (args.out / f"quality-{tag}.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
+    frontier(table, args.out / f"frontier-{tag}.png")
+    print(f"frontier plot: {args.out / f'frontier-{tag}.png'}")
     assert all(math.isfinite(row["ours"]["fvu"]) for row in table)
 
 
