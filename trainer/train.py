@@ -237,7 +237,7 @@ class Trainer:
                 tokens_since_fired=torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
 
     def _training_sample(self, max_rows: int = 8192) -> torch.Tensor:
-        """Rows of the first training chunks (b_dec's geometric median; BatchTopK's threshold)."""
+        """Rows of the first training chunks (decoder directions, b_dec's geometric median, BatchTopK's threshold)."""
         with ThreadPoolExecutor(self.run.fetch_threads) as pool:
             chunk_ids = self.stream.epoch_order(0)[: max(1, -(-max_rows // self.manifest.chunk_rows))]
             rows, _ = self.stream.load_rows(chunk_ids, pool)
