@@ -47,3 +47,21 @@ def test_ctrl_c_stops_the_server_it_started(tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive, "the cache server outlived the pipeline"
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path):
+    """No harvest, no server, nothing written: one error line and exit 2 (issue 16)."""
+    sae_run = tmp_path / "a-sae-train-run"
+    sae_run.mkdir()
+    (sae_run / "run.json").write_text("{}")
+    cases = [(["--train-tokens", "0"], "argument --train-tokens: must be positive, got 0"),
+             (["--tokens", "-5"], "argument --tokens: must be positive, got -5"),
+             (["--train-tokens", "100"], "--train-tokens 100 is less than one batch of 1024"),
+             (["--out", str(sae_run)], "is not a sae-pipeline folder")]
+    for extra, message in cases:
+        out = ["--out", str(tmp_path / "new")] if "--out" not in extra else []
+        result = subprocess.run([sys.executable, "-m", "trainer.pipeline", *out, *extra], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in sae_run.iterdir()) == ["run.json"]

@@ -33,10 +33,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
-    parser.add_argument("--tokens", type=int, default=250_000, help="rows to harvest")
-    parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--train-tokens", type=int, default=200_000, help="training tokens per SAE")
+    parser.add_argument("--tokens", type=_positive, default=250_000, help="rows to harvest (default: %(default)s)")
+    parser.add_argument("--context-size", type=_positive, default=128, help="default: %(default)s")
+    parser.add_argument("--train-tokens", type=_positive, default=200_000,
+                        help="training tokens per SAE (default: %(default)s; at least one batch of 1024)")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _foreign(out: Path) -> str | None:
+    """--out must be new, empty or a sae-pipeline folder: never another run's folder written into."""
+    if not out.is_dir() or not any(out.iterdir()) or (out / "store").is_dir() or (out / "train").is_dir():
+        return None
+    return f"--out {out} holds something that is not a sae-pipeline folder; pick another folder"
 
 
 def default_sweep(train_tokens: int) -> Sweep:
@@ -76,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                "context_size": args.context_size, "batch_size": 32}
     sweep = default_sweep(args.train_tokens)
     train_dir = args.out / "train"
+    problem = _foreign(args.out) or (None if args.train_tokens >= sweep.run.batch_size else
+                                     f"--train-tokens {args.train_tokens} is less than one batch of "
+                                     f"{sweep.run.batch_size}")
+    if problem:
+        print(f"sae-pipeline: error: {problem}", file=sys.stderr)
+        return 2
     try:
         with cache_server(args) as url, CacheClient(url, token=args.token) as client:
             accepted = client.harvest(request)
