@@ -58,5 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _describe(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+        reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON: {reason} at character {error.get('loc', (None, '?'))[-1]}"
     where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
     return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))

@@ -44,7 +44,8 @@ def test_bad_harvest_requests(client, change, status, phrases):
 
 def test_malformed_json(client):
     r = client.post("/v1/harvests", content=b'{"model": ', headers={"content-type": "application/json"})
-    assert_refused(r, 422, "JSON")
+    # where and what, not "invalid request: 10: JSON decode error" (issue 16)
+    assert_refused(r, 422, "the body is not valid JSON", "at character 10")
 
 
 def test_unknown_ids_and_traversal_attempts(client):
