@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
+_SCHEDULES = ("lr_warmup", "lr_decay", "sparsity_warmup")
+"""SAEConfig fields read as a fraction of the run's steps (a float) or as steps (an int)."""
 Objective = Literal["vanilla", "matryoshka"]
 
 
@@ -73,7 +75,7 @@ class SAEConfig:
 
     def schedule_steps(self, total_steps: int) -> dict[str, int]:
         """``lr_warmup``, ``lr_decay`` and ``sparsity_warmup`` in steps of a run of ``total_steps``."""
-        return {name: steps_of(getattr(self, name), total_steps) for name in ("lr_warmup", "lr_decay", "sparsity_warmup")}
+        return {name: steps_of(getattr(self, name), total_steps) for name in _SCHEDULES}
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -167,9 +169,6 @@ def _build(cls, table: dict, where: str):
         raise ConfigError(f"{where}: {exc}") from None
     _check(cfg, where)
     return cfg
-
-
-_SCHEDULES = ("lr_warmup", "lr_decay", "sparsity_warmup")
 
 
 def _check(cfg, where: str) -> None:
