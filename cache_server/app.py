@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_server.errors import ServiceError
-from cache_server.routes import corpora, datasets, harvests, system, zarr_http
+from cache_server.routes import corpora, datasets, evaluations, harvests, saes, system, zarr_http
 from cache_server.services import build_services
 from cache_server.settings import Settings
 
@@ -22,7 +22,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services.jobs.start()
+        services.evaluations.start()
         yield
+        services.evaluations.stop()
         services.jobs.stop()
 
     app = FastAPI(title="Activation cache server", version="0.1.0", lifespan=lifespan,
@@ -52,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    for module in (system, corpora, harvests, datasets, zarr_http):
+    for module in (system, corpora, harvests, datasets, saes, evaluations, zarr_http):
         app.include_router(module.router)
     return app
 

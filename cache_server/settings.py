@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
     max_corpus_bytes: int = 256 * 1024 * 1024
     max_tokens: int = 2_000_000_000
+    max_sae_bytes: int = Field(1024 * 1024 * 1024, description="Largest SAE file POST /v1/saes accepts.")
     chunk_bytes: int = Field(2 * 1024 * 1024, description="Target stored size of one chunk.")
     allow_hub: bool = Field(True, description="Let unknown model names load from the HF hub.")
     replica: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=(

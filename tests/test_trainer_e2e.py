@@ -167,8 +167,9 @@ def test_leaving_the_loop_cancels_the_fetches_queued_ahead(server, dataset):
 
 def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code = sae_train(["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[1],
-                      "--out", str(out), "--config", str(sweep_file), "--no-progress"])
+    code = sae_train(["--cache-url", server.url, "--token", server.token, "--dataset", dataset.dataset_id,
+                      "--hook", HOOKS[1], "--out", str(out), "--config", str(sweep_file), "--no-progress",
+                      "--downstream-tokens", "1024"])
     err = capsys.readouterr().err
     assert code == 0, err
     # The TopK SAE's dead-latent window (1M tokens) outlasts the 76,800-token run: said, once, before training.
@@ -185,6 +186,15 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
         assert 0 < mine[-1]["shuffle_quality"] <= 1.5
     topk = next(r for r in results if r["sae"].startswith("topk"))
     assert topk["l0"] == pytest.approx(8, abs=0.5)
+    # Each SAE went home to the server and was spliced into the model on held-out text.
+    for r in results:
+        down = r["downstream"][HOOKS[1]]
+        assert down["n_tokens"] == 16 * 63 and down["kl_div_with_sae"] >= 0, down
+        assert down["ce_loss_with_sae"] != down["ce_loss_without_sae"] and isinstance(down["ce_loss_score"], float)
+        assert down["explained_variance"] == pytest.approx(1 - r["fvu"], abs=0.15)  # other tokens, same SAE
+        with CacheClient(server.url) as client:
+            sae = client.request("GET", f"/v1/saes/{down['sae_id']}").json()
+        assert sae["dataset_id"] == dataset.dataset_id and sae["hook"] == HOOKS[1]
     for folder in (out / "saes").iterdir():
         assert {p.name for p in folder.iterdir()} >= {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
                                                       "eval.json", "histograms.png"}

@@ -311,3 +311,19 @@ def test_batchtopk_threshold_is_calibrated_to_k_on_the_rows_given():
     sae.calibrate_threshold(x, rows=64)  # blocks of 64 rows: the same as all at once
     acts = sae.eval()(x).learned_activations
     assert (acts > 0).sum().item() == 4 * 300
+
+
+def test_report_contexts_read_as_the_text_for_byte_level_bpe_and_wordpiece():
+    from transformers import AutoTokenizer
+
+    from cache_server.models import _minilm_path, _shakespeare_gpt_path
+    from trainer.report import _detokenize, is_byte_level
+
+    gpt = AutoTokenizer.from_pretrained(str(_shakespeare_gpt_path()))
+    text = "ROMEO: café — naïve,\nthou art"
+    pieces = gpt.convert_ids_to_tokens(gpt(text, add_special_tokens=False)["input_ids"])
+    assert is_byte_level(gpt.convert_ids_to_tokens(list(range(len(gpt)))))
+    assert _detokenize(pieces, byte_level=True) == text.replace("\n", "⏎")
+    bert = AutoTokenizer.from_pretrained(str(_minilm_path()))
+    assert not is_byte_level(bert.convert_ids_to_tokens(list(range(len(bert)))))
+    assert _detokenize(bert.tokenize("the quickest fox")) == "the quickest fox"

@@ -22,6 +22,7 @@ from pathlib import Path
 from trainer.client import CacheClient, CacheError, StoreReader
 from trainer.config import ConfigError, load_sweep
 from trainer.distributed import World, exit_process
+from trainer.downstream import downstream_columns, evaluate_downstream
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.train import RunError, Trainer
 
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "
                         "bucket (its manifest's store_url; credentials from AWS_* variables), not through the server")
+    parser.add_argument("--downstream-tokens", type=int, default=16_384, help="held-out tokens on which the "
+                        "server splices each SAE into the model for CE loss score and KL (0: skip; default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             if not world.main:
                 return 0
             results = trainer.evaluate_and_export()
+            if args.downstream_tokens > 0:
+                results = evaluate_downstream(client, manifest, args.hooks, args.out, results, args.downstream_tokens)
     except (CacheError, ConfigError, RunError, SinkError) as exc:
         print(f"sae-train: error: {exc}", file=sys.stderr)
         return 1
@@ -138,12 +143,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
-    """Per SAE: L0, FVU, dead % (held-out rows) and, when known, training tokens/s (all SAEs together)."""
-    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7} {'tok/s':>8}"]
+    """Per SAE: L0, FVU, dead % (held-out rows), when known the downstream CE loss score and KL
+    (the SAE spliced into the model, first hook), and training tokens/s (all SAEs together)."""
+    downstream = any("downstream" in r for r in results)
+    extra = f" {'CE score':>8} {'KL':>7}" if downstream else ""
+    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7}{extra} {'tok/s':>8}"]
     for r in results:
         rate = f"{rates[r['sae']]:8,.0f}" if rates and r["sae"] in rates else f"{'-':>8}"
-        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f} {rate}")
-    return "\n".join(lines)
+        cells = ""
+        if downstream:
+            score, kl = downstream_columns(r)
+            cells = f" {score:>8} {kl:>7}"
+        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}{cells} {rate}")
+    notes = {f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f}
+    return "\n".join(lines + [f"downstream: {note}" for note in sorted(notes)])
 
 
 def run() -> None:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from shared.codec import decode_chunk
 from shared.schemas import (
-    ArrayInfo, CorpusInfo, DatasetManifest, DatasetSummary, HarvestAccepted, HarvestJob, HarvestRequest,
+    ArrayInfo, CorpusInfo, DatasetManifest, DatasetSummary, EvaluationJob, EvaluationRequest, HarvestAccepted,
+    HarvestJob, HarvestRequest, SaeInfo,
 )
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -131,6 +132,30 @@ class CacheClient:
             raise CacheError(f"harvest {job.job_id} {job.status}" + (f": {job.error}" if job.error else ""))
         return self.manifest(job.dataset_id)
 
+    # -- SAEs and their evaluation -----------------------------------------------------------
+    def register_sae(self, folder: Path, dataset_id: str, hook: str) -> SaeInfo:
+        """Send an exported SAE (``cfg.json`` + ``sae_weights.safetensors``) home to the server,
+        bound to the dataset and hook it was trained on."""
+        body = sae_upload_body(folder)
+        response = self.request("POST", "/v1/saes", params={"dataset_id": dataset_id, "hook": hook}, content=body)
+        return SaeInfo.model_validate(response.json())
+
+    def evaluate(self, request: EvaluationRequest | dict) -> EvaluationJob:
+        body = request.model_dump(mode="json") if isinstance(request, EvaluationRequest) else request
+        return EvaluationJob.model_validate(self.request("POST", "/v1/evaluations", json=body).json())
+
+    def evaluation(self, evaluation_id: str) -> EvaluationJob:
+        return EvaluationJob.model_validate(self.request("GET", f"/v1/evaluations/{evaluation_id}").json())
+
+    def wait_evaluation(self, job: EvaluationJob, poll: float = 0.25) -> EvaluationJob:
+        """Follow an evaluation to its end; CacheError when it failed."""
+        while job.status in ("queued", "running"):
+            time.sleep(poll)
+            job = self.evaluation(job.evaluation_id)
+        if job.status != "completed":
+            raise CacheError(f"evaluation {job.evaluation_id} {job.status}" + (f": {job.error}" if job.error else ""))
+        return job
+
     # -- datasets ----------------------------------------------------------------------------
     def datasets(self) -> list[DatasetSummary]:
         return [DatasetSummary.model_validate(d) for d in self.request("GET", "/v1/datasets").json()]
@@ -212,6 +237,14 @@ class CacheClient:
             raise CacheError(f"dataset {manifest.dataset_id} has no hook '{array}'", 404)
         data = self.chunk_bytes(manifest.dataset_id, array, index)
         return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index))
+
+
+def sae_upload_body(folder: Path) -> bytes:
+    """An exported SAE as one safetensors body: its tensors, and cfg.json's text as metadata."""
+    from safetensors.numpy import load_file, save
+
+    tensors = load_file(str(Path(folder) / "sae_weights.safetensors"))
+    return save(tensors, metadata={"cfg": (Path(folder) / "cfg.json").read_text()})
 
 
 def _error(method: str, path: str, status: int, body: bytes) -> CacheError:

@@ -1,8 +1,10 @@
 """``sae-pipeline``: the main job on the built-in offline default, in one command.
 
-Starts a cache server on 127.0.0.1, harvests all-MiniLM-L6-v2 (a residual stream and an MLP
-output) on the built-in corpus, trains a small sweep on the residual stream from the cache URL
-(TopK at k = 16, 32, 64, 128 and ReLU + L1 at two coefficients: an L0 frontier), prints a results table, and stops the server
+Starts a cache server on 127.0.0.1, harvests shakespeare-gpt (the small causal LM that ships in
+the repo; a residual stream and an MLP output) on the first part of the built-in corpus, trains a
+small sweep on the residual stream from the cache URL (TopK at k = 16, 32, 64, 128 and ReLU + L1
+at two coefficients: an L0 frontier), has the server splice each SAE into the model on the rest of
+the corpus (CE loss score, KL), prints a results table, writes a report, and stops the server
 (also on Ctrl-C). A second run is a cache hit for the harvest and resumes (or reuses) the training.
 """
 
@@ -17,11 +19,13 @@ from pathlib import Path
 from trainer.cli import _table
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
+from trainer.downstream import evaluate_downstream
 from trainer.local_server import LocalServer
 from trainer.report import write_report
 from trainer.train import RunError, Trainer
 
-DEFAULT_HOOKS = ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"]
+DEFAULT_MODEL = "shakespeare-gpt"
+DEFAULT_HOOKS = ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,12 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-url", help="use this cache server instead of starting one on 127.0.0.1")
     parser.add_argument("--token", default=os.environ.get("CACHE_SERVER_TOKEN") or None,
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (all-MiniLM-L6-v2 also ships)")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
     parser.add_argument("--tokens", type=_positive, default=250_000, help="rows to harvest (default: %(default)s)")
     parser.add_argument("--context-size", type=_positive, default=128, help="default: %(default)s")
     parser.add_argument("--train-tokens", type=_positive, default=200_000,
                         help="training tokens per SAE (default: %(default)s; at least one batch of 1024)")
+    parser.add_argument("--downstream-tokens", type=_positive, default=16_384,
+                        help="held-out tokens for each SAE's CE loss score and KL (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -60,8 +66,8 @@ def _foreign(out: Path) -> str | None:
 def default_sweep(train_tokens: int) -> Sweep:
     """An L0 frontier from 16 to 128 active latents: TopK at four k, ReLU + L1 at two
     coefficients (SAELens' scale); every other setting the trainer's default recipe."""
-    saes = [SAEConfig(activation="topk", k=k, expansion=4) for k in (16, 32, 64, 128)]
-    saes += [SAEConfig(activation="relu", l1_coefficient=c, expansion=4) for c in (2.0, 5.0)]
+    saes = [SAEConfig(activation="topk", k=k, expansion=8) for k in (16, 32, 64, 128)]
+    saes += [SAEConfig(activation="relu", l1_coefficient=c, expansion=8) for c in (2.0, 5.0)]
     run = RunConfig(batch_size=1024, tokens=train_tokens, shuffle_buffer_rows=65_536, eval_chunks=4,
                     log_every=20, checkpoint_every=100)
     return Sweep(run=run, saes=tuple(saes))
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.prepare(resume=(train_dir / "run.json").exists())
             trainer.train()
             results = trainer.evaluate_and_export()
+            results = evaluate_downstream(client, manifest, trainer.hooks, train_dir, results, args.downstream_tokens)
             rates = _rates(train_dir)
             report = write_report(trainer, results, rates, args.out / "report")
     except KeyboardInterrupt:

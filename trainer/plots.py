@@ -35,3 +35,28 @@ def curves(metrics_file: Path, folder: Path, names: list[str]) -> None:
     fig.tight_layout()
     fig.savefig(folder / "curves.png", dpi=90)
     plt.close(fig)
+
+
+def frontier(results: list[dict], path: Path) -> None:
+    """FVU against L0 and the downstream CE loss score against L0, one marker per SAE, the
+    architecture by its shape (the second panel is left out when no SAE has a score)."""
+    markers = {"topk": "o", "batchtopk": "s", "relu": "^", "jumprelu": "D"}
+    scored = [r for r in results if _score(r) is not None]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(10 if scored else 5, 3.5), squeeze=False)
+    for r in results:
+        kind = r["sae"].split("-")[0]
+        axes[0][0].scatter(r["l0"], r["fvu"], marker=markers.get(kind, "x"), label=r["sae"])
+        if scored and _score(r) is not None:
+            axes[0][1].scatter(r["l0"], _score(r), marker=markers.get(kind, "x"))
+    axes[0][0].set(xscale="log", yscale="log", xlabel="L0", ylabel="FVU (held out)", title="reconstruction")
+    axes[0][0].legend(fontsize=6)
+    if scored:
+        axes[0][1].set(xscale="log", xlabel="L0", ylabel="CE loss score", title="downstream (SAE spliced in)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _score(result: dict) -> float | None:
+    figures = next(iter(result.get("downstream", {}).values()), {})
+    return figures.get("ce_loss_score")

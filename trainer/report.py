@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from trainer import plots
+from trainer.downstream import downstream_columns
 from trainer.train import Trainer
 
 N_FEATURES, N_EXAMPLES, LEFT, RIGHT = 12, 5, 10, 3
@@ -21,15 +23,36 @@ class Example:
     after: str
 
 
-def _detokenize(tokens: list[str]) -> str:
-    """WordPiece '##' pieces join the previous token; BPE 'Ġ' marks a space."""
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the others for the
+    code points from 256 on, in byte order; this inverts it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTES = _byte_decoder()
+
+
+def _detokenize(tokens: list[str], byte_level: bool = False) -> str:
+    """Token strings as text. Byte-level BPE ('Ġ' is a space): the pieces' bytes, joined.
+    WordPiece: '##' pieces join the previous token, the others are separated by a space."""
+    if byte_level:
+        raw = bytes(_BYTES[c] for t in tokens for c in t if c in _BYTES)
+        return raw.decode("utf-8", errors="replace").replace("\n", "⏎")
     out = ""
     for t in tokens:
         if t.startswith("##"):
             out += t[2:]
         else:
-            out += ("" if not out else " ") + t.replace("Ġ", "").replace("Ċ", "\\n")
+            out += ("" if not out else " ") + t
     return out
+
+
+def is_byte_level(vocabulary: list[str]) -> bool:
+    return sum(t.startswith("Ġ") for t in vocabulary) > len(vocabulary) // 10
 
 
 def top_contexts(trainer: Trainer, sae_index: int) -> list[tuple[int, float, list[Example]]]:
@@ -42,6 +65,7 @@ def top_contexts(trainer: Trainer, sae_index: int) -> list[tuple[int, float, lis
         for token, seq, pos in tokens.tolist():
             token_ids[(seq, pos)] = token
     vocabulary = client.vocabulary(manifest.dataset_id)
+    byte_level = is_byte_level(vocabulary)
     sae = trainer.saes[sae_index].sae.eval()
     with torch.no_grad():
         acts = torch.cat([sae(rows[i : i + 4096]).learned_activations for i in range(0, rows.shape[0], 4096)])
@@ -63,8 +87,8 @@ def top_contexts(trainer: Trainer, sae_index: int) -> list[tuple[int, float, lis
             window = [token_ids.get((seq, p)) for p in range(max(0, pos - LEFT), pos + RIGHT + 1)]
             text = [vocabulary[t] if t is not None and t < len(vocabulary) else "" for t in window]
             centre = min(pos, LEFT)
-            examples.append(Example(value, _detokenize(text[:centre]), _detokenize(text[centre : centre + 1]),
-                                    _detokenize(text[centre + 1 :])))
+            before, token, after = text[:centre], text[centre : centre + 1], text[centre + 1 :]
+            examples.append(Example(value, *(_detokenize(t, byte_level) for t in (before, token, after))))
         out.append((feature, float(freqs[feature]), examples))
     return out
 
@@ -81,11 +105,17 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
     md = ["# SAE run report", "",
           f"Dataset `{m.dataset_id}`: {m.model.name}, hook {', '.join(trainer.hooks)}, {m.n_items:,} rows; "
           f"metrics on {len(trainer.stream.eval_chunk_ids)} held-out chunks.", "",
-          "| SAE | L0 | FVU | dead % | tokens/s |", "|---|---:|---:|---:|---:|"]
+          "| SAE | L0 | FVU | dead % | CE loss score | KL | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        score, kl = downstream_columns(r)
         md.append(f"| {r['sae']} | {r['l0']:.1f} | {r['fvu']:.3f} | {100 * r['n_dead'] / r['d_sae']:.1f} | "
-                  f"{rates.get(r['sae'], 0):,.0f} |")
-    md += ["", "![loss and L0](curves.png)", ""]
+                  f"{score} | {kl} | {rates.get(r['sae'], 0):,.0f} |")
+    notes = sorted({f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f})
+    md += ["", *(f"Downstream: {note}" for note in notes),
+           "CE loss score: (CE zero-ablated - CE with the SAE) / (CE zero-ablated - CE clean), the SAE spliced "
+           "into the model on held-out text; KL: of the spliced next-token distribution from the clean one.", ""]
+    plots.frontier(results, folder / "frontier.png")
+    md += ["![FVU and CE loss score against L0](frontier.png)", "", "![loss and L0](curves.png)", ""]
     md += [f"![{r['sae']}]({r['sae']}-histograms.png)" for r in results]
     md += ["", f"## Top-activating contexts: {name}", "",
            "The activating token is in «brackets»; contexts come from held-out text.", ""]

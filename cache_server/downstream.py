@@ -1,0 +1,147 @@
+"""Downstream evaluation: an SAE spliced into its source model, on token windows it never saw.
+
+The hook's output is replaced by the SAE's reconstruction through a TransformerLens forward hook
+(reshaped to ``[batch, pos, d_in]`` and back, so ``hook_z`` SAEs splice across all heads), and the
+next-token loss and distribution are compared with the clean run and with the hook zero- and
+mean-ablated (the dataset's mean activation). Definitions follow SAELens' ``evals.py``
+(``get_recons_loss``, ``_kl``); where this differs:
+
+- positions holding BOS or the document separator are left alone (not spliced, not counted) in
+  every variant, ablations included; SAELens leaves them alone in the SAE run only;
+- mean ablation and its scores are added;
+- the SAE's L0, explained variance and L2 ratio are measured on the same tokens, in float32.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cache_server.models import SourceModel
+from cache_server.saes import SaeWeights
+from shared.schemas import DownstreamMetrics
+
+_VARIANTS = ("clean", "sae", "zero", "mean")
+
+
+def not_causal_reason(model: SourceModel) -> str | None:
+    """Why next-token loss through this model would measure nothing, or None for a causal LM."""
+    architecture = str(getattr(model.bridge.cfg, "architecture", "") or "")
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")) or model.info.name == "tiny-random-gpt":
+        return None
+    return (f"n/a: '{model.info.name}' is not a causal LM ({architecture or 'unknown architecture'}); "
+            "its next-token loss measures nothing")
+
+
+@dataclass
+class _Sums:
+    """Running float64 sums over the evaluated positions."""
+
+    ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_VARIANTS, 0.0))
+    kl: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_VARIANTS[1:], 0.0))
+    n_ce: int = 0
+    n: int = 0
+    l0: float = 0.0
+    l2_ratio: float = 0.0
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+    x_sum: torch.Tensor | None = None
+
+    def add_sae(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.n += x.shape[0]
+        self.l0 += float((acts > 0).sum())
+        self.l2_ratio += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
+        self.squared_error += float(((x_hat - x) ** 2).sum())
+        self.squared_norm += float((x**2).sum())
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+
+    def explained_variance(self) -> float | None:
+        total = self.squared_norm - float((self.x_sum**2).sum()) / self.n
+        return 1.0 - self.squared_error / total if total > 0 else None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    n_tokens: int
+    l0: float
+    explained_variance: float | None
+    l2_ratio: float
+    downstream: DownstreamMetrics | None
+
+
+def evaluate(model: SourceModel, hook: str, sae: SaeWeights, windows: np.ndarray, mean: torch.Tensor,
+             batch_size: int, causal: bool, progress: Callable[[int], None] = lambda n: None) -> Evaluation:
+    """Evaluate ``sae`` at ``hook`` on ``windows [n, context]`` of token ids."""
+    sae = sae.to(model.device)
+    mean = mean.to(model.device, torch.float32)
+    special = [t for t in {model.bos_token_id, model.separator_token_id} if t is not None]
+    sums = _Sums()
+    for start in range(0, len(windows), batch_size):
+        tokens = torch.from_numpy(windows[start : start + batch_size]).long().to(model.device)
+        keep = ~torch.isin(tokens, torch.tensor(special, device=model.device))
+        _batch(model, hook, sae, mean, tokens, keep, causal, sums)
+        progress(min(start + batch_size, len(windows)) * windows.shape[1])
+    downstream = _downstream(sums) if causal else None
+    return Evaluation(n_tokens=sums.n, l0=sums.l0 / sums.n, explained_variance=sums.explained_variance(),
+                      l2_ratio=sums.l2_ratio / sums.n, downstream=downstream)
+
+
+def _replace(keep: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
+    """A forward hook putting ``make(x)`` in place of the hook's output at the kept positions."""
+
+    def hook_fn(activation: torch.Tensor, hook) -> torch.Tensor:
+        shape = activation.shape
+        x = activation.reshape(shape[0], shape[1], -1).float()
+        new = torch.where(keep[..., None], make(x), x)
+        return new.reshape(shape).to(activation.dtype)
+
+    return hook_fn
+
+
+@torch.inference_mode()
+def _batch(model: SourceModel, hook: str, sae: SaeWeights, mean: torch.Tensor, tokens: torch.Tensor,
+           keep: torch.Tensor, causal: bool, sums: _Sums) -> None:
+    def spliced(x: torch.Tensor) -> torch.Tensor:
+        x_hat, acts = sae.reconstruct(x)
+        sums.add_sae(x[keep], x_hat[keep], acts[keep])
+        return x_hat
+
+    makers = {"sae": spliced, "zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
+    with model.lock:
+        if not causal:
+            model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, spliced))])
+            return
+        logits = {"clean": model.bridge(tokens)}
+        for name, make in makers.items():
+            logits[name] = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, make))])
+    log_probs = {name: F.log_softmax(value.float(), dim=-1) for name, value in logits.items()}
+    targets = tokens[:, 1:]
+    predicted = keep[:, :-1]
+    for name, lp in log_probs.items():
+        ce = -lp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
+        sums.ce[name] += float(ce[predicted].sum())
+    sums.n_ce += int(predicted.sum())
+    clean = log_probs["clean"]
+    p_clean = clean.exp()
+    for name in makers:
+        kl = (p_clean * (clean - log_probs[name])).sum(-1)
+        sums.kl[name] += float(kl[keep].sum())
+
+
+def _downstream(sums: _Sums) -> DownstreamMetrics:
+    ce = {name: value / max(sums.n_ce, 1) for name, value in sums.ce.items()}
+    kl = {name: value / max(sums.n, 1) for name, value in sums.kl.items()}
+
+    def score(ablated: float, spliced: float, clean: float) -> float | None:
+        return (ablated - spliced) / (ablated - clean) if ablated != clean else None
+
+    return DownstreamMetrics(
+        ce_loss_without_sae=ce["clean"], ce_loss_with_sae=ce["sae"], ce_loss_with_ablation=ce["zero"],
+        ce_loss_with_mean_ablation=ce["mean"], ce_loss_score=score(ce["zero"], ce["sae"], ce["clean"]),
+        ce_loss_score_mean_ablation=score(ce["mean"], ce["sae"], ce["clean"]),
+        kl_div_with_sae=kl["sae"], kl_div_with_ablation=kl["zero"], kl_div_with_mean_ablation=kl["mean"],
+        kl_div_score=score(kl["zero"], kl["sae"], 0.0),
+    )

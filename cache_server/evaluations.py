@@ -1,0 +1,175 @@
+"""Evaluation jobs: a registered SAE spliced into its dataset's model, run one at a time.
+
+An evaluation's id is a hash of what determines its figures (the SAE, the text, the number of
+tokens), so asking again is a cache hit. Jobs are JSON files under ``<root>/evaluations``,
+replaced whole on every change; ones that were queued or running at a restart are queued again.
+
+Held-out text: the harvest read the dataset's corpus token stream from its start, ``n_sequences``
+windows of ``context_size - prepend_bos`` tokens each (``harvested_tokens``); evaluation windows
+are cut the same way from the stream after that point, so the SAE is judged on text it never saw.
+"""
+
+import logging
+import queue
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_server.corpora import CorpusStore
+from cache_server.downstream import evaluate, not_causal_reason
+from cache_server.errors import ServiceError
+from cache_server.files import atomic_write
+from cache_server.harvester import Layout, token_windows
+from cache_server.models import ModelRegistry, SourceModel
+from cache_server.saes import SaeStore
+from cache_server.store import DatasetStore
+from shared.ids import content_id, is_valid_id
+from shared.schemas import ACTIVE_STATUSES, DatasetManifest, EvaluationJob, EvaluationRequest, EvaluationResult
+
+log = logging.getLogger("cache_server.evaluations")
+
+
+class EvaluationError(ServiceError):
+    """An evaluation request the service refuses."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def harvested_tokens(manifest: DatasetManifest) -> int:
+    """How many tokens of the corpus stream the harvest read (BOS tokens are not the corpus')."""
+    layout = Layout(manifest.context_size, manifest.n_items_total, manifest.chunk_rows)
+    return layout.n_sequences * (manifest.context_size - manifest.prepend_bos)
+
+
+class EvaluationManager:
+    def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, corpora: CorpusStore,
+                 models: ModelRegistry):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.saes, self.store, self.corpora, self.models = saes, store, corpora, models
+        self._jobs: dict[str, EvaluationJob] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def start(self) -> None:
+        for path in sorted(self.folder.glob("*.json")):
+            job = EvaluationJob.model_validate_json(path.read_bytes())
+            self._jobs[job.evaluation_id] = job
+            if job.status in ACTIVE_STATUSES:
+                self._set(job, status="queued")
+                self._queue.put(job.evaluation_id)
+        self._worker = threading.Thread(target=self._work, name="evaluation-worker", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, request: EvaluationRequest) -> EvaluationJob:
+        sae = self.saes.info(request.sae_id)
+        manifest = self.store.manifest(sae.dataset_id)
+        if manifest is None or not manifest.complete:
+            raise EvaluationError(f"the SAE's dataset {sae.dataset_id} is not a complete dataset here", 409)
+        model = self._model(manifest)
+        corpus_id, first, windows = self._windows(request, manifest, model)
+        evaluation_id = content_id({"sae_id": sae.sae_id, "corpus_id": corpus_id, "first_token": first,
+                                    "n_windows": windows})
+        with self._lock:
+            job = self._jobs.get(evaluation_id)
+            if job is not None and (job.status in ACTIVE_STATUSES or job.status == "completed"):
+                return job
+            now = _now()
+            job = EvaluationJob(evaluation_id=evaluation_id, status="queued", request=request,
+                                dataset_id=manifest.dataset_id, tokens_total=windows * manifest.context_size,
+                                created_at=now, updated_at=now)
+            self._set(job)
+        self._queue.put(evaluation_id)
+        return job
+
+    def get(self, evaluation_id: str) -> EvaluationJob:
+        job = self._jobs.get(evaluation_id) if is_valid_id(evaluation_id) else None
+        if job is None:
+            raise EvaluationError(f"unknown evaluation '{evaluation_id}'", 404)
+        return job
+
+    def list(self) -> list[EvaluationJob]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at)
+
+    def _model(self, manifest: DatasetManifest) -> SourceModel:
+        model = self.models.get(manifest.model.name)
+        if model.info.fingerprint != manifest.model.fingerprint:
+            raise EvaluationError(f"model '{manifest.model.name}' now has other weights than when dataset "
+                                  f"{manifest.dataset_id} was harvested; its SAEs cannot be evaluated on it", 409)
+        return model
+
+    def _windows(self, request: EvaluationRequest, manifest: DatasetManifest,
+                 model: SourceModel) -> tuple[str, int, int]:
+        """(corpus id, first token, number of windows) of the text to evaluate on."""
+        corpus = self.corpora.resolve(request.corpus or manifest.corpus_id)
+        first = harvested_tokens(manifest) if request.corpus is None else 0
+        stream = self._stream(corpus, model)
+        body = manifest.context_size - manifest.prepend_bos
+        wanted = -(-request.n_tokens // manifest.context_size)
+        available = max(0, len(stream) - first) // body
+        if wanted > available:
+            text = (f"the dataset's corpus {corpus.corpus_id} has {available * manifest.context_size:,} tokens "
+                    f"left after the {first:,} the harvest read" if request.corpus is None else
+                    f"corpus {corpus.corpus_id} has {available * manifest.context_size:,} tokens")
+            raise EvaluationError(f"{text} (whole {manifest.context_size}-token windows); asked for "
+                                  f"n_tokens={request.n_tokens:,}: ask for fewer, or name another corpus")
+        return corpus.corpus_id, first, wanted
+
+    def _stream(self, corpus, model: SourceModel) -> np.ndarray:
+        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+
+    # -- the worker --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while (evaluation_id := self._queue.get()) is not None:
+            job = self._jobs[evaluation_id]
+            if job.status != "queued":
+                continue
+            try:
+                result = self._run(self._set(job, status="running", error=None))
+                self._set(self._jobs[evaluation_id], status="completed", result=result,
+                          tokens_done=self._jobs[evaluation_id].tokens_total)
+            except Exception as exc:  # the job fails with its reason; the worker goes on
+                log.exception("evaluation %s failed", evaluation_id)
+                try:
+                    self._set(self._jobs[evaluation_id], status="failed", error=f"{type(exc).__name__}: {exc}")
+                except Exception:
+                    log.exception("could not record the failure of evaluation %s", evaluation_id)
+
+    def _run(self, job: EvaluationJob) -> EvaluationResult:
+        sae_info = self.saes.info(job.request.sae_id)
+        manifest = self.store.manifest(job.dataset_id)
+        if manifest is None:
+            raise RuntimeError(f"dataset {job.dataset_id} was deleted")
+        model = self._model(manifest)
+        corpus_id, first, n_windows = self._windows(job.request, manifest, model)
+        stream = self._stream(self.corpora.resolve(corpus_id), model)
+        layout = Layout(manifest.context_size, n_windows * manifest.context_size, manifest.context_size)
+        bos = model.bos_token_id if manifest.prepend_bos else None
+        windows = token_windows(stream[first:], layout, bos)
+        hook = manifest.hook(sae_info.hook)
+        mean = torch.tensor(hook.stats.mean, dtype=torch.float32)
+        reason = not_causal_reason(model)
+        done = evaluate(model, sae_info.hook, self.saes.weights(sae_info.sae_id), windows, mean,
+                        job.request.batch_size, causal=reason is None,
+                        progress=lambda n: self._set(self._jobs[job.evaluation_id], tokens_done=n))
+        return EvaluationResult(n_tokens=done.n_tokens, corpus_id=corpus_id, first_token=first, l0=done.l0,
+                                explained_variance=done.explained_variance, l2_ratio=done.l2_ratio,
+                                downstream=done.downstream, downstream_unavailable=reason)
+
+    def _set(self, job: EvaluationJob, **changes) -> EvaluationJob:
+        with_time = job.model_copy(update={**changes, "updated_at": _now()})
+        self._jobs[job.evaluation_id] = with_time
+        atomic_write(self.folder / f"{job.evaluation_id}.json", with_time.model_dump_json(indent=1).encode())
+        return with_time
