@@ -418,3 +418,17 @@ def test_ctrl_c_checkpoints_and_resume_finishes(server, dataset, sweep_file, tmp
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 512000 // 256
+
+
+def test_a_multi_hook_sae_is_spliced_in_hook_by_hook(server, dataset, tmp_path, capsys):
+    (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\n\n[[sae]]\nk = 8\n")
+    code = sae_train(["--cache-url", server.url, "--token", server.token, "--dataset", dataset.dataset_id,
+                      "--hook", HOOKS[0], "--hook", HOOKS[1], "--tokens", "4096", "--batch-size", "512",
+                      "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "512", "--no-progress",
+                      "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    (result,) = json.loads((tmp_path / "run" / "eval.json").read_text())
+    down = result["downstream"]
+    assert sorted(down) == sorted(HOOKS) and down[HOOKS[0]]["sae_id"] != down[HOOKS[1]]["sae_id"]
+    for hook in HOOKS:  # each component spliced alone, at its own hook
+        assert down[hook]["l0"] == pytest.approx(8, abs=0.5) and down[hook]["ce_loss_score"] is not None
