@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_server.errors import ServiceError
+from cache_server.files import disk_full_message, is_disk_full
 from cache_server.routes import corpora, datasets, evaluations, harvests, saes, system, zarr_http
 from cache_server.services import build_services
 from cache_server.settings import Settings
@@ -48,6 +49,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(_describe(e) for e in exc.errors())
         return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(OSError)
+    async def disk_error(request: Request, exc: OSError) -> JSONResponse:
+        if is_disk_full(exc):
+            return JSONResponse({"detail": disk_full_message(exc, settings.local_root)}, status_code=507)
+        return await unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

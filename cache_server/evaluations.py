@@ -67,6 +67,9 @@ class EvaluationManager:
         self._worker = threading.Thread(target=self._work, name="evaluation-worker", daemon=True)
         self._worker.start()
 
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
     def stop(self) -> None:
         self._queue.put(None)
         if self._worker is not None:
@@ -142,10 +145,12 @@ class EvaluationManager:
                           tokens_done=self._jobs[evaluation_id].tokens_total)
             except Exception as exc:  # the job fails with its reason; the worker goes on
                 log.exception("evaluation %s failed", evaluation_id)
+                changes = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
                 try:
-                    self._set(self._jobs[evaluation_id], status="failed", error=f"{type(exc).__name__}: {exc}")
-                except Exception:
-                    log.exception("could not record the failure of evaluation %s", evaluation_id)
+                    self._set(self._jobs[evaluation_id], **changes)
+                except OSError:  # a full disk: the job still ends failed, in memory
+                    log.exception("could not save the failure of evaluation %s", evaluation_id)
+                    self._jobs[evaluation_id] = self._jobs[evaluation_id].model_copy(update=changes)
 
     def _run(self, job: EvaluationJob) -> EvaluationResult:
         sae_info = self.saes.info(job.request.sae_id)

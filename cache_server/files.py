@@ -1,13 +1,34 @@
-"""Small file helpers: state files are replaced whole, so a crash never leaves half of one."""
+"""Small file helpers: state files are replaced whole, so a crash never leaves half of one; a full
+disk is named as such, with how much room is left."""
 
+import errno
 import os
+import shutil
 from pathlib import Path
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def disk_full_message(exc: OSError, folder: Path) -> str:
+    return (f"the disk is full ({exc.strerror}; {free_bytes(folder):,} bytes free under {folder}): free some "
+            "space (delete datasets or corpora) and submit again")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cache_server.corpora import CorpusStore
 from cache_server.errors import ServiceError
-from cache_server.files import atomic_write
+from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
 from cache_server.harvester import Harvester, HarvestCancelled, choose_chunk_rows, empty_state
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, SourceModel
@@ -36,6 +36,14 @@ class JobError(ServiceError):
     """A harvest request the service refuses."""
 
 
+_TOKEN_ROW_BYTES = 12  # (token, sequence, position) as int32
+
+
+def _stored_bytes(manifest: DatasetManifest) -> int:
+    itemsize = 4 if manifest.dtype == "float32" else 2
+    return manifest.n_items_total * (itemsize * sum(h.d for h in manifest.hooks) + _TOKEN_ROW_BYTES)
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -50,12 +58,12 @@ class _Plan:
 class JobManager:
     def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
                  metrics: ServerMetrics, max_tokens: int, chunk_bytes: int, replica: str | None = None,
-                 lease_seconds: float = 60.0):
+                 lease_seconds: float = 60.0, min_free_bytes: int = 0):
         self.folder = folder
         self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
-        self.max_tokens, self.chunk_bytes = max_tokens, chunk_bytes
+        self.max_tokens, self.chunk_bytes, self.min_free_bytes = max_tokens, chunk_bytes, min_free_bytes
         self._jobs: dict[str, HarvestJob] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -98,6 +106,7 @@ class JobManager:
             if active:
                 return HarvestAccepted(job_id=active[0].job_id, dataset_id=plan.dataset_id, status=active[0].status), False
             if manifest is None:
+                self._check_room(request, plan)
                 manifest = self._create_dataset(request, plan)
             now = _now()
             job = HarvestJob(job_id=secrets.token_hex(12), dataset_id=plan.dataset_id, status="queued",
@@ -159,6 +168,18 @@ class JobManager:
     def _corpus_tokens(self, corpus, model: SourceModel):
         return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
 
+    def _check_room(self, request: HarvestRequest, plan: _Plan) -> None:
+        """A harvest that would not fit on the store's disk (leaving ``min_free_bytes``) is refused."""
+        if self.store.root is None:
+            return  # a bucket: no free-space figure to compare with
+        itemsize = 4 if request.dtype == "float32" else 2
+        needed = request.n_tokens * (itemsize * sum(plan.widths.values()) + _TOKEN_ROW_BYTES)
+        free = free_bytes(self.store.root) - self.min_free_bytes
+        if needed > free:
+            raise JobError(f"the harvest needs about {needed:,} bytes and the store's disk has {max(free, 0):,} "
+                           f"free (keeping {self.min_free_bytes:,} in reserve): free some space or ask for "
+                           "fewer tokens, hooks or a smaller dtype", 507)
+
     def _create_dataset(self, request: HarvestRequest, plan: _Plan) -> DatasetManifest:
         hooks = request.hook_specs()
         storage = STORAGE_DTYPES[request.dtype]
@@ -210,9 +231,31 @@ class JobManager:
                 continue
             try:
                 self._run(job)
-            except Exception as exc:  # the job fails with its reason; the server stays up
+            except Exception as exc:  # the job fails with its reason; the worker goes on
                 log.exception("harvest %s failed", job_id)
-                self._set(self._jobs[job_id], status="failed", error=f"{type(exc).__name__}: {exc}")
+                self._fail(job_id, exc)
+
+    def _fail(self, job_id: str, exc: Exception) -> None:
+        """Record a failure; when the disk is full even that may not reach the disk, and the job
+        still ends failed (in memory) so the worker moves on to the next one."""
+        job = self._jobs[job_id]
+        if is_disk_full(exc):
+            self.store.remove_partial_writes(job.dataset_id)
+            error = disk_full_message(exc, self.folder)
+            if (manifest := self.store.manifest(job.dataset_id)) is not None:
+                error += f"; this harvest needs about {_stored_bytes(manifest):,} bytes in all"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+        changes = {"status": "failed", "error": error, "tokens_per_second": None, "eta_seconds": None}
+        try:
+            self._set(job, **changes)
+        except OSError:
+            log.exception("could not save the failure of harvest %s", job_id)
+            with self._lock:
+                self._jobs[job_id] = job.model_copy(update={**changes, "updated_at": _now()})
+
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
 
     def _run(self, job: HarvestJob) -> None:
         cancel = self._cancel[job.job_id]

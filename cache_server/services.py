@@ -34,7 +34,8 @@ def build_services(settings: Settings) -> Services:
     # Replicas sharing a store folder keep their own job files (a job is one server's part).
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
     jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
-                      replica=settings.replica, lease_seconds=settings.lease_seconds)
+                      replica=settings.replica, lease_seconds=settings.lease_seconds,
+                      min_free_bytes=settings.min_free_bytes)
     saes = SaeStore(root / "saes", settings.max_sae_bytes)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,

@@ -1,5 +1,5 @@
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from cache_server.routes.deps import services
 from cache_server.services import Services
@@ -7,8 +7,14 @@ from cache_server.services import Services
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
-def health() -> dict[str, str]:
+@router.get("/health", responses={503: {"description": "A worker thread has stopped: restart the server."}})
+def health(svc: Services = Depends(services)) -> dict[str, str]:
+    """ok while the harvest and evaluation workers run (a load balancer's check)."""
+    stopped = [name for name, alive in (("harvest", svc.jobs.worker_alive()),
+                                        ("evaluation", svc.evaluations.worker_alive())) if not alive]
+    if stopped:
+        return JSONResponse({"status": "unhealthy", "detail": f"the {' and '.join(stopped)} worker stopped; "
+                             "restart the server (queued jobs resume)"}, status_code=503)
     return {"status": "ok"}
 
 

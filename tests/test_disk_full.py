@@ -1,0 +1,75 @@
+"""A full disk (issue 14): the server says so, keeps working, and runs the next job once there is
+room again, without a restart. "Full" is made real with the server process' file-size limit
+(RLIMIT_FSIZE, changed from outside with prlimit): every write past it fails with EFBIG, as writes
+on a full disk fail with ENOSPC."""
+
+import resource
+import signal
+import time
+
+from tests.conftest import TINY
+from tests.server import ServerProcess, free_port, wait_job
+
+REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], "context_size": 64,
+           "dtype": "float32"}
+UNLIMITED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+
+def _ignore_sigxfsz() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+
+
+def _wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/harvests/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+def test_a_full_disk_fails_the_jobs_with_its_reason_and_the_worker_survives(tmp_path):
+    server = ServerProcess(store=tmp_path / "store", port=free_port(), env={"CACHE_SERVER_CHUNK_BYTES": str(64 << 10)})
+    server.start(preexec_fn=_ignore_sigxfsz)
+    pid = server.process.pid
+    try:
+        with server.client() as client:
+            running = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 200_000}).json()
+            _wait_status(client, running["job_id"], ("running",))
+            queued = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 20_000}).json()
+            assert queued["status"] == "queued"
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))  # the disk fills up
+            for job_id in (running["job_id"], queued["job_id"]):  # not stuck queued behind a dead worker
+                failed = _wait_status(client, job_id, ("failed", "completed"))
+                assert failed["status"] == "failed" and failed["error"].startswith("the disk is full ("), failed
+                assert "free some space" in failed["error"] and "this harvest needs about" in failed["error"]
+            assert client.get("/health").json() == {"status": "ok"}
+            upload = client.post("/v1/corpora", params={"name": "notes"}, content=b"some text " * 100)
+            assert upload.status_code == 507 and upload.json()["detail"].startswith("the disk is full")
+
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, UNLIMITED)  # room again: no restart needed
+            small = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 4_000}).json()
+            assert wait_job(client, small["job_id"])["status"] == "completed"
+            retried = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 20_000}).json()
+            assert wait_job(client, retried["job_id"])["status"] == "completed"  # resumes the failed dataset
+            assert client.post("/v1/corpora", params={"name": "notes"}, content=b"some text " * 100).status_code == 201
+        leftovers = [p for p in (tmp_path / "store").rglob("*.partial")]
+        assert leftovers == [], leftovers
+    finally:
+        server.stop()
+
+
+def test_a_harvest_larger_than_the_free_space_is_refused_up_front(tmp_path):
+    server = ServerProcess(store=tmp_path / "store", port=free_port(),
+                           env={"CACHE_SERVER_MIN_FREE_BYTES": str(10**18)}).start()
+    try:
+        with server.client() as client:
+            answer = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 1_000})
+            assert answer.status_code == 507
+            detail = answer.json()["detail"]
+            # rows x (two hooks x 64 floats x 4 bytes + the tokens' 12 bytes)
+            assert detail.startswith(f"the harvest needs about {1_000 * (2 * 64 * 4 + 12):,} bytes and the store's disk has 0 free")
+            assert client.get("/v1/datasets").json() == []  # nothing created
+    finally:
+        server.stop()
