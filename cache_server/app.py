@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_server.errors import ServiceError
 from cache_server.files import disk_full_message, is_disk_full
+from cache_server.guard import RequestGuard
 from cache_server.routes import corpora, datasets, evaluations, harvests, saes, system, zarr_http
 from cache_server.services import build_services
 from cache_server.settings import Settings
@@ -31,6 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Activation cache server", version="0.1.0", lifespan=lifespan,
                   description="Harvest transformer activations into chunked Zarr stores and serve them.")
     app.state.services = services
+    app.add_middleware(RequestGuard, token=settings.token, max_json_bytes=settings.max_json_bytes)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:

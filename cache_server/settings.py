@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
     max_corpus_bytes: int = 256 * 1024 * 1024
     max_tokens: int = 2_000_000_000
+    max_json_bytes: int = Field(1 << 20, gt=0, description="Largest JSON request body (a harvest request is a few KB).")
     min_free_bytes: int = Field(0, ge=0, description="Disk space a harvest must leave free on the store's "
                                 "disk; one that would not is refused (507).")
     max_sae_bytes: int = Field(1024 * 1024 * 1024, description="Largest SAE file POST /v1/saes accepts.")

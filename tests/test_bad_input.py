@@ -83,7 +83,8 @@ def test_corpus_uploads_over_the_limit_or_not_utf8(server, client, tmp_path):
 
 
 @pytest.mark.parametrize("method, path", [
-    ("POST", "/v1/harvests"), ("POST", "/v1/corpora"), ("DELETE", "/v1/harvests/0123456789abcdef01234567"),
+    ("POST", "/v1/harvests"), ("POST", "/v1/corpora"), ("POST", "/v1/evaluations"),
+    ("POST", "/v1/saes?dataset_id=0123456789abcdef01234567&hook=blocks.0.hook_resid_post"), ("DELETE", "/v1/harvests/0123456789abcdef01234567"),
     ("DELETE", "/v1/datasets/0123456789abcdef01234567"),
 ])
 @pytest.mark.parametrize("token", [None, "wrong"])
@@ -98,3 +99,20 @@ def test_reads_need_no_token(server):
     with server.client(token=None) as anonymous:
         assert anonymous.get("/v1/datasets").status_code == 200
         assert anonymous.get("/v1/corpora").status_code == 200
+
+
+def test_the_token_is_checked_before_the_body_and_json_bodies_are_capped(server, client):
+    """Issue 14: an anonymous body is not read (401, whatever it holds), and a JSON body past
+    1 MiB is refused from its Content-Length, or as it streams when it has none (413)."""
+    big = b'{"model": "' + b"x" * (8 << 20) + b'"}'
+    with server.client(token=None) as anonymous:
+        assert_refused(anonymous.post("/v1/harvests", content=b'{"model": ', headers={"content-type": "application/json"}),
+                       401, "bearer token")
+        assert_refused(anonymous.post("/v1/harvests", content=big, headers={"content-type": "application/json"}),
+                       401, "bearer token")
+    assert_refused(client.post("/v1/harvests", content=big, headers={"content-type": "application/json"}),
+                   413, "larger than this server's limit of 1,048,576 bytes")
+    chunked = iter([big[i:i + (1 << 16)] for i in range(0, len(big), 1 << 16)])  # no Content-Length
+    assert_refused(client.post("/v1/evaluations", content=chunked, headers={"content-type": "application/json"}),
+                   413, "larger than this server's limit")
+    assert client.post("/v1/harvests", json=GOOD).status_code in (200, 202)  # a normal request still passes
