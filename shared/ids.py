@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 ID_LENGTH = 24
-_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{ID_LENGTH}}}$")
+_ID_PATTERN = re.compile(rf"[0-9a-f]{{{ID_LENGTH}}}")  # fullmatch: no trailing newline slips through
 
 
 def content_id(obj: Any) -> str:
@@ -36,5 +36,7 @@ def is_valid_id(value: str) -> bool:
     True
     >>> is_valid_id("../../etc/passwd")
     False
+    >>> is_valid_id("0123456789abcdef01234567\\n")
+    False
     """
-    return bool(_ID_PATTERN.match(value))
+    return isinstance(value, str) and _ID_PATTERN.fullmatch(value) is not None

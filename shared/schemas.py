@@ -22,7 +22,7 @@ class HookSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Field(pattern=_HOOK_NAME, examples=["blocks.0.hook_resid_post"])]
-    concat_dims: Annotated[int, Field(ge=1, le=4)] = Field(
+    concat_dims: Annotated[int, Field(ge=1, le=4, strict=True)] = Field(
         1,
         description="1: keep the last axis as neurons (reshape_to_last_dimension); "
         "n>1: concatenate the last n axes, e.g. 2 for the heads of attn.hook_z "
@@ -43,11 +43,12 @@ class HarvestRequest(BaseModel):
     corpus: Annotated[str, Field(min_length=1, max_length=100)] = Field(
         "default", description="A corpus_id from GET /v1/corpora, or 'default' (built-in)."
     )
-    n_tokens: Annotated[int, Field(gt=0, description="Rows to store (one per token).")]
-    context_size: Annotated[int, Field(ge=2, le=1_000_000)] = 128
+    # strict: true is not 1 and "yes" is not true
+    n_tokens: Annotated[int, Field(gt=0, strict=True, description="Rows to store (one per token).")]
+    context_size: Annotated[int, Field(ge=2, le=1_000_000, strict=True)] = 128
     dtype: Dtype = "float16"
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    prepend_bos: bool = Field(True, description="Start every sequence with the BOS/CLS token.")
+    batch_size: Annotated[int, Field(ge=1, le=4096, strict=True)] = 16
+    prepend_bos: bool = Field(True, strict=True, description="Start every sequence with the BOS/CLS token.")
 
     @field_validator("hooks", mode="before")
     @classmethod

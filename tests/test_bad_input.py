@@ -1,5 +1,7 @@
 """Every bad input gets a 4xx naming the problem: never a 500, never a stack trace."""
 
+import json
+
 import pytest
 
 from tests.conftest import TINY
@@ -37,6 +39,13 @@ def assert_refused(response, status: int, *phrases: str) -> None:
     ({"corpus": "0123456789abcdef01234567"}, 404, ["unknown corpus"]),
     ({"corpus": "../../../etc/passwd"}, 404, ["unknown corpus"]),
     ({"surprise": 1}, 422, ["surprise", "Extra inputs"]),
+    # strict types (issue 14): true is not 1, "yes" is not true, "256" is not 256
+    ({"n_tokens": True}, 422, ["n_tokens", "valid integer"]),
+    ({"n_tokens": "256"}, 422, ["n_tokens", "valid integer"]),
+    ({"prepend_bos": "yes"}, 422, ["prepend_bos", "valid boolean"]),
+    ({"context_size": 32.0}, 422, ["context_size"]),
+    ({"hooks": [{"name": "blocks.0.hook_resid_post", "concat_dims": True}]}, 422, ["concat_dims"]),
+    ({"model": "tiny-random-gpt\n"}, 422, ["not a valid model name"]),
 ])
 def test_bad_harvest_requests(client, change, status, phrases):
     assert_refused(client.post("/v1/harvests", json={**GOOD, **change}), status, *phrases)
@@ -59,8 +68,14 @@ def test_unknown_ids_and_traversal_attempts(client):
     assert_refused(client.get(f"/v1/datasets/{ds}/hooks/..%2Fzarr.json/chunks/0"), 404, "no endpoint")
     assert_refused(client.get(f"/v1/datasets/{ds}/hooks/zarr.json/chunks/0"), 404, "unknown hook")
     assert_refused(client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/99"), 404, "out of range")
-    assert_refused(client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/-1"), 404, "out of range")
-    assert client.get(f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks/x").status_code == 422
+    chunks = f"/v1/datasets/{ds}/hooks/blocks.0.hook_resid_post/chunks"
+    # ASCII digits in canonical form only: none of these is an alias of chunk 0 (issue 14)
+    for index in ("-1", "x", "00", "+0", "-0", "\u0660", "9" * 5000, "0%0A"):
+        assert_refused(client.get(f"{chunks}/{index}"), 422, "index")
+        assert client.get(f"/v1/datasets/{ds}/tokens/chunks/{index}").status_code == 422
+    for index in ("\u0660", "00", "+0", "9" * 5000):
+        assert_refused(client.get(f"/zarr/{ds}/blocks.0.hook_resid_post/c/{index}/0"), 404, "no committed chunk")
+    assert client.get(f"/zarr/{ds}/blocks.0.hook_resid_post/c/0/0").status_code == 200
     assert_refused(client.get(f"/zarr/{ds}/../../jobs/x.json"), 404)
     assert_refused(client.get(f"/zarr/{ds}/blocks.0.hook_resid_post/c/99/0"), 404, "no committed chunk")
     assert_refused(client.get(f"/zarr/{ds}/tokens/c/0/..%2F..%2Fzarr.json"), 404, "no committed chunk")
@@ -116,3 +131,14 @@ def test_the_token_is_checked_before_the_body_and_json_bodies_are_capped(server,
     assert_refused(client.post("/v1/evaluations", content=chunked, headers={"content-type": "application/json"}),
                    413, "larger than this server's limit")
     assert client.post("/v1/harvests", json=GOOD).status_code in (200, 202)  # a normal request still passes
+
+
+def test_a_jsonl_corpus_with_unicode_line_separators_inside_strings_harvests(client):
+    """U+2028 and U+0085 are text inside a JSON string: the upload and the harvest split lines the
+    same way, on "\\n" (issue 14: this was accepted, then every harvest on it answered 500)."""
+    lines = [json.dumps({"text": f"line {i} with a\u2028separator and a\u0085next line, and more words"}) for i in range(200)]
+    corpus = client.post("/v1/corpora", params={"name": "seps", "format": "jsonl"}, content="\n".join(lines).encode())
+    assert corpus.status_code == 201, corpus.text
+    job = client.post("/v1/harvests", json={**GOOD, "corpus": corpus.json()["corpus_id"]})
+    assert job.status_code == 202, job.text
+    assert wait_job(client, job.json()["job_id"])["status"] == "completed"

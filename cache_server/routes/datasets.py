@@ -1,4 +1,6 @@
-from fastapi import APIRouter, Depends, HTTPException, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import Response
 
 from cache_server.routes.deps import require_token, services
@@ -7,6 +9,9 @@ from cache_server.store import chunk_key
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+# ASCII digits in canonical form: 00, +0, -0 and other scripts' digits are not aliases of chunk 0.
+ChunkIndex = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]{0,17})$", description="Chunk number, from 0.")]
 
 
 def _manifest(svc: Services, dataset_id: str) -> DatasetManifest:
@@ -48,22 +53,22 @@ _CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},
 
 
 @router.get("/{dataset_id}/hooks/{hook}/chunks/{index}", response_class=Response, responses=_CHUNK_RESPONSE)
-async def get_hook_chunk(dataset_id: str, hook: str, index: int, request: Request,
+async def get_hook_chunk(dataset_id: str, hook: str, index: ChunkIndex, request: Request,
                          svc: Services = Depends(services)) -> Response:
     manifest = _manifest(svc, dataset_id)
     array = manifest.hook(hook)
     if array is None:
         valid = ", ".join(h.name for h in manifest.hooks)
         raise HTTPException(404, f"unknown hook '{hook}' in dataset '{dataset_id}'; it holds: {valid}")
-    return await _chunk(svc, manifest, array, index, request)
+    return await _chunk(svc, manifest, array, int(index), request)
 
 
 @router.get("/{dataset_id}/tokens/chunks/{index}", response_class=Response, responses=_CHUNK_RESPONSE)
-async def get_tokens_chunk(dataset_id: str, index: int, request: Request,
+async def get_tokens_chunk(dataset_id: str, index: ChunkIndex, request: Request,
                            svc: Services = Depends(services)) -> Response:
     """int32 rows of (token id, sequence, position), aligned with the hooks' rows."""
     manifest = _manifest(svc, dataset_id)
-    return await _chunk(svc, manifest, manifest.tokens, index, request)
+    return await _chunk(svc, manifest, manifest.tokens, int(index), request)
 
 
 async def _chunk(svc: Services, manifest: DatasetManifest, array: ArrayInfo, index: int, request: Request) -> Response:

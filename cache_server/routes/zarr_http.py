@@ -17,7 +17,7 @@ from cache_server.services import Services
 from shared.schemas import DatasetManifest
 
 router = APIRouter(prefix="/zarr", tags=["zarr"])
-_CHUNK = re.compile(r"^c/(\d+)/0$")
+_CHUNK = re.compile(r"c/(0|[1-9][0-9]{0,17})/0")  # ASCII digits, canonical form (no 00, +0, ٠)
 
 
 @router.api_route("/{dataset_id}/{key:path}", methods=["GET", "HEAD"], response_class=Response)
@@ -33,7 +33,7 @@ async def zarr_key(dataset_id: str, key: str, svc: Services = Depends(services))
         raise HTTPException(404, f"no key '{key}' in dataset '{dataset_id}'")
     if rest == "zarr.json":
         return _json(await _array_metadata(svc, manifest, array))
-    match = _CHUNK.match(rest)
+    match = _CHUNK.fullmatch(rest)
     if match is None or int(match.group(1)) >= manifest.n_chunks:
         raise HTTPException(404, f"no committed chunk '{key}' in dataset '{dataset_id}'")
     data = await svc.store.read_stored(f"{dataset_id}/{array}/c/{int(match.group(1))}/0")
