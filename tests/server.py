@@ -20,6 +20,8 @@ class ServerProcess:
     token: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    hub: bool = False  # tests load nothing from the hub unless they say so (its cache, offline)
+    cwd: Path | None = None
     process: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -33,7 +35,8 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def start(self, wait: float = 120, preexec_fn=None) -> "ServerProcess":
-        args = [sys.executable, "-m", "cache_server", "--store", str(self.store), "--port", str(self.port), "--no-hub"]
+        args = [sys.executable, "-m", "cache_server", "--store", str(self.store), "--port", str(self.port)]
+        args += [] if self.hub else ["--no-hub"]
         if self.token:
             args += ["--token", self.token]
         args += self.extra_args
@@ -41,7 +44,7 @@ class ServerProcess:
         self.store.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.store.parent / f"server-{self.port}.log"
         self.process = subprocess.Popen(args, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                        preexec_fn=preexec_fn)
+                                        preexec_fn=preexec_fn, cwd=self.cwd)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,0 +1,56 @@
+"""Hub models (issue 14): a dataset's identity is the revision the hub resolved, and a hub name
+never loads a folder that happens to sit in the server's working directory. The hub here is its
+local cache (HF_HUB_CACHE, offline), laid out as huggingface_hub lays it out."""
+
+import shutil
+
+from cache_server.models import _shakespeare_gpt_path
+from tests.server import ServerProcess, free_port, wait_job
+
+NAME = "org/tiny-shakespeare"
+REQUEST = {"model": NAME, "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 1024, "context_size": 64}
+
+
+def publish(cache, name: str, commit: str) -> None:
+    """What a download of ``name`` at ``commit`` leaves in the hub cache."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    shutil.copytree(_shakespeare_gpt_path(), repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def harvest(tmp_path, cache, request=REQUEST):
+    work = tmp_path / "work"
+    server = ServerProcess(store=tmp_path / "store", port=free_port(), hub=True, cwd=work,
+                           env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}).start()
+    try:
+        with server.client() as client:
+            answer = client.post("/v1/harvests", json=request)
+            if answer.status_code != 202:
+                return answer
+            wait_job(client, answer.json()["job_id"])
+            return client.get(f"/v1/datasets/{answer.json()['dataset_id']}").json()
+    finally:
+        server.stop()
+
+
+def test_a_hub_model_is_identified_by_its_revision(tmp_path):
+    cache = tmp_path / "hub"
+    (tmp_path / "work").mkdir()
+    publish(cache, NAME, "a" * 40)
+    first = harvest(tmp_path, cache)
+    assert first["model"]["fingerprint"] == f"hub:{NAME}@{'a' * 40}" and first["complete"]
+    publish(cache, NAME, "b" * 40)  # new weights upstream, downloaded
+    second = harvest(tmp_path, cache)
+    assert second["model"]["fingerprint"] == f"hub:{NAME}@{'b' * 40}"
+    assert second["dataset_id"] != first["dataset_id"]  # not the stale cache
+
+
+def test_a_hub_name_never_loads_a_folder_in_the_working_directory(tmp_path):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    for name in ("evilmodel", "org/evil2"):
+        shutil.copytree(_shakespeare_gpt_path(), tmp_path / "work" / name)
+        answer = harvest(tmp_path, cache, {**REQUEST, "model": name})
+        assert answer.status_code == 422, answer
+        assert "must not name a folder" in answer.json()["detail"] and "--models-dir" in answer.json()["detail"]
