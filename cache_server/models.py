@@ -36,6 +36,10 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _PROBE_LEN = 7  # odd length: a hook whose axis 1 is not the position axis shows itself
 
 
+_HINT = (f"Built in: {SHAKESPEARE_GPT}, {TINY_RANDOM}, {MINILM_NAMES[0]}; a local model is a folder in the "
+         "server's --models-dir; hub names need the hub (the server runs with --no-hub, or offline, to refuse them fast)")
+
+
 class ModelError(ServiceError):
     """A model name that cannot be resolved or loaded (a client error)."""
 
@@ -199,17 +203,32 @@ class ModelRegistry:
         self.allow_hub = allow_hub
         self.keep = keep
         self._loaded: OrderedDict[str, SourceModel] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> SourceModel:
+        """The loaded model; loading one holds only that name's lock, so requests for models
+        already loaded (and reads) never wait behind a slow load or hub lookup."""
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-            model = self._load(name)
-            self._loaded[name] = model
-            while len(self._loaded) > self.keep:
-                self._loaded.popitem(last=False)
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:
+            with self._lock:
+                if name in self._loaded:  # loaded by the request we waited for
+                    return self._loaded[name]
+            try:
+                model = self._load(name)
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(name, None)
+                raise
+            with self._lock:  # in place before the name's lock goes: no second load of it
+                self._loaded[name] = model
+                self._loading.pop(name, None)
+                while len(self._loaded) > self.keep:
+                    self._loaded.popitem(last=False)
             return model
 
     def _load(self, name: str) -> SourceModel:
@@ -218,7 +237,7 @@ class ModelRegistry:
         except ModelError:
             raise
         except Exception as exc:  # a hub miss, a corrupt folder: say which and why
-            raise ModelError(f"unknown model '{name}': could not load it ({type(exc).__name__}: {exc})") from exc
+            raise ModelError(f"unknown model '{name}': could not load it ({type(exc).__name__}: {exc}). {_HINT}") from exc
         if tokenizer is None:
             raise ModelError(f"model '{name}' has no tokenizer; harvesting text needs one")
         bridge.eval()
