@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cache_server.files import lock_store
 from cache_server.settings import Settings
 from shared.devices import resolve_device
 
@@ -84,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                or _check_port(settings.host, settings.port))
     if problem:
         print(f"cache-server: error: {problem}", file=sys.stderr)
+        return 1
+    lock = lock_store(settings.local_root, replica=settings.replica is not None)
+    if lock is None:
+        holder = (settings.local_root / "server.lock").read_text().strip()
+        print(f"cache-server: error: another cache server is using the store {settings.local_root}"
+              f"{f' (pid {holder})' if holder else ''}; stop it, or give every server that shares a store "
+              "a --replica name", file=sys.stderr)
         return 1
     import uvicorn
 

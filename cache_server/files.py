@@ -2,6 +2,7 @@
 disk is named as such, with how much room is left."""
 
 import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -32,3 +33,20 @@ def free_bytes(folder: Path) -> int:
 def disk_full_message(exc: OSError, folder: Path) -> str:
     return (f"the disk is full ({exc.strerror}; {free_bytes(folder):,} bytes free under {folder}): free some "
             "space (delete datasets or corpora) and submit again")
+
+
+def lock_store(root: Path, replica: bool):
+    """Hold ``<root>/server.lock`` for this process' life (the kernel lets go when it exits, a
+    crash included): exclusively for a lone server, shared among replicas. None: another server
+    holds it in a way this one cannot share; the file then names its pid when it is a lone one."""
+    f = (root / "server.lock").open("a+")
+    try:
+        fcntl.flock(f, (fcntl.LOCK_SH if replica else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.truncate(0)
+    if not replica:
+        f.write(str(os.getpid()))
+        f.flush()
+    return f

@@ -72,3 +72,28 @@ def test_a_port_just_left_by_a_stopped_server_is_free():
             served.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
             client.recv(1)
     assert _check_port("127.0.0.1", port) is None
+
+
+def test_a_second_server_on_a_store_in_use_refuses_to_start(tmp_path):
+    """Two lone servers on one store would harvest the same dataset twice and delete under each
+    other (issue 14): the second one says who holds it. Replicas share; the lock dies with its holder."""
+    from tests.server import ServerProcess, free_port
+
+    store = tmp_path / "store"
+    first = ServerProcess(store=store, port=free_port()).start()
+    try:
+        second = run_cli("--store", str(store), "--port", str(free_port()), "--no-hub")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip() == (f"cache-server: error: another cache server is using the store {store} "
+                                         f"(pid {first.process.pid}); stop it, or give every server that shares "
+                                         "a store a --replica name")
+        replica = run_cli("--store", str(store), "--port", str(free_port()), "--replica", "r1")
+        assert replica.returncode == 1 and "another cache server is using the store" in replica.stderr
+    finally:
+        first.kill()  # a crash: the kernel lets go of the lock
+    again = ServerProcess(store=store, port=free_port()).start()
+    again.stop()
+    replicas = [ServerProcess(store=tmp_path / "shared", port=free_port(), extra_args=["--replica", name]).start()
+                for name in ("a", "b")]
+    for replica in replicas:
+        replica.stop()
