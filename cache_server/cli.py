@@ -28,6 +28,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
     parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")
+    parser.add_argument("--min-free-bytes", type=int, help="disk space a harvest must leave free (default 0)")
+    parser.add_argument("--max-json-bytes", type=int, help="largest JSON request body (default 1 MiB)")
+    parser.add_argument("--max-sae-bytes", type=int, help="largest SAE file POST /v1/saes accepts (default 1 GiB)")
     parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
                         help="never load models from the Hugging Face hub")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
