@@ -72,3 +72,31 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         assert result.returncode == 2, (extra, result.stderr)
         assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists() and sorted(p.name for p in sae_run.iterdir()) == ["run.json"]
+
+
+def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path):
+    """Issue 16: the first Ctrl-C stops after the step and saves; running again picks up there."""
+    import json
+    import os
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(tmp_path), "--tokens", "24000",
+            "--train-tokens", "61440", "--downstream-tokens", "1024"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "checkpoint saved; run again to continue from it" in stderr
+    assert (tmp_path / "train" / "checkpoint.pt").exists()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    per_sae = len({json.loads(line)["sae"] for line in metrics.read_text().splitlines()})
+    assert len(steps) == len(set(steps)) * per_sae and max(steps) == 60  # no step trained twice, all trained

@@ -13,7 +13,6 @@ it exists) and followed to its end before training.
 
 import argparse
 import json
-import signal
 import sys
 import time
 import traceback
@@ -23,6 +22,7 @@ from trainer.client import CacheClient, CacheError, StoreReader
 from trainer.config import ConfigError, load_sweep
 from trainer.distributed import World, exit_process
 from trainer.downstream import downstream_columns, evaluate_downstream
+from trainer.interrupt import stop_on_ctrl_c
 from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.train import RunError, Trainer
 
@@ -94,14 +94,6 @@ def _wait_complete(client: CacheClient, dataset_id: str, follow: bool, progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nsae-train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
     world = World.from_env()
     try:
         sweep = load_sweep(args.config, _overrides(args))
@@ -117,11 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 require("wandb", "--wandb")
             trainer.prepare(resume=args.resume)
             trainer.extra_sinks = _sinks(args, trainer) if world.main else []
-            previous = signal.signal(signal.SIGINT, on_interrupt)
-            try:
-                trainer.train(should_stop=lambda: stop["requested"])
-            finally:
-                signal.signal(signal.SIGINT, previous)
+            with stop_on_ctrl_c("sae-train") as should_stop:
+                trainer.train(should_stop=should_stop)
             if not trainer.finished:
                 print(f"sae-train: stopped at step {trainer.step}; run again with --resume to continue", file=sys.stderr)
                 return 130

@@ -14,6 +14,16 @@ from pathlib import Path
 import httpx
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this (child) process when the process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the server outlives a killed parent, as before
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -38,11 +48,17 @@ class LocalServer:
         args = [sys.executable, "-m", "cache_server", "--store", str(self.store), "--host", self.host,
                 "--port", str(self.port), *self.extra_args]
         with self.log.open("ab") as log:
-            pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None  # benchmarks: its own core
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop the server on the way
+            # out (after the trainer's checkpoint); it dies with us if we are killed.
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                            preexec_fn=pin)
+                                            preexec_fn=self._in_child, start_new_session=True)
         self._wait_healthy(timeout=180)
         return self
+
+    def _in_child(self) -> None:
+        _die_with_parent()
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)  # benchmarks: its own core
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ from trainer.cli import _table
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.downstream import evaluate_downstream
+from trainer.interrupt import stop_on_ctrl_c
 from trainer.local_server import LocalServer
 from trainer.report import write_report
 from trainer.train import RunError, Trainer
@@ -116,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
             trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir)
             trainer.prepare(resume=(train_dir / "run.json").exists())
-            trainer.train()
+            with stop_on_ctrl_c("sae-pipeline") as should_stop:
+                trainer.train(should_stop=should_stop)
+            if not trainer.finished:
+                print(f"sae-pipeline: stopped at step {trainer.step} of {trainer.total_steps}, checkpoint saved; "
+                      "run again to continue from it", file=sys.stderr)
+                return 130
             results = trainer.evaluate_and_export()
             results = evaluate_downstream(client, manifest, trainer.hooks, train_dir, results, args.downstream_tokens)
             rates = _rates(train_dir)
