@@ -60,13 +60,18 @@ class CorpusStore:
         return sorted(infos, key=lambda c: (not c.builtin, c.name))
 
     def resolve(self, ref: str) -> CorpusInfo:
+        """'default', a corpus_id, or the name of exactly one corpus."""
         corpus_id = self.builtin_id if ref == DEFAULT_NAME else ref
-        if not is_valid_id(corpus_id):
-            raise CorpusError(f"unknown corpus '{ref}': use 'default' or a corpus_id from GET /v1/corpora", 404)
-        meta = self.folder / f"{corpus_id}.json"
-        if not meta.exists():
-            raise CorpusError(f"unknown corpus '{ref}': see GET /v1/corpora", 404)
-        return CorpusInfo.model_validate_json(meta.read_bytes())
+        if is_valid_id(corpus_id) and (self.folder / f"{corpus_id}.json").exists():
+            return CorpusInfo.model_validate_json((self.folder / f"{corpus_id}.json").read_bytes())
+        named = [c for c in self.list() if c.name == ref]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise CorpusError(f"corpus name '{ref}' is ambiguous: use one of the corpus_ids "
+                              f"{', '.join(c.corpus_id for c in named)}", 409)
+        raise CorpusError(f"unknown corpus '{ref}': use 'default', a corpus name or a corpus_id from "
+                          "GET /v1/corpora", 404)
 
     async def upload(self, chunks: AsyncIterator[bytes], name: str, fmt: str) -> CorpusInfo:
         """Stream an upload to disk while hashing it and checking UTF-8 (and JSONL) on the fly."""

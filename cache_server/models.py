@@ -11,6 +11,7 @@ Names that resolve:
 - any other name: a Hugging Face hub model (when ``allow_hub``). ``trust_remote_code`` is never set.
 """
 
+import difflib
 import math
 import re
 import threading
@@ -86,8 +87,10 @@ class SourceModel:
         """Validate hook names and reshapes with a tiny forward pass; return each hook's width."""
         unknown = [h.name for h in hooks if h.name not in self.hook_names]
         if unknown:
-            valid = ", ".join(sorted(self.hook_names))
-            raise ModelError(f"unknown hook(s) {unknown} for model '{self.info.name}'; valid hooks: {valid}")
+            close = list(dict.fromkeys(m for name in unknown for m in difflib.get_close_matches(name, self.hook_names, n=3)))
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ModelError(f"unknown hook(s) {unknown} for model '{self.info.name}'; {hint}all "
+                             f"{len(self.hook_names)} hooks: GET /v1/models/{self.info.name}/hooks")
         missing = [h for h in hooks if h not in self._hook_d]
         if missing:
             self._probe(missing)

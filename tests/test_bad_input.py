@@ -21,7 +21,9 @@ def assert_refused(response, status: int, *phrases: str) -> None:
 @pytest.mark.parametrize("change, status, phrases", [
     ({"model": "no-such-model"}, 422, ["unknown model 'no-such-model'"]),
     ({"model": "../../etc"}, 422, ["not a valid model name"]),
-    ({"hooks": ["blocks.0.hook_nope"]}, 422, ["unknown hook", "blocks.0.hook_nope", "valid hooks:", "blocks.1.hook_resid_post"]),
+    # the closest names and where the full list is, not all of them (issue 16)
+    ({"hooks": ["blocks.0.hook_resid_pots"]}, 422, ["unknown hook", "did you mean blocks.0.hook_resid_post",
+                                                   "GET /v1/models/tiny-random-gpt/hooks"]),
     ({"hooks": ["blocks.0.attn.hook_pattern"]}, 422, ["must be [batch, position, ...]"]),
     ({"hooks": [{"name": "blocks.0.attn.hook_z", "concat_dims": 3}]}, 422, ["concat_dims"]),
     # [batch, pos, head, d_head] at the default concat_dims 1 would be 4 rows a token: refused, never truncated
@@ -38,6 +40,7 @@ def assert_refused(response, status: int, *phrases: str) -> None:
     ({"dtype": "int8"}, 422, ["dtype"]),
     ({"corpus": "0123456789abcdef01234567"}, 404, ["unknown corpus"]),
     ({"corpus": "../../../etc/passwd"}, 404, ["unknown corpus"]),
+    ({"corpus": "no-such-name"}, 404, ["unknown corpus 'no-such-name'", "a corpus name"]),
     ({"surprise": 1}, 422, ["surprise", "Extra inputs"]),
     # strict types (issue 14): true is not 1, "yes" is not true, "256" is not 256
     ({"n_tokens": True}, 422, ["n_tokens", "valid integer"]),
@@ -142,3 +145,21 @@ def test_a_jsonl_corpus_with_unicode_line_separators_inside_strings_harvests(cli
     job = client.post("/v1/harvests", json={**GOOD, "corpus": corpus.json()["corpus_id"]})
     assert job.status_code == 202, job.text
     assert wait_job(client, job.json()["job_id"])["status"] == "completed"
+
+
+def test_hook_list_and_corpora_by_name(client):
+    hooks = client.get(f"/v1/models/{TINY}/hooks").json()
+    assert "blocks.1.hook_resid_post" in hooks and hooks == sorted(hooks)
+    assert_refused(client.get("/v1/models/no-such-model/hooks"), 422, "unknown model 'no-such-model'")
+    answer = client.post("/v1/harvests", json={**GOOD, "hooks": ["blocks.0.hook_resid_pots"]})
+    assert len(answer.json()["detail"]) < 400  # not every hook of the model
+    # A corpus by its unique name, the built-in one included; an ambiguous name lists the ids (issue 16).
+    by_name = client.post("/v1/harvests", json={**GOOD, "corpus": "tiny-shakespeare"})
+    assert by_name.json()["dataset_id"] == client.post("/v1/harvests", json=GOOD).json()["dataset_id"]
+    ids = [client.post("/v1/corpora", params={"name": "twice"}, content=text).json()["corpus_id"]
+           for text in (b"one text " * 300, b"another text " * 300)]
+    assert_refused(client.post("/v1/harvests", json={**GOOD, "corpus": "twice"}), 409, "ambiguous", *ids)
+    once = client.post("/v1/corpora", params={"name": "once"}, content=b"a third text " * 300).json()["corpus_id"]
+    answer = client.post("/v1/harvests", json={**GOOD, "corpus": "once"})
+    assert answer.status_code in (200, 202) and answer.json()["dataset_id"] == client.post(
+        "/v1/harvests", json={**GOOD, "corpus": once}).json()["dataset_id"]

@@ -100,3 +100,21 @@ def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     per_sae = len({json.loads(line)["sae"] for line in metrics.read_text().splitlines()})
     assert len(steps) == len(set(steps)) * per_sae and max(steps) == 60  # no step trained twice, all trained
+
+
+def test_the_default_budget_fits_the_corpus(tmp_path):
+    """The default harvest leaves enough of the built-in corpus for the default downstream tokens."""
+    import torch
+
+    from cache_server.corpora import CorpusStore
+    from cache_server.models import ModelRegistry
+    from trainer.pipeline import DEFAULT_MODEL, parse_args
+
+    args = parse_args([])
+    model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(DEFAULT_MODEL)
+    corpora = CorpusStore(tmp_path, 1 << 30)
+    stream = corpora.tokens(corpora.resolve("default"), model.tokenizer, model.info.fingerprint, model.separator_token_id)
+    body = args.context_size - 1  # BOS leads every window
+    harvested = -(-args.tokens // args.context_size) * body
+    assert len(stream) - harvested >= -(-args.downstream_tokens // args.context_size) * body
+    assert args.train_tokens <= args.tokens

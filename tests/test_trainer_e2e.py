@@ -198,6 +198,8 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     for folder in (out / "saes").iterdir():
         assert {p.name for p in folder.iterdir()} >= {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
                                                       "eval.json", "histograms.png"}
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert modes["sae_weights.safetensors"] == modes["sparsity.safetensors"] == modes["cfg.json"]  # not 0600
     assert (out / "curves.png").stat().st_size > 1000
 
     # The export works on raw activations: the trained SAE on scaled inputs, unscaled.

@@ -8,6 +8,7 @@ inference threshold, as SAELens does.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,10 +57,18 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    save_file(saelens_state(sae, component, scale), folder / "sae_weights.safetensors")
+    _save_readable(saelens_state(sae, component, scale), folder / "sae_weights.safetensors")
     if feature_frequency is not None:
-        save_file({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
+        _save_readable({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
     return folder
+
+
+def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors writes its files 0600; the rest of a run folder is as the umask says."""
+    save_file(tensors, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def load_saelens(folder: Path | str) -> tuple[SparseAutoencoder, dict]:

@@ -1,0 +1,12 @@
+from fastapi import APIRouter, Depends
+
+from cache_server.routes.deps import services
+from cache_server.services import Services
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("/{name:path}/hooks")
+def list_hooks(name: str, svc: Services = Depends(services)) -> list[str]:
+    """Every hook name a harvest of this model may ask for (loads the model if it is not loaded)."""
+    return sorted(svc.jobs.models.get(name).hook_names)
