@@ -4,6 +4,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +30,9 @@ def create_app(settings: Settings) -> FastAPI:
         services.evaluations.stop()
         services.jobs.stop()
 
-    app = FastAPI(title="Activation cache server", version="0.1.0", lifespan=lifespan,
+    # FastAPIOffline: /docs and /redoc serve Swagger UI's and ReDoc's assets from the package, so the
+    # docs work with no internet (FastAPI's own pages load them from a CDN).
+    app = FastAPIOffline(title="Activation cache server", version="0.1.0", lifespan=lifespan,
                   description="Harvest transformer activations into chunked Zarr stores and serve them.")
     app.state.services = services
     app.add_middleware(RequestGuard, token=settings.token, max_json_bytes=settings.max_json_bytes)

@@ -163,3 +163,14 @@ def test_hook_list_and_corpora_by_name(client):
     answer = client.post("/v1/harvests", json={**GOOD, "corpus": "once"})
     assert answer.status_code in (200, 202) and answer.json()["dataset_id"] == client.post(
         "/v1/harvests", json={**GOOD, "corpus": once}).json()["dataset_id"]
+
+
+def test_the_docs_work_offline(server):
+    """/docs and /redoc load their scripts from the server itself, not a CDN (issue 16)."""
+    with server.client(token=None) as anonymous:
+        for page in ("/docs", "/redoc"):
+            html = anonymous.get(page).text
+            assert "cdn.jsdelivr" not in html and "unpkg.com" not in html and "/static-offline-docs/" in html
+        script = anonymous.get("/static-offline-docs/swagger-ui-bundle.js")
+        assert script.status_code == 200 and len(script.content) > 100_000
+        assert anonymous.get("/openapi.json").json()["info"]["title"] == "Activation cache server"
