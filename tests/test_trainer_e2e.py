@@ -259,7 +259,8 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     bad_sweep.write_text("[[sae]]\nl1_coef = 3\n")
     odd_lanes = tmp_path / "lanes.toml"
     odd_lanes.write_text("[run]\nbatch_size = 256\nlanes = 3\n")
-    sweeps = {name: tmp_path / f"{name}.toml" for name in ("big_k", "prefixes", "schedule", "fraction")}
+    sweeps = {name: tmp_path / f"{name}.toml" for name in ("big_k", "prefixes", "schedule", "fraction", "eval")}
+    sweeps["eval"].write_text("[run]\neval_chunks = 500\n")
     sweeps["big_k"].write_text("[[sae]]\nk = 5000\n")  # d_sae is 8 x 64 = 512
     sweeps["prefixes"].write_text('[[sae]]\nobjective = "matryoshka"\nmatryoshka_prefixes = [64, 1024]\n')
     sweeps["schedule"].write_text("[run]\ntokens = 2560\nbatch_size = 256\n[[sae]]\nlr_warmup = 8\nlr_decay = 4\n")
@@ -271,6 +272,11 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
         (["--config", str(sweeps["schedule"]), "--out", str(tmp_path / "s")], "is longer than the run's 10 steps"),
         (["--config", str(sweeps["fraction"]), "--out", str(tmp_path / "fr")], "lr_decay=20.0: a float is a fraction"),
         (["--config", str(bad_sweep), "--out", str(tmp_path / "a")], "unknown key(s) ['l1_coef']"),
+        # a dataset too small for its held-out chunks: what to change (issue 16)
+        (["--config", str(sweeps["eval"]), "--out", str(tmp_path / "ev")],
+         f"the dataset has {dataset.n_chunks_total} chunks of {dataset.chunk_rows:,} rows and eval_chunks=500 holds "
+         f"500 out, leaving none to train on: harvest at least {501 * dataset.chunk_rows:,} tokens (501 chunks), or "
+         f"set eval_chunks = {dataset.n_chunks_total - 1} in the sweep's [run]"),
         (["--cache-url", "http://127.0.0.1:9", "--out", str(tmp_path / "b")], "cannot reach cache server"),
         (["--dataset", "0123456789abcdef01234567", "--out", str(tmp_path / "c")], "unknown dataset"),
         (["--hook", "blocks.7.hook_nope", "--out", str(tmp_path / "d")], "has no hook 'blocks.7.hook_nope'"),

@@ -186,7 +186,11 @@ class ChunkStream:
         self._scale_values = [np.float32(s) for s in self.scales.tolist()]
         held_out = permutation(manifest.n_chunks_total, seed_of(seed, 2**31))
         if eval_chunks >= manifest.n_chunks_total:
-            raise CacheError(f"eval_chunks={eval_chunks} leaves no training chunk of {manifest.n_chunks_total}")
+            n, rows = manifest.n_chunks_total, manifest.chunk_rows
+            fewer = f", or set eval_chunks = {n - 1} in the sweep's [run]" if n > 1 else ""
+            raise CacheError(f"the dataset has {n} chunk{'s' if n > 1 else ''} of {rows:,} rows and eval_chunks="
+                             f"{eval_chunks} holds {eval_chunks} out, leaving none to train on: harvest at least "
+                             f"{(eval_chunks + 1) * rows:,} tokens ({eval_chunks + 1} chunks){fewer}")
         self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
         self.train_chunk_ids = sorted(int(i) for i in held_out[eval_chunks:])
         self.bytes_fetched = 0
