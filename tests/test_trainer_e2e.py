@@ -440,3 +440,40 @@ def test_a_multi_hook_sae_is_spliced_in_hook_by_hook(server, dataset, tmp_path, 
     assert sorted(down) == sorted(HOOKS) and down[HOOKS[0]]["sae_id"] != down[HOOKS[1]]["sae_id"]
     for hook in HOOKS:  # each component spliced alone, at its own hook
         assert down[hook]["l0"] == pytest.approx(8, abs=0.5) and down[hook]["ce_loss_score"] is not None
+
+
+def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume(tmp_path):
+    """Issue 16: the trainer retries a server that went away for --outage-seconds, then saves a
+    checkpoint and says so; with the server back, --resume finishes the run."""
+    from tests.server import ServerProcess, free_port
+
+    port = free_port()
+    server = ServerProcess(store=tmp_path / "store", port=port, env={"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}).start()
+    request = {"model": TINY, "hooks": [HOOKS[0]], "n_tokens": 40_000, "context_size": 64}
+    with CacheClient(server.url) as client:
+        dataset = client.wait(client.harvest(request), progress=False)
+    (tmp_path / "s.toml").write_text("[run]\nbatch_size = 256\ntokens = 102400\neval_chunks = 1\n"
+                                     "shuffle_buffer_rows = 1024\ncheckpoint_every = 100000\nlog_every = 5\n")
+    args = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--no-progress",
+            "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "0", "--out", str(tmp_path / "run")]
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--outage-seconds", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    server.kill()  # the server dies mid-run
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert process.returncode == 1 and len(lines) == 1 and "cannot reach cache server" in lines[0], stderr
+    assert "retried for" in lines[0] and "checkpoint saved at step" in lines[0] and "--resume" in lines[0]
+    step = int(lines[0].split("checkpoint saved at step ")[1].split()[0])
+    assert step > 0 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == step
+    server = ServerProcess(store=tmp_path / "store", port=port).start()  # back
+    try:
+        resumed = run_cli(*args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["tokens"] == 102_400
+    finally:
+        server.stop()

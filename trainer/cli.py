@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "
                         "bucket (its manifest's store_url; credentials from AWS_* variables), not through the server")
+    parser.add_argument("--outage-seconds", type=float, default=300.0, help="how long to retry a cache server that "
+                        "answered before and went away, before checkpointing and stopping (default: %(default)s)")
     parser.add_argument("--downstream-tokens", type=int, default=16_384, help="held-out tokens on which the "
                         "server splices each SAE into the model for CE loss score and KL (0: skip; default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     world = World.from_env()
     try:
         sweep = load_sweep(args.config, _overrides(args))
-        with CacheClient(args.cache_url, token=args.token) as client:
+        with CacheClient(args.cache_url, token=args.token, outage_seconds=args.outage_seconds) as client:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
             chunks = StoreReader.for_manifest(manifest) if args.from_bucket else None

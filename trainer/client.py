@@ -8,6 +8,7 @@
 """
 
 import http.client
+import itertools
 import json
 import threading
 import time
@@ -40,7 +41,7 @@ class CacheError(Exception):
 
 class CacheClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 4,
-                 backoff: float = 0.5):
+                 backoff: float = 0.5, outage_seconds: float = 300.0):
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
@@ -51,7 +52,10 @@ class CacheClient:
                                         timeout=urllib3.Timeout(connect=timeout, read=timeout))
         self._local, self._headers, self.timeout = threading.local(), headers, timeout
         self._base_path = urllib.parse.urlsplit(self.url).path
-        self.retries, self.backoff = retries, backoff
+        # A server never reached fails fast (``retries`` tries: a wrong URL); one that answered
+        # before and went away is retried for ``outage_seconds`` (a restart, a network blip).
+        self.retries, self.backoff, self.outage_seconds = retries, backoff, outage_seconds
+        self._reached = False
 
     def close(self) -> None:
         self.http.close()
@@ -73,16 +77,20 @@ class CacheClient:
         return response
 
     def _retried(self, send: Callable, transport_error: type[Exception] | tuple, status: Callable[[Any], int]):
-        for attempt in range(self.retries + 1):
+        start = time.monotonic()
+        for attempt in itertools.count():
+            last = attempt >= self.retries and (not self._reached or time.monotonic() - start > self.outage_seconds)
             try:
                 response = send()
             except transport_error as exc:
-                if attempt == self.retries:
-                    raise CacheError(f"cannot reach cache server at {self.url}: {exc}") from None
+                if last:
+                    waited = f" (retried for {time.monotonic() - start:.0f}s)" if self._reached else ""
+                    raise CacheError(f"cannot reach cache server at {self.url}{waited}: {exc}") from None
             else:
-                if status(response) not in RETRY_STATUSES or attempt == self.retries:
+                self._reached = True
+                if status(response) not in RETRY_STATUSES or last:
                     return response
-            time.sleep(self.backoff * 2**attempt)
+            time.sleep(min(self.backoff * 2**attempt, 5.0))
         raise AssertionError("unreachable")
 
     # -- corpora -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from shared.devices import resolve_device
 from shared.schemas import DatasetManifest
-from trainer.client import CacheClient
+from trainer.client import CacheClient, CacheError
 from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, split_cfgs
 from trainer.distributed import World
 from trainer.export import export_saelens
@@ -330,6 +330,12 @@ class Trainer:
                         f" L0 {min(r['l0'] for s, r in zip(self.saes, rows) if s.cfg in g):.0f}" for g in groups))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
+        except CacheError as exc:  # the server went away for longer than the client retries
+            if world.size > 1:  # a checkpoint is a collective: one rank cannot save alone
+                raise
+            self._save()
+            raise CacheError(f"{exc}; checkpoint saved at step {self.step} of {total_steps}: start the server "
+                             "and run again (sae-train: with --resume) to continue from it") from None
         finally:
             for sink in sinks:
                 sink.close()
