@@ -164,7 +164,7 @@ class EvaluationManager:
         bos = model.bos_token_id if manifest.prepend_bos else None
         windows = token_windows(stream[first:], layout, bos)
         hook = manifest.hook(sae_info.hook)
-        mean = torch.tensor(hook.stats.mean, dtype=torch.float32)
+        mean = torch.tensor(self.store.hook_mean(manifest.dataset_id, hook.name), dtype=torch.float32)
         reason = not_causal_reason(model)
         done = evaluate(model, sae_info.hook, self.saes.weights(sae_info.sae_id), windows, mean,
                         job.request.batch_size, causal=reason is None,

@@ -88,8 +88,7 @@ def add_stats(state: dict, chunk_stats: dict) -> dict:
 
 def stats_view(s: dict) -> HookStats:
     n = max(s["count"], 1)
-    return HookStats(count=s["count"], mean=(np.asarray(s["sum"]) / n).tolist(),
-                     mean_norm=s["norm_sum"] / n, mean_squared_norm=s["sq_norm_sum"] / n)
+    return HookStats(count=s["count"], mean_norm=s["norm_sum"] / n, mean_squared_norm=s["sq_norm_sum"] / n)
 
 
 def _row_stats(rows: torch.Tensor) -> dict:

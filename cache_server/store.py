@@ -152,6 +152,14 @@ class DatasetStore:
         self._manifests[dataset_id] = manifest
         return manifest
 
+    def hook_mean(self, dataset_id: str, hook: str) -> list[float] | None:
+        """The mean row of a hook over the committed rows, from the exact running sums."""
+        meta = self.get_bytes(f"{dataset_id}/zarr.json") if is_valid_id(dataset_id) else None
+        state = json.loads(meta).get("attributes", {}).get("harvest_state", {}).get(hook) if meta else None
+        if state is None:
+            return None
+        return (np.asarray(state["sum"], dtype=np.float64) / max(state["count"], 1)).tolist()
+
     def list(self) -> list[DatasetSummary]:
         async def names() -> list[str]:
             return [name async for name in self.zarr_store.list_dir("")]
@@ -162,7 +170,8 @@ class DatasetStore:
             if manifest is not None:
                 out.append(DatasetSummary(
                     dataset_id=manifest.dataset_id, model=manifest.model.name,
-                    hooks=[h.name for h in manifest.hooks], n_items=manifest.n_items,
+                    hooks=[h.name for h in manifest.hooks], d={h.name: h.d for h in manifest.hooks},
+                    n_items=manifest.n_items,
                     n_items_total=manifest.n_items_total, complete=manifest.complete))
         return out
 

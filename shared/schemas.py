@@ -100,10 +100,10 @@ class CorpusInfo(BaseModel):
 
 
 class HookStats(BaseModel):
-    """Running statistics of one hook's rows, over every committed row."""
+    """Running statistics of one hook's rows, over every committed row (the mean vector, d floats,
+    is at ``GET /v1/datasets/{id}/hooks/{hook}/mean``: it would make the manifest kilobytes long)."""
 
     count: int = 0
-    mean: list[float] = Field(default_factory=list, description="Mean activation vector.")
     mean_norm: float = 0.0
     mean_squared_norm: float = 0.0
 
@@ -179,6 +179,7 @@ class DatasetSummary(BaseModel):
     dataset_id: str
     model: str
     hooks: list[str]
+    d: dict[str, int] = Field(default_factory=dict, description="Each hook's row width.")
     n_items: int
     n_items_total: int
     complete: bool

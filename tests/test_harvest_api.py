@@ -83,8 +83,14 @@ def test_rows_are_the_model_activations_aligned_across_hooks(client, dataset):
         expected = reshape_hook(cache[spec.name], spec.concat_dims)
         torch.testing.assert_close(stored[: n_seq * 64].float(), expected.half().float(), atol=2e-3, rtol=2e-3)
         stats = manifest.hook(spec.name).stats
-        np.testing.assert_allclose(stats.mean, stored.double().mean(0).numpy(), rtol=1e-6, atol=1e-9)
+        mean = client.get(f"/v1/datasets/{manifest.dataset_id}/hooks/{spec.name}/mean").json()
+        np.testing.assert_allclose(mean, stored.double().mean(0).numpy(), rtol=1e-6, atol=1e-9)
         assert stats.mean_norm == pytest.approx(stored.double().norm(dim=1).mean().item(), rel=1e-9)
+    # The manifest stays small (no per-dimension vectors); the list shows each hook's width (issue 16).
+    assert len(client.get(f"/v1/datasets/{manifest.dataset_id}").content) < 4096
+    summary = next(d for d in client.get("/v1/datasets").json() if d["dataset_id"] == manifest.dataset_id)
+    assert summary["d"] == {h.name: h.d for h in manifest.hooks}
+    assert client.get(f"/v1/datasets/{manifest.dataset_id}/hooks/blocks.7.nope/mean").status_code == 404
 
 
 def test_stock_zarr_client_reads_the_store_over_http(server, client, dataset):

@@ -40,6 +40,16 @@ def delete_dataset(dataset_id: str, svc: Services = Depends(services)) -> Respon
     return Response(status_code=204)
 
 
+@router.get("/{dataset_id}/hooks/{hook}/mean")
+def get_hook_mean(dataset_id: str, hook: str, svc: Services = Depends(services)) -> list[float]:
+    """The hook's mean row (d floats) over the committed rows."""
+    manifest = _manifest(svc, dataset_id)
+    if manifest.hook(hook) is None:
+        raise HTTPException(404, f"unknown hook '{hook}' in dataset '{dataset_id}'; it holds: "
+                                 f"{', '.join(h.name for h in manifest.hooks)}")
+    return svc.store.hook_mean(dataset_id, hook)
+
+
 @router.get("/{dataset_id}/vocabulary")
 def get_vocabulary(dataset_id: str, svc: Services = Depends(services)) -> list[str]:
     """The source model's tokens by id, to render the stored token ids as text."""
