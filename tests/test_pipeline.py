@@ -1,6 +1,7 @@
 """The README's main job, small: harvest the shipped causal LM, train the default sweep, evaluate each SAE
 spliced into the model, print the table, write the report."""
 
+import json
 import subprocess
 import sys
 
@@ -25,6 +26,9 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "### Feature" in report and "«" in report
     assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
+    cfg = json.loads(next((tmp_path / "train" / "saes").glob("topk-*/cfg.json")).read_text())
+    # the pipeline's own server is gone after the run: its port is not written as the dataset's place
+    assert cfg["metadata"]["dataset_path"] is None and len(cfg["metadata"]["dataset_id"]) == 24
     html = (tmp_path / "report" / "report.html").read_text()
     assert "<table>" in html and "<mark>" in html and (tmp_path / "report" / "curves.png").exists()
     second = run_pipeline(tmp_path)

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = client.wait(accepted)
             print(f"dataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
                   f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
-            trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir)
+            trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir,
+                              server_is_stable=bool(args.cache_url))
             trainer.prepare(resume=(train_dir / "run.json").exists())
             with stop_on_ctrl_c("sae-pipeline") as should_stop:
                 trainer.train(should_stop=should_stop)

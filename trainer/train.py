@@ -108,8 +108,11 @@ def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
 
 class Trainer:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], sweep: Sweep, out: Path,
-                 progress: bool = True, sinks: list | None = None, world: World = World(), chunks=None):
+                 progress: bool = True, sinks: list | None = None, world: World = World(), chunks=None,
+                 server_is_stable: bool = True):
         self.client, self.manifest, self.hooks, self.sweep, self.out = client, manifest, hooks, sweep, out
+        self.server_is_stable = server_is_stable
+        """False for a server started for one run (sae-pipeline's): its URL is not written into exports."""
         self.chunks = chunks or client
         """Where chunk bytes come from: the server, or a ``StoreReader`` straight from the store."""
         self.run: RunConfig = sweep.run
@@ -383,7 +386,8 @@ class Trainer:
                 export_saelens(s.sae, target, component=c, scale=self.scales[c], feature_frequency=freqs, metadata={
                     "model_name": self.manifest.model.name, "hook_name": hook, "hook_head_index": None,
                     "context_size": self.manifest.context_size, "prepend_bos": self.manifest.prepend_bos,
-                    "dataset_path": f"{self.client.url}/v1/datasets/{self.manifest.dataset_id}",
+                    "dataset_path": (f"{self.client.url}/v1/datasets/{self.manifest.dataset_id}"
+                                     if self.server_is_stable else None),
                     "dataset_id": self.manifest.dataset_id, "training_tokens": self.tokens})
             summary = {"sae": s.name, **metrics.summary(), "d_sae": s.sae.d_sae, "tokens": self.tokens,
                        "eval_rows": rows.shape[0]}
