@@ -99,6 +99,10 @@ class JobManager:
         with self._lock:
             manifest = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
             if manifest is not None and manifest.complete:
+                if missing := self.store.missing(manifest):
+                    raise JobError(f"dataset {plan.dataset_id} is marked complete but {len(missing)} of its files are "
+                                   f"missing (first: {missing[0]}): DELETE /v1/datasets/{plan.dataset_id} and submit "
+                                   "again to harvest it anew", 409)
                 done = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status == "completed"]
                 job_id = done[-1].job_id if done else None
                 return HarvestAccepted(job_id=job_id, dataset_id=plan.dataset_id, status="completed"), False

@@ -152,6 +152,18 @@ class DatasetStore:
         self._manifests[dataset_id] = manifest
         return manifest
 
+    def missing(self, manifest: DatasetManifest) -> list[str]:
+        """Keys of a local dataset's committed data that are not on disk (array metadata, chunks):
+        a dataset someone deleted files of, or two servers fought over. A bucket is not checked."""
+        if self.root is None:
+            return []
+        folder = self.root / manifest.dataset_id
+        keys = []
+        for array in [*manifest.hooks, manifest.tokens]:
+            keys.append(f"{array.name}/zarr.json")
+            keys += [f"{array.name}/c/{i}/0" for i in range(manifest.n_chunks)]
+        return [key for key in keys if not (folder / key).exists()]
+
     def hook_mean(self, dataset_id: str, hook: str) -> list[float] | None:
         """The mean row of a hook over the committed rows, from the exact running sums."""
         meta = self.get_bytes(f"{dataset_id}/zarr.json") if is_valid_id(dataset_id) else None

@@ -174,3 +174,20 @@ def test_the_docs_work_offline(server):
         script = anonymous.get("/static-offline-docs/swagger-ui-bundle.js")
         assert script.status_code == 200 and len(script.content) > 100_000
         assert anonymous.get("/openapi.json").json()["info"]["title"] == "Activation cache server"
+
+
+def test_a_dataset_with_files_missing_is_no_cache_hit_and_no_500(server, client):
+    """Issue 14: files deleted under the server (or by a second server) are found, not served."""
+    import shutil
+
+    request = {**GOOD, "n_tokens": 320}
+    ds = wait_job(client, client.post("/v1/harvests", json=request).json()["job_id"])["dataset_id"]
+    folder = server.store / "datasets" / ds / "blocks.0.hook_resid_post"
+    (folder / "c" / "0" / "0").unlink()
+    assert_refused(client.post("/v1/harvests", json=request), 409, "marked complete but 1 of its files are missing",
+                   "blocks.0.hook_resid_post/c/0/0", f"DELETE /v1/datasets/{ds}")
+    shutil.rmtree(folder)
+    assert_refused(client.get(f"/zarr/{ds}/zarr.json"), 409, "lost the metadata of array 'blocks.0.hook_resid_post'")
+    assert client.delete(f"/v1/datasets/{ds}").status_code == 204
+    again = client.post("/v1/harvests", json=request).json()
+    assert wait_job(client, again["job_id"])["status"] == "completed" and again["dataset_id"] == ds

@@ -44,7 +44,11 @@ async def zarr_key(dataset_id: str, key: str, svc: Services = Depends(services))
 
 
 async def _array_metadata(svc: Services, manifest: DatasetManifest, array: str) -> dict:
-    meta = json.loads(await svc.store.read_key(f"{manifest.dataset_id}/{array}/zarr.json"))
+    raw = await svc.store.read_key(f"{manifest.dataset_id}/{array}/zarr.json")
+    if raw is None:  # files deleted under the server: say so, not a 500
+        raise HTTPException(409, f"dataset '{manifest.dataset_id}' has lost the metadata of array '{array}'; "
+                                 "delete it and harvest it again")
+    meta = json.loads(raw)
     meta["shape"][0] = manifest.n_items
     return meta
 
