@@ -183,6 +183,7 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     for name in {m["sae"] for m in metrics}:
         mine = [m for m in metrics if m["sae"] == name]
         assert mine[-1]["mse"] < 0.5 * mine[0]["mse"]  # the loss falls
+        assert 0 < mine[-1]["fvu"] < mine[0]["fvu"] <= 1.5  # and FVU, what curves.png shows, with it
         assert 0 < mine[-1]["shuffle_quality"] <= 1.5
     topk = next(r for r in results if r["sae"].startswith("topk"))
     assert topk["l0"] == pytest.approx(8, abs=0.5)

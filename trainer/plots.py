@@ -7,32 +7,51 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 
-def histograms(freqs: torch.Tensor, mean_values: torch.Tensor, folder: Path, title: str) -> None:
+def histograms(freqs: torch.Tensor, mean_values: torch.Tensor, folder: Path, title: str,
+               log_freq_range: tuple[float, float] | None = None) -> None:
+    """Firing frequency (live latents, log10) and mean activation; the dead ones are counted in
+    the title, not drawn at log10(0). ``log_freq_range`` shares the x-axis across a sweep's SAEs."""
+    live = freqs > 0
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].hist(torch.log10(freqs + 1e-10).numpy(), bins=60)
-    axes[0].set(xlabel="log10 firing frequency", ylabel="latents", title="feature frequency")
-    axes[1].hist(mean_values[freqs > 0].numpy(), bins=60)
+    axes[0].hist(torch.log10(freqs[live]).numpy(), bins=60, range=log_freq_range)
+    axes[0].set(xlabel="log10 firing frequency (live latents)", ylabel="latents", title="feature frequency")
+    axes[1].hist(mean_values[live].numpy(), bins=60)
     axes[1].set(xlabel="mean activation when firing", ylabel="latents", title="mean activation")
-    fig.suptitle(title, fontsize=9)
+    dead = int((~live).sum())
+    fig.suptitle(f"{title}: {dead} of {len(freqs)} latents dead ({100 * dead / len(freqs):.1f}%)", fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "histograms.png", dpi=90)
     plt.close(fig)
 
 
+def log_freq_range(all_freqs: list[torch.Tensor]) -> tuple[float, float] | None:
+    live = [torch.log10(f[f > 0]) for f in all_freqs if bool((f > 0).any())]
+    if not live:
+        return None
+    return min(float(x.min()) for x in live), max(float(x.max()) for x in live)
+
+
 def curves(metrics_file: Path, folder: Path, names: list[str]) -> None:
+    """FVU, L0 and dead latents against training tokens, a line per SAE, one legend below."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("fvu", "FVU (training batch)", "log"), ("l0", "L0 (active latents)", "log"), ("dead", "dead latents", "linear")]
     for name in names:
         mine = [r for r in rows if r.get("sae") == name]
-        axes[0].plot([r["tokens"] for r in mine], [r["mse"] for r in mine], label=name)
-        axes[1].plot([r["tokens"] for r in mine], [r["l0"] for r in mine], label=name)
-    axes[0].set(xlabel="tokens", ylabel="MSE", yscale="log", title="reconstruction loss")
-    axes[1].set(xlabel="tokens", ylabel="L0", yscale="log", title="active latents per token")
-    axes[1].legend(fontsize=6)
-    fig.tight_layout()
+        for ax, (key, _, _) in zip(axes, panels):
+            ax.plot([r["tokens"] for r in mine], [r.get(key, float("nan")) for r in mine], label=name, marker=".",
+                    markersize=3)
+    for ax, (_, label, scale) in zip(axes, panels):
+        ax.set(xlabel="training tokens", ylabel=label, yscale=scale, title=label)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 750k, 1M: no colliding labels
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 3), 1, 1))
     fig.savefig(folder / "curves.png", dpi=90)
     plt.close(fig)
 

@@ -89,6 +89,13 @@ def _adam(params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _variance(x: torch.Tensor) -> torch.Tensor:
+    """Mean over rows (and components) of the squared distance from the batch mean: the scale of
+    the summed-over-d_in MSE."""
+    x = x.float()
+    return ((x - x.mean(0)) ** 2).sum(-1).mean()
+
+
 def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
     """One optimizer step of one SAE on this rank's rows ``x`` (gradients averaged over ranks)."""
     lr = s.lr.step()
@@ -321,7 +328,8 @@ class Trainer:
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out),
+                    variance = world.mean(_variance(batch.activations).reshape(1))[0].item()
+                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out, variance),
                              "lr": s.optimizer.param_groups[0]["lr"],
                              "dead": int((s.tokens_since_fired >= s.cfg.dead_after_tokens).sum()),
                              "tokens_per_second": rate, "shuffle_quality": shuffle}
@@ -345,11 +353,12 @@ class Trainer:
             bar.close()
         self._save()
 
-    def _logged(self, out) -> dict[str, float]:
-        """A step's loss terms, averaged over ranks."""
+    def _logged(self, out, variance: float) -> dict[str, float]:
+        """A step's loss terms averaged over ranks, and its FVU (the batch's squared error over its
+        variance: comparable across hooks and scales, where MSE is not)."""
         names = ("loss", "mse", "l0", "sparsity", "aux")
-        values = self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names]))
-        return dict(zip(names, values.tolist()))
+        values = dict(zip(names, self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names])).tolist()))
+        return {**values, "fvu": values["mse"] / variance if variance > 0 else float("nan")}
 
     def _resample(self, s: SAEState, x: torch.Tensor, generator: torch.Generator) -> None:
         """sparse_autoencoder-style resampling of dead latents; rank 0 draws, the others copy."""
@@ -376,7 +385,7 @@ class Trainer:
             for s in self.saes:
                 if s.cfg.activation == "batchtopk":
                     s.sae.calibrate_threshold(sample)
-        results = []
+        results, drawn = [], []
         for s in self.saes:
             metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size)
             folder = self.out / "saes" / s.name
@@ -392,8 +401,11 @@ class Trainer:
             summary = {"sae": s.name, **metrics.summary(), "d_sae": s.sae.d_sae, "tokens": self.tokens,
                        "eval_rows": rows.shape[0]}
             (folder / "eval.json").write_text(json.dumps(summary, indent=1))
-            plots.histograms(metrics.freqs, metrics.mean_values, folder, s.name)
+            drawn.append((metrics, folder, s.name))
             results.append(summary)
+        shared = plots.log_freq_range([m.freqs for m, _, _ in drawn])  # one x-axis for the sweep
+        for metrics, folder, name in drawn:
+            plots.histograms(metrics.freqs, metrics.mean_values, folder, name, shared)
         plots.curves(self.out / "metrics.jsonl", self.out, [s.name for s in self.saes])
         (self.out / "eval.json").write_text(json.dumps(results, indent=1))
         return results
