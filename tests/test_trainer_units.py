@@ -327,3 +327,18 @@ def test_report_contexts_read_as_the_text_for_byte_level_bpe_and_wordpiece():
     bert = AutoTokenizer.from_pretrained(str(_minilm_path()))
     assert not is_byte_level(bert.convert_ids_to_tokens(list(range(len(bert)))))
     assert _detokenize(bert.tokenize("the quickest fox")) == "the quickest fox"
+
+
+def test_report_contexts_are_whole_words_without_special_tokens():
+    from trainer.report import _example, _Text
+
+    pieces = ["<|endoftext|>", "ĠRom", "eo", ",", "Ġsweet", "ĠRom", "eo", "Ġdoth", "Ġsp", "eak", "Ġsoft", "ly", "Ġnow"]
+    text = _Text({(0, p): i for p, i in enumerate(range(len(pieces)))}, pieces, byte_level=True)
+    # the left window (10 pieces) starts inside "Romeo": that half word is dropped
+    def shown(pos):
+        e = _example(text, 1.0, 0, pos)
+        return e.before, e.token, e.after
+
+    assert shown(12) == (", sweet Romeo doth speak softly", " now", "")
+    # BOS is never shown, and the right side ends where a word does (not inside "speak")
+    assert shown(2) == (" Rom", "eo", ", sweet Romeo")

@@ -1,7 +1,9 @@
-"""The run report: a results table, the plots, and for a dozen live features their top-activating
-contexts from held-out text (token ids stored beside the activations), as Markdown and HTML."""
+"""The run report: a results table, the plots, and for every SAE of the sweep its top-activating
+live features with their contexts from held-out text (token ids stored beside the activations),
+as Markdown and HTML."""
 
 import html
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,40 +57,70 @@ def is_byte_level(vocabulary: list[str]) -> bool:
     return sum(t.startswith("Ġ") for t in vocabulary) > len(vocabulary) // 10
 
 
-def top_contexts(trainer: Trainer, sae_index: int) -> list[tuple[int, float, list[Example]]]:
-    """For live features of one SAE: (feature, frequency, top examples) on the held-out rows."""
-    manifest, stream, client = trainer.manifest, trainer.stream, trainer.client
-    rows, row_ids = stream.evaluation_rows()
+_SPECIAL = re.compile(r"\[[A-Z]+\]|<\|[^|]*\|>|</?s>|<pad>|<unk>")
+
+
+@dataclass
+class _Text:
+    """What every SAE's contexts are read from: the held-out rows' token ids and the vocabulary."""
+
+    token_ids: dict[tuple[int, int], int]
+    vocabulary: list[str]
+    byte_level: bool
+
+    def piece(self, seq: int, pos: int) -> str | None:
+        token = self.token_ids.get((seq, pos))
+        return self.vocabulary[token] if token is not None and token < len(self.vocabulary) else None
+
+    def starts_word(self, piece: str) -> bool:
+        if self.byte_level:
+            return piece[:1] in ("Ġ", "Ċ") or not piece[:1].isalnum()
+        return not piece.startswith("##")
+
+
+def _held_out_text(trainer: Trainer) -> _Text:
+    manifest, client = trainer.manifest, trainer.client
     token_ids = {}
-    for index in stream.eval_chunk_ids:
-        tokens = client.chunk(manifest, "tokens", index)
-        for token, seq, pos in tokens.tolist():
+    for index in trainer.stream.eval_chunk_ids:
+        for token, seq, pos in client.chunk(manifest, "tokens", index).tolist():
             token_ids[(seq, pos)] = token
     vocabulary = client.vocabulary(manifest.dataset_id)
-    byte_level = is_byte_level(vocabulary)
+    return _Text(token_ids, vocabulary, is_byte_level(vocabulary))
+
+
+def _example(text: _Text, value: float, seq: int, pos: int) -> Example:
+    """The context of (seq, pos): whole words on both sides, special tokens (BOS, [CLS]) left out."""
+    left = [text.piece(seq, p) for p in range(max(0, pos - LEFT), pos)]
+    right = [text.piece(seq, p) for p in range(pos + 1, pos + RIGHT + 4)]
+    left = [p for p in left if p is not None and not _SPECIAL.fullmatch(p)]
+    while left and not text.starts_word(left[0]):  # no half word at the start
+        left.pop(0)
+    right = [p for p in right if p is not None and not _SPECIAL.fullmatch(p)]
+    cut = next((i for i, p in enumerate(right) if i >= RIGHT and text.starts_word(p)), len(right))
+    token = text.piece(seq, pos) or ""
+    before, centre, after = (_detokenize(pieces, text.byte_level) for pieces in (left, [token], right[:cut]))
+    if not text.byte_level:  # WordPiece: words are spaced, '##' pieces are not
+        before = before + " " if before and text.starts_word(token) else before
+        after = (" " + after) if after and text.starts_word(right[0]) else after
+    return Example(value, before, centre, after)
+
+
+def top_contexts(trainer: Trainer, sae_index: int, text: _Text, n_features: int = N_FEATURES
+                 ) -> list[tuple[int, float, list[Example]]]:
+    """For live features of one SAE: (feature, frequency, top examples) on the held-out rows."""
+    rows, row_ids = trainer.stream.evaluation_rows()
     sae = trainer.saes[sae_index].sae.eval()
     with torch.no_grad():
         acts = torch.cat([sae(rows[i : i + 4096]).learned_activations for i in range(0, rows.shape[0], 4096)])
-    acts = acts.reshape(acts.shape[0], -1)  # one component shown: the first
-    acts = acts[:, : sae.d_sae]
+    acts = acts.reshape(acts.shape[0], -1)[:, : sae.d_sae]  # one component shown: the first
     freqs = (acts > 0).float().mean(0)
     live = ((freqs > 0) & (freqs < 0.05)).nonzero().squeeze(1)
-    chosen = live[acts[:, live].max(0).values.argsort(descending=True)[:N_FEATURES]]
-    ctx = manifest.context_size
+    chosen = live[acts[:, live].max(0).values.argsort(descending=True)[:n_features]]
     out = []
     for feature in chosen.tolist():
         values, where = acts[:, feature].topk(N_EXAMPLES)
-        examples = []
-        for value, r in zip(values.tolist(), where.tolist()):
-            if value <= 0:
-                break
-            row = int(row_ids[r])
-            seq, pos = divmod(row, ctx)
-            window = [token_ids.get((seq, p)) for p in range(max(0, pos - LEFT), pos + RIGHT + 1)]
-            text = [vocabulary[t] if t is not None and t < len(vocabulary) else "" for t in window]
-            centre = min(pos, LEFT)
-            before, token, after = text[:centre], text[centre : centre + 1], text[centre + 1 :]
-            examples.append(Example(value, *(_detokenize(t, byte_level) for t in (before, token, after))))
+        examples = [_example(text, value, *divmod(int(row_ids[r]), trainer.manifest.context_size))
+                    for value, r in zip(values.tolist(), where.tolist()) if value > 0]
         out.append((feature, float(freqs[feature]), examples))
     return out
 
@@ -98,9 +130,6 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
     shutil.copy(trainer.out / "curves.png", folder / "curves.png")
     for r in results:
         shutil.copy(trainer.out / "saes" / r["sae"] / "histograms.png", folder / f"{r['sae']}-histograms.png")
-    best = min(range(len(results)), key=lambda i: results[i]["fvu"] + (results[i]["l0"] > 64))
-    features = top_contexts(trainer, best)
-    name = results[best]["sae"]
     m = trainer.manifest
     md = ["# SAE run report", "",
           f"Dataset `{m.dataset_id}`: {m.model.name}, hook {', '.join(trainer.hooks)}, {m.n_items:,} rows; "
@@ -115,14 +144,19 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
            "CE loss score: (CE zero-ablated - CE with the SAE) / (CE zero-ablated - CE clean), the SAE spliced "
            "into the model on held-out text; KL: of the spliced next-token distribution from the clean one.", ""]
     plots.frontier(results, folder / "frontier.png")
-    md += ["![FVU and CE loss score against L0](frontier.png)", "", "![loss and L0](curves.png)", ""]
+    md += ["![FVU and CE loss score against L0](frontier.png)", "", "![FVU, L0 and dead latents](curves.png)", ""]
     md += [f"![{r['sae']}]({r['sae']}-histograms.png)" for r in results]
-    md += ["", f"## Top-activating contexts: {name}", "",
-           "The activating token is in «brackets»; contexts come from held-out text.", ""]
-    for feature, freq, examples in features:
-        md.append(f"### Feature {feature} (fires on {100 * freq:.2f}% of tokens)")
-        md += [f"- {e.value:.2f}: …{e.before} «{e.token}» {e.after}…" for e in examples]
-        md.append("")
+    text = _held_out_text(trainer)
+    per_sae = max(3, N_FEATURES // len(results))
+    md += ["", "## Top-activating contexts", "",
+           "For each SAE, its most strongly activating live features (firing on under 5% of tokens) on "
+           "held-out text; the activating token is marked «like this».", ""]
+    for index, r in enumerate(results):
+        md += [f"## {r['sae']}", ""]
+        for feature, freq, examples in top_contexts(trainer, index, text, per_sae):
+            md.append(f"### Feature {feature} (fires on {100 * freq:.2f}% of tokens)")
+            md += [f"- {e.value:.2f}: …{e.before}«{e.token}»{e.after}…" for e in examples]
+            md.append("")
     (folder / "report.md").write_text("\n".join(md))
     (folder / "report.html").write_text(_html(md))
     return folder
@@ -155,7 +189,8 @@ def _html(markdown: list[str]) -> str:
             text = html.escape(line[2:]).replace("«", "<mark>").replace("»", "</mark>")
             body.append(f"<p class=ex>{text}</p>")
         elif line:
-            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+            text = html.escape(line).replace("`", "").replace("«", "<mark>").replace("»", "</mark>")
+            body.append(f"<p>{text}</p>")
     if table:
         body.append("<table>" + "".join(table) + "</table>")
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
