@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cache_server.errors import ServiceError
 from cache_server.files import disk_full_message, is_disk_full
 from cache_server.guard import RequestGuard
+from cache_server.routes.deps import ERRORS
 from cache_server.routes import corpora, datasets, evaluations, harvests, models, saes, system, zarr_http
 from cache_server.services import build_services
 from cache_server.settings import Settings
@@ -32,7 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # FastAPIOffline: /docs and /redoc serve Swagger UI's and ReDoc's assets from the package, so the
     # docs work with no internet (FastAPI's own pages load them from a CDN).
-    app = FastAPIOffline(title="Activation cache server", version="0.1.0", lifespan=lifespan,
+    app = FastAPIOffline(title="Activation cache server", version="0.1.0", lifespan=lifespan, responses=ERRORS,
                   description="Harvest transformer activations into chunked Zarr stores and serve them.")
     app.state.services = services
     app.add_middleware(RequestGuard, token=settings.token, max_json_bytes=settings.max_json_bytes)

@@ -191,3 +191,17 @@ def test_a_dataset_with_files_missing_is_no_cache_hit_and_no_500(server, client)
     assert client.delete(f"/v1/datasets/{ds}").status_code == 204
     again = client.post("/v1/harvests", json=request).json()
     assert wait_job(client, again["job_id"])["status"] == "completed" and again["dataset_id"] == ds
+
+
+def test_the_openapi_document_says_what_errors_look_like(server):
+    """Issue 14: 4xx bodies are {"detail": "<message>"}, and the schema says so, 401 and 507 included."""
+    with server.client(token=None) as anonymous:
+        doc = anonymous.get("/openapi.json").json()
+        answer = anonymous.post("/v1/harvests", json=GOOD)
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    assert doc["components"]["schemas"]["ErrorBody"]["properties"]["detail"]["type"] == "string"
+    submit = doc["paths"]["/v1/harvests"]["post"]["responses"]
+    for status in ("401", "409", "413", "422", "507"):
+        assert submit[status]["content"]["application/json"]["schema"] == error, status
+    assert "HTTPValidationError" not in doc["components"]["schemas"]  # FastAPI's list-of-errors body: never sent
+    assert answer.status_code == 401 and isinstance(answer.json()["detail"], str)

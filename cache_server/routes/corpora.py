@@ -2,7 +2,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from cache_server.routes.deps import require_token, services
+from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
 from shared.schemas import CorpusInfo
 
@@ -15,7 +15,7 @@ def list_corpora(svc: Services = Depends(services)) -> list[CorpusInfo]:
     return svc.corpora.list()
 
 
-@router.post("", status_code=201, dependencies=[Depends(require_token)],
+@router.post("", status_code=201, dependencies=[Depends(require_token)], responses=MUTATING,
              openapi_extra={"requestBody": {"content": {"text/plain": {}, "application/jsonl": {}}, "required": True}})
 async def upload_corpus(
     request: Request,

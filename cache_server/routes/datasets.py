@@ -3,7 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import Response
 
-from cache_server.routes.deps import require_token, services
+from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
 from cache_server.store import chunk_key
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
@@ -31,7 +31,7 @@ def get_dataset(dataset_id: str, svc: Services = Depends(services)) -> DatasetMa
     return _manifest(svc, dataset_id)
 
 
-@router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require_token)])
+@router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require_token)], responses=MUTATING)
 def delete_dataset(dataset_id: str, svc: Services = Depends(services)) -> Response:
     _manifest(svc, dataset_id)
     if svc.jobs.dataset_busy(dataset_id):

@@ -6,6 +6,17 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cache_server.services import Services
+from shared.schemas import ErrorBody
+
+ERRORS = {422: {"model": ErrorBody, "description": "Invalid input; `detail` says what and where."},
+          404: {"model": ErrorBody, "description": "No such object (dataset, job, SAE, corpus...)."}}
+"""Answers every route may give: the app documents them for all (FastAPI's own 422 schema, a list
+of errors, is not what this server answers)."""
+MUTATING = {401: {"model": ErrorBody, "description": "Missing or wrong bearer token (when the server has one)."},
+            409: {"model": ErrorBody, "description": "Conflicts with the state of the object."},
+            413: {"model": ErrorBody, "description": "Body over the server's limit."},
+            507: {"model": ErrorBody, "description": "The server's disk is full."}}
+"""What a mutating route may answer besides: documented on each of them."""
 
 _bearer = HTTPBearer(auto_error=False, description="Required on mutating endpoints when the server has a token.")
 

@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from cache_server.routes.deps import require_token, services
+from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
 from shared.schemas import EvaluationJob, EvaluationRequest
 
@@ -9,7 +9,7 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
 
 @router.post("", status_code=202, dependencies=[Depends(require_token)],
-             responses={200: {"model": EvaluationJob, "description": "Cache hit: already evaluated."}})
+             responses={**MUTATING, 200: {"model": EvaluationJob, "description": "Cache hit: already evaluated."}})
 def submit_evaluation(request: EvaluationRequest, svc: Services = Depends(services)) -> EvaluationJob:
     """Splice a registered SAE into its dataset's model and measure CE loss and KL against the
     clean and ablated runs, on held-out text; poll GET /v1/evaluations/{id} for the figures."""

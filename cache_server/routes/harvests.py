@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 
-from cache_server.routes.deps import require_token, services
+from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
 from shared.schemas import HarvestAccepted, HarvestJob, HarvestRequest
 
@@ -9,7 +9,7 @@ router = APIRouter(prefix="/v1/harvests", tags=["harvests"])
 
 
 @router.post("", status_code=202, dependencies=[Depends(require_token)],
-             responses={200: {"model": HarvestAccepted, "description": "Cache hit: the dataset is complete."}})
+             responses={**MUTATING, 200: {"model": HarvestAccepted, "description": "Cache hit: the dataset is complete."}})
 def submit_harvest(request: HarvestRequest, svc: Services = Depends(services)) -> HarvestAccepted:
     """Start (or join) the harvest of a dataset; the same request twice is one harvest."""
     answer, _ = svc.jobs.submit(request)
@@ -31,7 +31,7 @@ def get_harvest(job_id: str, svc: Services = Depends(services)) -> HarvestJob:
     return job
 
 
-@router.delete("/{job_id}", dependencies=[Depends(require_token)])
+@router.delete("/{job_id}", dependencies=[Depends(require_token)], responses=MUTATING)
 def cancel_harvest(job_id: str, svc: Services = Depends(services)) -> HarvestJob:
     """Cancel a queued or running harvest; committed chunks stay and a new request resumes them."""
     return svc.jobs.cancel(job_id)

@@ -1,14 +1,14 @@
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
-from cache_server.routes.deps import require_token, services
+from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
 from shared.schemas import SaeInfo
 
 router = APIRouter(prefix="/v1/saes", tags=["saes"])
 
 
-@router.post("", status_code=201, dependencies=[Depends(require_token)],
+@router.post("", status_code=201, dependencies=[Depends(require_token)], responses=MUTATING,
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def register_sae(
     request: Request,
@@ -34,7 +34,7 @@ def get_sae(sae_id: str, svc: Services = Depends(services)) -> SaeInfo:
     return svc.saes.info(sae_id)
 
 
-@router.delete("/{sae_id}", status_code=204, dependencies=[Depends(require_token)])
+@router.delete("/{sae_id}", status_code=204, dependencies=[Depends(require_token)], responses=MUTATING)
 def delete_sae(sae_id: str, svc: Services = Depends(services)) -> Response:
     svc.saes.delete(sae_id)
     return Response(status_code=204)
