@@ -19,12 +19,13 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     table = first.stdout.split("sae ")[-1].splitlines()
     rows = [line.split() for line in table if line.startswith(("relu-", "topk-"))]
     assert len(rows) == 6 and "CE score" in first.stdout
-    for row in rows:  # sae, L0, FVU, dead %, CE score, KL, tok/s: every SAE scored downstream
+    assert "training: 6 SAE(s) together at" in first.stdout  # one rate: they share every batch
+    for row in rows:  # sae, L0, FVU, dead %, CE score, KL: every SAE scored downstream
         score, kl = float(row[4]), float(row[5])
         assert 0 < score < 1.05 and kl > 0, row
     assert (tmp_path / "train" / "eval.json").exists() and (tmp_path / "train" / "curves.png").exists()
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "### Feature" in report and "«" in report
+    assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "trained together on every batch" in report and "### Feature" in report and "«" in report
     assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
     cfg = json.loads(next((tmp_path / "train" / "saes").glob("topk-*/cfg.json")).read_text())
     # the pipeline's own server is gone after the run: its port is not written as the dataset's place

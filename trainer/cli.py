@@ -135,17 +135,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
     """Per SAE: L0, FVU, dead % (held-out rows), when known the downstream CE loss score and KL
-    (the SAE spliced into the model, first hook), and training tokens/s (all SAEs together)."""
+    (the SAE spliced into the model, first hook); then the sweep's training tokens/s: its SAEs
+    train together on every batch, so there is one rate, not one per SAE."""
     downstream = any("downstream" in r for r in results)
     extra = f" {'CE score':>8} {'KL':>7}" if downstream else ""
-    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7}{extra} {'tok/s':>8}"]
+    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7}{extra}"]
     for r in results:
-        rate = f"{rates[r['sae']]:8,.0f}" if rates and r["sae"] in rates else f"{'-':>8}"
         cells = ""
         if downstream:
             score, kl = downstream_columns(r)
             cells = f" {score:>8} {kl:>7}"
-        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}{cells} {rate}")
+        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}{cells}")
+    if rates:
+        lines.append(f"training: {len(results)} SAE(s) together at {max(rates.values()):,.0f} tokens/s "
+                     "(every SAE sees every token)")
     notes = {f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f}
     return "\n".join(lines + [f"downstream: {note}" for note in sorted(notes)])
 

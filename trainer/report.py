@@ -134,11 +134,13 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
     md = ["# SAE run report", "",
           f"Dataset `{m.dataset_id}`: {m.model.name}, hook {', '.join(trainer.hooks)}, {m.n_items:,} rows; "
           f"metrics on {len(trainer.stream.eval_chunk_ids)} held-out chunks.", "",
-          "| SAE | L0 | FVU | dead % | CE loss score | KL | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "| SAE | L0 | FVU | dead % | CE loss score | KL |", "|---|---:|---:|---:|---:|---:|"]
     for r in results:
         score, kl = downstream_columns(r)
         md.append(f"| {r['sae']} | {r['l0']:.1f} | {r['fvu']:.3f} | {100 * r['n_dead'] / r['d_sae']:.1f} | "
-                  f"{score} | {kl} | {rates.get(r['sae'], 0):,.0f} |")
+                  f"{score} | {kl} |")
+    if rates:
+        md += ["", f"The {len(results)} SAEs trained together on every batch at {max(rates.values()):,.0f} tokens/s."]
     notes = sorted({f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f})
     md += ["", *(f"Downstream: {note}" for note in notes),
            "CE loss score: (CE zero-ablated - CE with the SAE) / (CE zero-ablated - CE clean), the SAE spliced "
