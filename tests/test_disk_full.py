@@ -5,7 +5,6 @@ on a full disk fail with ENOSPC."""
 
 import resource
 import signal
-import time
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, wait_job
@@ -19,16 +18,6 @@ def _ignore_sigxfsz() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
 
 
-def _wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/harvests/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(job)
-
-
 def test_a_full_disk_fails_the_jobs_with_its_reason_and_the_worker_survives(tmp_path):
     server = ServerProcess(store=tmp_path / "store", port=free_port(), env={"CACHE_SERVER_CHUNK_BYTES": str(64 << 10)})
     server.start(preexec_fn=_ignore_sigxfsz)
@@ -36,12 +25,12 @@ def test_a_full_disk_fails_the_jobs_with_its_reason_and_the_worker_survives(tmp_
     try:
         with server.client() as client:
             running = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 200_000}).json()
-            _wait_status(client, running["job_id"], ("running",))
+            wait_job(client, running["job_id"], until=("running",))
             queued = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 20_000}).json()
             assert queued["status"] == "queued"
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))  # the disk fills up
             for job_id in (running["job_id"], queued["job_id"]):  # not stuck queued behind a dead worker
-                failed = _wait_status(client, job_id, ("failed", "completed"))
+                failed = wait_job(client, job_id, timeout=120, until=("failed", "completed"))
                 assert failed["status"] == "failed" and failed["error"].startswith("the disk is full ("), failed
                 assert "free some space" in failed["error"] and "this harvest needs about" in failed["error"]
             assert client.get("/health").json() == {"status": "ok"}
