@@ -96,6 +96,17 @@ def _variance(x: torch.Tensor) -> torch.Tensor:
     return ((x - x.mean(0)) ** 2).sum(-1).mean()
 
 
+def _progress(groups, saes, rows: list[dict]) -> str:
+    """The progress bar's summary, a part per group of SAEs: how many, their FVU and L0 ranges."""
+    parts = []
+    for group in groups:
+        mine = [r for s, r in zip(saes, rows) if s.cfg in group]
+        fvu, l0 = sorted(r["fvu"] for r in mine), sorted(r["l0"] for r in mine)
+        span = (lambda v, f: f"{v[0]:{f}}" if len(v) == 1 else f"{v[0]:{f}}-{v[-1]:{f}}")
+        parts.append(f"{len(mine)} {group[0].activation}: FVU {span(fvu, '.3f')} L0 {span(l0, '.0f')}")
+    return " | ".join(parts)
+
+
 def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
     """One optimizer step of one SAE on this rank's rows ``x`` (gradients averaged over ranks)."""
     lr = s.lr.step()
@@ -336,9 +347,7 @@ class Trainer:
                             for s, out in zip(self.saes, outputs)]
                     for sink in sinks:
                         sink.log(rows)
-                    bar.set_postfix_str(" | ".join(
-                        f"{g[0].activation}: loss {min(r['loss'] for s, r in zip(self.saes, rows) if s.cfg in g):.3g}"
-                        f" L0 {min(r['l0'] for s, r in zip(self.saes, rows) if s.cfg in g):.0f}" for g in groups))
+                    bar.set_postfix_str(_progress(groups, self.saes, rows))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
         except CacheError as exc:  # the server went away for longer than the client retries
