@@ -295,6 +295,15 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
         assert result.returncode == 1, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sae-train: error:") and message in lines[0], result.stderr
+    # counts are positive: 0 is an error (argparse's exit 2), never "unset" (issue 16)
+    counts = [(base + ["--tokens", "0"], "argument --tokens: must be positive, got 0"),
+              (base + ["--batch-size", "-3"], "argument --batch-size: must be positive, got -3"),
+              (["--cache-url", server.url, "--model", TINY, "--hook", HOOKS[0], "--harvest-tokens", "0"],
+               "argument --harvest-tokens: must be positive, got 0")]
+    for args, message in counts:
+        result = run_cli(*args, "--out", str(tmp_path / "counts"))
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "counts").exists()
     for name in ("k", "m", "s", "fr"):
         assert not (tmp_path / name).exists()
     other = tmp_path / "other"

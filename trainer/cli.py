@@ -36,13 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--dataset", help="dataset id (GET /v1/datasets)")
     source.add_argument("--model", help="harvest this model's activations first (when not cached)")
     parser.add_argument("--corpus", default="default", help="corpus id for --model (default: built-in)")
-    parser.add_argument("--harvest-tokens", type=int, help="rows to harvest for --model (default: --tokens)")
-    parser.add_argument("--context-size", type=int, default=128, help="context size for --model")
+    parser.add_argument("--harvest-tokens", type=positive_int, help="rows to harvest for --model (default: --tokens)")
+    parser.add_argument("--context-size", type=positive_int, default=128, help="context size for --model")
     parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; never overwritten)")
     parser.add_argument("--config", type=Path, help="sweep file (TOML: [run] and [[sae]] tables)")
-    parser.add_argument("--tokens", type=int, help="training tokens per SAE (overrides [run] tokens)")
-    parser.add_argument("--batch-size", type=int, help="overrides [run] batch_size")
+    parser.add_argument("--tokens", type=positive_int, help="training tokens per SAE (overrides [run] tokens)")
+    parser.add_argument("--batch-size", type=positive_int, help="overrides [run] batch_size")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [run] device)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
@@ -50,12 +50,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "bucket (its manifest's store_url; credentials from AWS_* variables), not through the server")
     parser.add_argument("--outage-seconds", type=float, default=300.0, help="how long to retry a cache server that "
                         "answered before and went away, before checkpointing and stopping (default: %(default)s)")
-    parser.add_argument("--downstream-tokens", type=int, default=16_384, help="held-out tokens on which the "
+    parser.add_argument("--downstream-tokens", type=whole_number, default=16_384, help="held-out tokens on which the "
                         "server splices each SAE into the model for CE loss score and KL (0: skip; default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
     return parser.parse_args(argv)
+
+
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count that must be positive: 0 is an error, never "unset"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict:

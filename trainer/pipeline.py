@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import _table
+from trainer.cli import _table, positive_int
 from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.downstream import evaluate_downstream
@@ -38,23 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (all-MiniLM-L6-v2 also ships)")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
-    parser.add_argument("--tokens", type=_positive, default=250_000, help="rows to harvest (default: %(default)s)")
-    parser.add_argument("--context-size", type=_positive, default=128, help="default: %(default)s")
-    parser.add_argument("--train-tokens", type=_positive, default=200_000,
+    parser.add_argument("--tokens", type=positive_int, default=250_000, help="rows to harvest (default: %(default)s)")
+    parser.add_argument("--context-size", type=positive_int, default=128, help="default: %(default)s")
+    parser.add_argument("--train-tokens", type=positive_int, default=200_000,
                         help="training tokens per SAE (default: %(default)s; at least one batch of 1024)")
-    parser.add_argument("--downstream-tokens", type=_positive, default=16_384,
+    parser.add_argument("--downstream-tokens", type=positive_int, default=16_384,
                         help="held-out tokens for each SAE's CE loss score and KL (default: %(default)s)")
     return parser.parse_args(argv)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def _foreign(out: Path) -> str | None:
