@@ -1,5 +1,7 @@
 """The trainer against a real cache server over HTTP: streaming, training, resume, export, bad input."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -251,7 +253,21 @@ def test_resumed_run_equals_an_uninterrupted_one(server, dataset, sweep_file, tm
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``sae-train`` as its own process: what a shell sees."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=300)
+
+
+def sae_train_here(*args: str) -> subprocess.CompletedProcess:
+    """``sae-train``'s ``main`` in this process, its exit code and stderr as ``run_cli`` gives
+    them: the same code path (``run`` only adds the process exit), without a torch import per
+    call (~2.5 s each). A crash is not caught: it fails the test with its traceback."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = sae_train(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    return subprocess.CompletedProcess(["sae-train", *args], code, "", stderr.getvalue())
 
 
 def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file, tmp_path):
@@ -291,7 +307,7 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     ]
     for extra, message in cases:
         args = base + extra
-        result = run_cli(*args)
+        result = sae_train_here(*args)
         assert result.returncode == 1, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sae-train: error:") and message in lines[0], result.stderr
@@ -301,15 +317,18 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
               (["--cache-url", server.url, "--model", TINY, "--hook", HOOKS[0], "--harvest-tokens", "0"],
                "argument --harvest-tokens: must be positive, got 0")]
     for args, message in counts:
-        result = run_cli(*args, "--out", str(tmp_path / "counts"))
+        result = sae_train_here(*args, "--out", str(tmp_path / "counts"))
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "counts").exists()
     for name in ("k", "m", "s", "fr"):
         assert not (tmp_path / name).exists()
+    shell = run_cli(*base, "--config", str(bad_sweep), "--out", str(tmp_path / "a"))  # the same as its own process
+    assert shell.returncode == 1 and shell.stderr.strip().splitlines() == [
+        line for line in sae_train_here(*base, "--config", str(bad_sweep), "--out", str(tmp_path / "a")).stderr.splitlines()]
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    result = run_cli(*base, "--out", str(other))
+    result = sae_train_here(*base, "--out", str(other))
     assert result.returncode == 1 and "not empty" in result.stderr
     assert (other / "notes.txt").read_text() == "mine"
 
@@ -321,16 +340,16 @@ def test_the_trainer_requests_its_own_harvest(server, tmp_path):
             "--no-progress"]
     extra = ["--config", str(tmp_path / "s.toml")]
     (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\n")
-    first = run_cli(*args, *extra, "--out", str(tmp_path / "one"))
+    first = sae_train_here(*args, *extra, "--out", str(tmp_path / "one"))
     assert first.returncode == 0, first.stderr
-    second = run_cli(*args, *extra, "--out", str(tmp_path / "two"))
+    second = sae_train_here(*args, *extra, "--out", str(tmp_path / "two"))
     assert second.returncode == 0, second.stderr
     one = json.loads((tmp_path / "one" / "run.json").read_text())
     two = json.loads((tmp_path / "two" / "run.json").read_text())
     assert one["dataset_id"] == two["dataset_id"]
     with CacheClient(server.url) as client:
         assert len([j for j in client.jobs() if j.dataset_id == one["dataset_id"]]) == 1
-    wrong_token = run_cli(*[a if a != server.token else "nope" for a in args], *extra, "--out", str(tmp_path / "x"))
+    wrong_token = sae_train_here(*[a if a != server.token else "nope" for a in args], *extra, "--out", str(tmp_path / "x"))
     assert wrong_token.returncode == 1 and "401" in wrong_token.stderr and "bearer token" in wrong_token.stderr
 
 
@@ -355,17 +374,17 @@ def test_optional_loggers(server, dataset, tmp_path):
 def test_misspelt_model_and_incomplete_dataset(server, tmp_path):
     args = ["--cache-url", server.url, "--token", server.token, "--hook", "blocks.1.hook_resid_post",
             "--no-progress"]
-    result = run_cli(*args, "--model", "tiny-random-gtp", "--tokens", "1024", "--out", str(tmp_path / "a"))
+    result = sae_train_here(*args, "--model", "tiny-random-gtp", "--tokens", "1024", "--out", str(tmp_path / "a"))
     assert result.returncode == 1 and "unknown model 'tiny-random-gtp'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     # A dataset still being harvested: refused with its progress, or followed to the end with --follow.
     with CacheClient(server.url, token=server.token) as client:
-        accepted = client.harvest({"model": TINY, "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 120_000,
+        accepted = client.harvest({"model": TINY, "hooks": ["blocks.1.hook_resid_post"], "n_tokens": 48_000,
                                    "context_size": 32})
-        result = run_cli(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--out", str(tmp_path / "b"))
+        result = sae_train_here(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--out", str(tmp_path / "b"))
         assert result.returncode == 1 and "is not complete" in result.stderr and "--follow" in result.stderr
         (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nbatch_size = 256\nshuffle_buffer_rows = 1024\n")
-        result = run_cli(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--follow",
+        result = sae_train_here(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--follow", "--downstream-tokens", "0",
                          "--config", str(tmp_path / "s.toml"), "--out", str(tmp_path / "c"))
         assert result.returncode == 0, result.stderr
         assert client.manifest(accepted.dataset_id).complete

@@ -79,7 +79,8 @@ class CacheClient:
     def _retried(self, send: Callable, transport_error: type[Exception] | tuple, status: Callable[[Any], int]):
         start = time.monotonic()
         for attempt in itertools.count():
-            last = attempt >= self.retries and (not self._reached or time.monotonic() - start > self.outage_seconds)
+            left = self.outage_seconds - (time.monotonic() - start)
+            last = left <= 0 if self._reached else attempt >= self.retries
             try:
                 response = send()
             except transport_error as exc:
@@ -90,7 +91,8 @@ class CacheClient:
                 self._reached = True
                 if status(response) not in RETRY_STATUSES or last:
                     return response
-            time.sleep(min(self.backoff * 2**attempt, 5.0))
+            pause = min(self.backoff * 2**attempt, 5.0)
+            time.sleep(max(0.0, min(pause, left)) if self._reached else pause)
         raise AssertionError("unreachable")
 
     # -- corpora -----------------------------------------------------------------------------
