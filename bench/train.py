@@ -75,8 +75,9 @@ def handwritten_step(x: torch.Tensor):
 
 def sae_state(cfg: SAEConfig, d_in: int) -> SAEState:
     sae = SparseAutoencoder(cfg, d_in)
-    return SAEState(cfg, sae, _adam(sae.parameters(), cfg.lr), Warmup(0, cfg.lr, 1), Warmup(0, cfg.l1_coefficient, 1),
-                    torch.zeros(1, sae.d_sae, dtype=torch.long))
+    return SAEState(cfg=cfg, name=cfg.name(), sae=sae, optimizer=_adam(sae.parameters(), cfg.lr), lr=Warmup(0, cfg.lr, 1),
+                    sparsity=Warmup(0, cfg.l1_coefficient, 1), tokens_since_fired=torch.zeros(1, sae.d_sae, dtype=torch.long),
+                    dead_after_tokens=10**12, resample_every=0, last_resample=0)
 
 
 def our_step(cfg: SAEConfig, x: torch.Tensor):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shared.codec import to_storage
-from trainer.config import ConfigError, SAEConfig, load_sweep, split_cfgs
+from trainer.config import ConfigError, SAEConfig, load_sweep, sae_names, split_cfgs
 from trainer.metrics import evaluate, geometric_median
 from trainer.objectives import _matryoshka_dense, sae_loss
 from trainer.permutation import permutation, places_of, seed_of
@@ -20,18 +20,19 @@ from trainer.stream import shuffled_on_device
 def test_initialisation_small_decoder_rows_encoder_as_their_transpose():
     median = torch.tensor([1.0, -2.0, 0.5, 3.0])
     sae = SparseAutoencoder(SAEConfig(expansion=4), d_in=4, geometric_median_dataset=median)
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((1, 16), 0.1))
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((1, 16), 0.3))
     assert torch.equal(sae.W_enc, sae.W_dec.transpose(1, 2))
     assert torch.equal(sae.b_dec[0], median) and not sae.b_enc.any()
     assert not SparseAutoencoder(SAEConfig(expansion=4), d_in=4).b_dec.any()  # zeros without a median
 
 
-def test_initialisation_from_data_puts_each_latent_on_a_distinct_row():
-    rows = torch.randn(40, 4)
-    sae = SparseAutoencoder(SAEConfig(d_sae=16, seed=3), d_in=4)
+def test_initialisation_from_data_points_each_latent_from_the_bias_to_a_distinct_row():
+    rows = torch.randn(40, 4) + torch.tensor([5.0, 0.0, 0.0, 0.0])  # data off the origin
+    centre = rows.mean(0)
+    sae = SparseAutoencoder(SAEConfig(d_sae=16, seed=3), d_in=4, geometric_median_dataset=centre)
     sae.initialize_from_data(rows)
-    directions = rows / rows.norm(dim=-1, keepdim=True)
-    cosines = (sae.W_dec[0] / 0.1) @ directions.T  # [16, 40]: each latent matches one row exactly
+    directions = (rows - centre) / (rows - centre).norm(dim=-1, keepdim=True)
+    cosines = (sae.W_dec[0] / 0.3) @ directions.T  # [16, 40]: each latent matches one row exactly
     torch.testing.assert_close(cosines.max(dim=1).values, torch.ones(16))
     assert len(set(cosines.argmax(dim=1).tolist())) == 16
     assert torch.equal(sae.W_enc, sae.W_dec.transpose(1, 2))
@@ -144,11 +145,24 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     before = sae.W_dec.detach().clone()
     assert resample_dead_neurons(sae, optimizer, dead, x, torch.Generator().manual_seed(0)) == 2
     assert not torch.equal(sae.W_dec[0, 1], before[0, 1]) and torch.equal(sae.W_dec[0, 0], before[0, 0])
-    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.full((2,), 0.1))
+    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.full((2,), 0.3))
     state = optimizer.state[sae.W_enc]
     assert not state["exp_avg"][0][:, [1, 5]].any() and state["exp_avg"][0][:, 0].any()
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
     assert sae.b_enc[0, 1] == 0
+
+
+def test_a_resampled_topk_latent_can_outbid_the_others():
+    """Under TopK a resampled latent gets the alive latents' mean encoder norm (a ReLU gets a fifth
+    of it, sparse_autoencoder's choice): at a fifth, none was ever picked again (measured)."""
+    for activation, factor in (("topk", 1.0), ("relu", 0.2)):
+        torch.manual_seed(0)
+        sae = SparseAutoencoder(SAEConfig(activation=activation, k=2, expansion=2), d_in=4)
+        dead = torch.zeros(1, 8, dtype=torch.bool)
+        dead[0, [1, 5]] = True
+        alive_norm = sae.weights().W_enc[0][:, ~dead[0]].norm(dim=0).mean()
+        resample_dead_neurons(sae, torch.optim.Adam(sae.parameters()), dead, torch.randn(64, 4), torch.Generator())
+        torch.testing.assert_close(sae.weights().W_enc[0][:, [1, 5]].norm(dim=0), torch.full((2,), factor * alive_norm.item()))
 
 
 def test_evaluate_against_a_hand_computed_case():
@@ -182,6 +196,10 @@ def test_sweep_files(tmp_path):
     assert [(c.activation, c.l1_coefficient, c.k) for c in sweep.saes] == [
         ("relu", 1e-3, 32), ("relu", 1e-2, 32), ("topk", 5.0, 16), ("topk", 5.0, 32)]
     assert [len(g) for g in split_cfgs(list(sweep.saes))] == [2, 2]
+    # a grid over a setting the name does not show still gives each SAE its own folder
+    sweep_file.write_text("[[sae]]\ndecoder_init_norm = [0.1, 0.3]\n")
+    assert sae_names(load_sweep(sweep_file).saes) == ["topk-vanilla-x8-k32-lr0.001-s0-decoder_init_norm0.1",
+                                                     "topk-vanilla-x8-k32-lr0.001-s0-decoder_init_norm0.3"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -191,6 +209,8 @@ def test_sweep_files(tmp_path):
     ("[run]\ntokens = \"many\"\n", "is not a number"),
     ("[trainer]\n", "unknown table(s) ['trainer']"),
     ("[run\n", "not valid TOML"),
+    ("[[sae]]\nk = 16\n[[sae]]\nk = 16\n", "SAEs #1 and #2 of the sweep are the same config"),
+    ("[[sae]]\ndead_after = 1.5\n", "dead_after=1.5: a float is a fraction of the run (at most 1); an int counts tokens"),
 ])
 def test_bad_sweep_files(tmp_path, text, message):
     sweep_file = tmp_path / "sweep.toml"

@@ -1,7 +1,7 @@
 """The sparse autoencoder: one file, plain PyTorch.
 
 Parts as in sparse_autoencoder: a tied bias (subtracted before the encoder, added after the
-decoder; zeros, or the geometric median of the data), an encoder initialised as the decoder's
+decoder; the mean of the data, zeros, or its geometric median), an encoder initialised as the decoder's
 transpose, and an optional component axis (several hooks or layers, one SAE each, in
 one module). Parameter names and shapes follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae,
 d_in]``, ``b_enc``, ``b_dec``, with a leading component axis when ``n_components`` is set.
@@ -9,11 +9,12 @@ d_in]``, ``b_enc``, ``b_dec``, with a leading component axis when ``n_components
 The SAE computes with unit-norm decoder rows: each latent's scale, the norm of its stored decoder
 row, is moved into its encoder column and bias (``weights()``). So a latent's activation is what
 it adds to the reconstruction, TopK picks the latents that add most, and the plain L1 of the
-activations is the decoder-norm-weighted L1 of Anthropic's and SAELens' recipe. Rows start at
-norm ``decoder_init_norm`` (0.1, Anthropic's April 2024 update; SAELens' default): Adam's steps
-are about ``lr`` per entry whatever the norm, so small rows let directions and scales move
-quickly early in a run, where unit rows learn ten times slower (measured, TopK k=32, 100 steps at
-lr 4e-4: held-out FVU 0.332 with unit rows, 0.295 at 0.1; SAELens 0.280 on the same rows).
+activations is the decoder-norm-weighted L1 of Anthropic's and SAELens' recipe. Rows start small,
+at norm ``decoder_init_norm`` (0.3; SAELens and Anthropic use 0.1): Adam's steps are about ``lr``
+per entry whatever the norm, so small rows let directions and scales move quickly early in a run,
+where unit rows learn ten times slower (measured, TopK k=32, 100 steps at lr 4e-4: held-out FVU
+0.332 with unit rows, 0.295 at 0.1; at lr 1e-3, 0.195 at 0.1 and 0.169 at 0.3, with the tied
+bias at the data's mean and resampling on).
 
 Activations: ReLU, JumpReLU (straight-through threshold), TopK and BatchTopK. TopK is computed
 sparsely: only the k active latents of each row are decoded, forward and backward, so its step
@@ -217,7 +218,7 @@ class SparseAutoencoder(nn.Module):
         # BatchTopK's inference threshold: a running estimate, exported as a JumpReLU threshold.
         self.register_buffer("threshold", torch.zeros(c))
         self.reset_parameters()
-        if geometric_median_dataset is not None:
+        if geometric_median_dataset is not None:  # sparse_autoencoder's name: any centre of the data
             self.initialize_tied_parameters(geometric_median_dataset)
 
     # -- initialisation ------------------------------------------------------------------------
@@ -231,19 +232,21 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def initialize_from_data(self, rows: Float[Tensor, "n *component d_in"]) -> None:
-        """Decoder rows along distinct random ``rows`` (seeded by the config), at the initial norm;
-        the encoder as their transpose. Latents beyond ``n`` keep their random directions."""
+        """Decoder rows pointing from ``b_dec`` to distinct random ``rows`` (seeded by the config),
+        at the initial norm; the encoder as their transpose. Latents beyond ``n`` keep their random
+        directions."""
         xc = self._components_first(rows).to(self.W_dec.device)
         n = min(xc.shape[1], self.d_sae)
         picks = torch.randperm(xc.shape[1], generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
-        directions = xc[:, picks.to(xc.device)]
+        directions = xc[:, picks.to(xc.device)] - self.b_dec.unsqueeze(1)
         norms = directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self.W_dec[:, :n] = directions * (self.cfg.decoder_init_norm / norms)
         self.W_enc.copy_(self.W_dec.transpose(1, 2))
 
-    def initialize_tied_parameters(self, geometric_median: Float[Tensor, "*component d_in"]) -> None:
+    def initialize_tied_parameters(self, centre: Float[Tensor, "*component d_in"]) -> None:
+        """The tied bias at a centre of the data (its mean or geometric median)."""
         with torch.no_grad():
-            self.b_dec.copy_(geometric_median.reshape(-1, self.d_in).expand_as(self.b_dec))
+            self.b_dec.copy_(centre.reshape(-1, self.d_in).expand_as(self.b_dec))
 
     # -- forward -------------------------------------------------------------------------------
     def _components_first(self, x: Tensor) -> Tensor:

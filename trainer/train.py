@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from shared.devices import resolve_device
 from shared.schemas import DatasetManifest
 from trainer.client import CacheClient, CacheError
-from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, split_cfgs
+from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, sae_names, split_cfgs
 from trainer.distributed import World
 from trainer.export import export_saelens
 from trainer.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
@@ -66,20 +66,26 @@ class _Objective(torch.nn.Module):
 @dataclass
 class SAEState:
     cfg: SAEConfig
+    name: str
+    """Distinct within the sweep (``sae_names``): the SAE's folder and its rows in metrics.jsonl."""
     sae: SparseAutoencoder
     optimizer: torch.optim.Optimizer
     lr: LRSchedule
     sparsity: Warmup
     tokens_since_fired: torch.Tensor
+    dead_after_tokens: int
+    resample_every: int
+    """Steps (0: never)."""
+    last_resample: int
+    """No resampling after this step: a latent resampled later has no time left to train, and an
+    untrained one spoils the export (measured, BatchTopK: FVU 0.74 with a resampling at the last
+    step). Resampling stops where the LR decay starts, or ``resample_every`` before the end."""
     objective: torch.nn.Module | None = None
     """``_Objective(sae)``; DDP-wrapped under torchrun when training starts."""
 
     def __post_init__(self):
         self.objective = self.objective or _Objective(self.sae)
 
-    @property
-    def name(self) -> str:
-        return self.cfg.name()
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:
@@ -112,7 +118,7 @@ def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
     lr = s.lr.step()
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    dead = s.tokens_since_fired >= s.cfg.dead_after_tokens
+    dead = s.tokens_since_fired >= s.dead_after_tokens
     out = s.objective(x, s.sparsity.step(), dead if dead.any() else None)
     s.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -233,26 +239,29 @@ class Trainer:
 
     def _init_saes(self) -> None:
         cfgs = self.sweep.saes
-        sample = medians = None
-        if any(c.b_dec_init == "geometric_median" or c.decoder_init == "data" for c in cfgs):
+        centres: dict[str, torch.Tensor | None] = {"zeros": None}
+        sample = None
+        if any(c.centre() != "zeros" or c.decoder_init == "data" for c in cfgs):
             sample = self._training_sample(max([8192] + [c.width(self.d_in) for c in cfgs if c.decoder_init == "data"]))
-        if any(c.b_dec_init == "geometric_median" for c in cfgs):
-            rows = sample[:8192].unsqueeze(1) if sample.dim() == 2 else sample[:8192]
-            medians = torch.stack([geometric_median(rows[:, c]) for c in range(rows.shape[1])])
-        self._build_saes(medians)
+            rows = sample.unsqueeze(1) if sample.dim() == 2 else sample  # [n, component, d]
+            centres["mean"] = rows.float().mean(0)
+        if any(c.centre() == "geometric_median" for c in cfgs):
+            centres["geometric_median"] = torch.stack([geometric_median(rows[:8192, c]) for c in range(rows.shape[1])])
+        self._build_saes(centres)
         for s in self.saes:
             if s.cfg.decoder_init == "data":
                 s.sae.initialize_from_data(sample)
 
-    def _build_saes(self, medians: torch.Tensor | None) -> None:
+    def _build_saes(self, centres: dict[str, torch.Tensor | None]) -> None:
         self.saes = []
-        for cfg in self.sweep.saes:
-            sae = SparseAutoencoder(cfg, self.d_in, self.n_components,
-                                    geometric_median_dataset=medians if cfg.b_dec_init == "geometric_median" else None)
+        for cfg, name in zip(self.sweep.saes, sae_names(self.sweep.saes)):
+            sae = SparseAutoencoder(cfg, self.d_in, self.n_components, geometric_median_dataset=centres.get(cfg.centre()))
             sae = sae.to(self.device)
             steps = cfg.schedule_steps(self.total_steps)
             self.saes.append(SAEState(
-                cfg=cfg, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
+                cfg=cfg, name=name, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
+                dead_after_tokens=cfg.dead_after_tokens(self.sweep.run.tokens), resample_every=steps["resample_every"],
+                last_resample=self.total_steps - max(steps["lr_decay"], steps["resample_every"]),
                 lr=LRSchedule(cfg.lr, steps["lr_warmup"], steps["lr_decay"], self.total_steps),
                 sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
                 tokens_since_fired=torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
@@ -281,7 +290,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self._build_saes(None)  # every value comes from the checkpoint
+        self._build_saes({})  # every value comes from the checkpoint
         for s, saved in zip(self.saes, state["saes"], strict=True):
             s.sae.load_state_dict(saved["model"])
             s.optimizer.load_state_dict(saved["optimizer"])
@@ -332,7 +341,7 @@ class Trainer:
                 self.positions = positions
                 bar.update(run.batch_size)
                 for s in self.saes:
-                    if s.cfg.resample_every and self.step % s.cfg.resample_every == 0:
+                    if s.resample_every and self.step % s.resample_every == 0 and self.step <= s.last_resample:
                         self._resample(s, batch.activations, generator)
                 if self.step % run.log_every == 0 or self.step == total_steps:
                     now = time.perf_counter()
@@ -342,7 +351,7 @@ class Trainer:
                     variance = world.mean(_variance(batch.activations).reshape(1))[0].item()
                     rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out, variance),
                              "lr": s.optimizer.param_groups[0]["lr"],
-                             "dead": int((s.tokens_since_fired >= s.cfg.dead_after_tokens).sum()),
+                             "dead": int((s.tokens_since_fired >= s.dead_after_tokens).sum()),
                              "tokens_per_second": rate, "shuffle_quality": shuffle}
                             for s, out in zip(self.saes, outputs)]
                     for sink in sinks:
@@ -371,7 +380,7 @@ class Trainer:
 
     def _resample(self, s: SAEState, x: torch.Tensor, generator: torch.Generator) -> None:
         """sparse_autoencoder-style resampling of dead latents; rank 0 draws, the others copy."""
-        dead = s.tokens_since_fired >= s.cfg.dead_after_tokens
+        dead = s.tokens_since_fired >= s.dead_after_tokens
         if not dead.any():
             return
         if self.world.main:
