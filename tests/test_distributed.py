@@ -59,10 +59,12 @@ def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811
             assert torch.equal(torch.cat(seen).sort().values, train_rows.sort().values)
 
 
-def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False):  # noqa: F811
+def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resample=0):  # noqa: F811
     sweep = out.parent / f"{out.name}.toml"
-    # No LR decay: it follows the run's budget, so the half run resumed to the whole would differ.
-    text = SWEEP.replace("[[sae]]\n", "[[sae]]\nlr_decay = 0\n")
+    # No LR decay: it follows the run's budget, so the half run resumed to the whole would differ
+    # (so would resampling, which stops where the decay starts or ``resample`` steps before the end).
+    text = "\n".join(line for line in SWEEP.splitlines() if not line.startswith("dead_after"))
+    text = text.replace("[[sae]]\n", f"[[sae]]\nlr_decay = 0\nresample_every = {resample}\ndead_after = 768\n")
     sweep.write_text(text.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
     args = ["-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
             "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress"]
@@ -77,14 +79,17 @@ def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False):  # 
 @pytest.mark.timeout(900)
 def test_two_ranks_train_what_one_process_trains_and_resume_on_one(server, dataset, tmp_path):  # noqa: F811
     tokens = STEPS * BATCH
+    # Resampling every 5 steps: rank 0 draws from every rank's rows, as one process with 2 lanes does.
+    resampled = _train(server, dataset, tmp_path / "resampled", tokens, lanes=2, resample=5)
+    ranks = _train(server, dataset, tmp_path / "ranks", tokens, ranks=2, resample=5)  # lanes = world size
     single = _train(server, dataset, tmp_path / "single", tokens, lanes=2)
-    ranks = _train(server, dataset, tmp_path / "ranks", tokens, ranks=2)  # lanes = world size
     _train(server, dataset, tmp_path / "mixed", tokens // 2, ranks=2)
     mixed = _train(server, dataset, tmp_path / "mixed", tokens, resume=True)  # lanes from the checkpoint
-    for other in (ranks, mixed):
-        assert other["step"] == single["step"] == STEPS and other["lanes"] == 2
-        assert other["positions"] == single["positions"]  # the same rows, lane by lane
-        for a, b in zip(single["saes"], other["saes"], strict=True):
+    assert not torch.equal(resampled["saes"][1]["model"]["W_dec"], single["saes"][1]["model"]["W_dec"])  # it resampled
+    for reference, other in ((resampled, ranks), (single, mixed)):
+        assert other["step"] == reference["step"] == STEPS and other["lanes"] == 2
+        assert other["positions"] == reference["positions"]  # the same rows, lane by lane
+        for a, b in zip(reference["saes"], other["saes"], strict=True):
             assert torch.equal(a["tokens_since_fired"], b["tokens_since_fired"])
             for name, x in a["model"].items():
                 torch.testing.assert_close(b["model"][name], x, rtol=1e-4, atol=1e-5, msg=name)

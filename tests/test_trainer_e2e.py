@@ -43,6 +43,7 @@ activation = "topk"
 k = 8
 lr = 1e-3
 lr_warmup = 20
+dead_after = 100_000  # tokens: longer than the run, so a warning says AuxK / resampling never act
 """
 
 
@@ -185,7 +186,9 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     for name in {m["sae"] for m in metrics}:
         mine = [m for m in metrics if m["sae"] == name]
         assert mine[-1]["mse"] < 0.5 * mine[0]["mse"]  # the loss falls
-        assert 0 < mine[-1]["fvu"] < mine[0]["fvu"] <= 1.5  # and FVU, what curves.png shows, with it
+        # and FVU, what curves.png shows, with it; a ReLU starts with half its latents on, so its
+        # first FVU may exceed 1 (2.0 at step 25 here), never by a scale's error
+        assert 0 < mine[-1]["fvu"] < mine[0]["fvu"] <= 3
         assert 0 < mine[-1]["shuffle_quality"] <= 1.5
     topk = next(r for r in results if r["sae"].startswith("topk"))
     assert topk["l0"] == pytest.approx(8, abs=0.5)

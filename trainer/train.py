@@ -324,7 +324,6 @@ class Trainer:
                    desc="train", disable=not self.progress)
         rows_per_seq = self.manifest.context_size
         expected = iid_distinct_sequences(run.batch_size // world.size, self.manifest.n_items_total, rows_per_seq)
-        generator = torch.Generator().manual_seed(run.seed)
         sinks = [JsonlSink(self.out / "metrics.jsonl"), *self.extra_sinks] if world.main else []
         for s in self.saes:
             s.objective = world.wrap(_Objective(s.sae))
@@ -342,7 +341,7 @@ class Trainer:
                 bar.update(run.batch_size)
                 for s in self.saes:
                     if s.resample_every and self.step % s.resample_every == 0 and self.step <= s.last_resample:
-                        self._resample(s, batch.activations, generator)
+                        self._resample(s, batch.activations)
                 if self.step % run.log_every == 0 or self.step == total_steps:
                     now = time.perf_counter()
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -378,13 +377,17 @@ class Trainer:
         values = dict(zip(names, self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names])).tolist()))
         return {**values, "fvu": values["mse"] / variance if variance > 0 else float("nan")}
 
-    def _resample(self, s: SAEState, x: torch.Tensor, generator: torch.Generator) -> None:
-        """sparse_autoencoder-style resampling of dead latents; rank 0 draws, the others copy."""
+    def _resample(self, s: SAEState, x: torch.Tensor) -> None:
+        """sparse_autoencoder-style resampling of dead latents. Rank 0 draws from every rank's rows
+        (in lane order, so ranks resample as one process with as many lanes does) with a generator
+        seeded by the step (so a resumed run draws what an uninterrupted one draws); the others copy."""
         dead = s.tokens_since_fired >= s.dead_after_tokens
         if not dead.any():
             return
+        rows = torch.cat([part.to(x.device) for part in self.world.gather(x.cpu())]) if self.world.size > 1 else x
         if self.world.main:
-            resample_dead_neurons(s.sae, s.optimizer, dead, x, generator)
+            generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step)
+            resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator)
         params = list(s.sae.parameters())
         self.world.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
         s.tokens_since_fired[dead] = 0
