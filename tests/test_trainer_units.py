@@ -145,7 +145,7 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     before = sae.W_dec.detach().clone()
     assert resample_dead_neurons(sae, optimizer, dead, x, torch.Generator().manual_seed(0)) == 2
     assert not torch.equal(sae.W_dec[0, 1], before[0, 1]) and torch.equal(sae.W_dec[0, 0], before[0, 0])
-    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.full((2,), 0.3))
+    torch.testing.assert_close(sae.W_dec[0, [1, 5]].norm(dim=-1), torch.full((2,), 0.1))  # a ReLU's initial norm
     state = optimizer.state[sae.W_enc]
     assert not state["exp_avg"][0][:, [1, 5]].any() and state["exp_avg"][0][:, 0].any()
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()

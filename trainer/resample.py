@@ -36,7 +36,7 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         alive = ~dead[c]
         enc_norm = w.W_enc[c][:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
         # Stored rows at the decoder's initial norm; the computing encoder as sparse_autoencoder sets it.
-        row_norm = sae.cfg.decoder_init_norm
+        row_norm = sae.cfg.row_norm()
         sae.W_dec[c, ids] = directions * row_norm
         sae.W_enc[c][:, ids] = directions.T * (enc_norm * ENCODER_NORM_FACTOR[sae.cfg.activation] / row_norm)
         sae.b_enc[c, ids] = 0
