@@ -19,9 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.client import CacheClient, StoreReader  # noqa: E402
-from trainer.local_server import LocalServer, free_port  # noqa: E402
-from trainer.stream import ChunkStream  # noqa: E402
+from trainer.data.client import CacheClient, StoreReader  # noqa: E402
+from trainer.data.local_server import LocalServer, free_port  # noqa: E402
+from trainer.data.stream import ChunkStream  # noqa: E402
 from train import BATCH, loader_rate as stream_rate  # noqa: E402  (bench/train.py, beside this file)
 
 HOOK = "blocks.3.hook_resid_post"

@@ -24,8 +24,8 @@ from cache_server.corpora import CorpusStore  # noqa: E402
 from cache_server.harvester import Layout, token_windows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from shared.schemas import HookSpec  # noqa: E402
-from trainer.client import CacheClient  # noqa: E402
-from trainer.local_server import LocalServer  # noqa: E402
+from trainer.data.client import CacheClient  # noqa: E402
+from trainer.data.local_server import LocalServer  # noqa: E402
 
 
 def bare_forward(model, windows: np.ndarray, hooks: list[HookSpec], batch: int) -> float:

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.client import CacheClient  # noqa: E402
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
-from trainer.export import load_saelens  # noqa: E402
-from trainer.local_server import LocalServer  # noqa: E402
-from trainer.metrics import evaluate  # noqa: E402
-from trainer.train import Trainer  # noqa: E402
+from trainer.data.client import CacheClient  # noqa: E402
+from trainer.data.local_server import LocalServer  # noqa: E402
+from trainer.evaluation.metrics import evaluate  # noqa: E402
+from trainer.outputs.export import load_saelens  # noqa: E402
+from trainer.training.train import Trainer  # noqa: E402
 
 HOOK = "blocks.3.hook_resid_post"
 HARVEST = {"model": "all-MiniLM-L6-v2", "hooks": [HOOK], "corpus": "default", "n_tokens": 290_944,

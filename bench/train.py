@@ -28,14 +28,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from shared.codec import to_storage  # noqa: E402
-from trainer.client import CacheClient  # noqa: E402
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
-from trainer.local_server import LocalServer  # noqa: E402
-from trainer.stream import ChunkStream  # noqa: E402
-from trainer.train import SAEState, Trainer, _adam, train_step  # noqa: E402
-from trainer.sae import SparseAutoencoder  # noqa: E402
-from trainer.scatter import scatter_scaled  # noqa: E402
-from trainer.schedulers import Warmup  # noqa: E402
+from trainer.data.client import CacheClient  # noqa: E402
+from trainer.data.local_server import LocalServer  # noqa: E402
+from trainer.data.scatter import scatter_scaled  # noqa: E402
+from trainer.data.stream import ChunkStream  # noqa: E402
+from trainer.sae.autoencoder import SparseAutoencoder  # noqa: E402
+from trainer.training.schedulers import Warmup  # noqa: E402
+from trainer.training.train import SAEState, Trainer, _adam, train_step  # noqa: E402
 
 D_IN, D_SAE, BATCH = 512, 4096, 4096
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from trainer.local_server import free_port  # noqa: F401  (tests import it from here)
+from trainer.data.local_server import free_port  # noqa: F401  (tests import it from here)
 
 
 @dataclass

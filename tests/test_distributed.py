@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_trainer_e2e import HOOKS, SWEEP, dataset  # noqa: F401 (the module's dataset fixture)
-from trainer.client import CacheClient
-from trainer.stream import ChunkStream, StreamPosition
+from trainer.data.client import CacheClient
+from trainer.data.stream import ChunkStream, StreamPosition
 
 STEPS = 60
 BATCH = 256
@@ -19,7 +19,7 @@ BATCH = 256
 def test_a_rank_exits_without_interpreter_finalization(world_size):
     """A torchrun rank skips finalization (where a gloo worker releasing a Python tensor aborts the
     process), its output flushed; a lone process exits normally. Both keep the exit code."""
-    script = ("import atexit; atexit.register(print, 'finalized'); from trainer.distributed import exit_process; "
+    script = ("import atexit; atexit.register(print, 'finalized'); from trainer.training.distributed import exit_process; "
               "print('trained'); exit_process(3)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output to a pipe is buffered
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -5,7 +5,7 @@ import torch
 
 from shared.codec import to_torch
 from shared.schemas import HookSpec
-from trainer.client import CacheClient
+from trainer.data.client import CacheClient
 
 HOOKS = ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]
 

@@ -13,8 +13,8 @@ from zarr.storage import FsspecStore
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, assert_same_as_single_harvest, free_port, kill_mid_harvest, wait_job
-from trainer.client import CacheClient, StoreReader
-from trainer.stream import ChunkStream
+from trainer.data.client import CacheClient, StoreReader
+from trainer.data.stream import ChunkStream
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
            "n_tokens": 30_000, "context_size": 64, "batch_size": 8}

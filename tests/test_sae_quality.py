@@ -8,11 +8,11 @@ third of the dictionary, FVU above 1) and TopK's FVU was 1.6x SAELens'.
 
 import pytest
 
-from trainer.client import CacheClient
 from trainer.config import RunConfig, SAEConfig, Sweep
-from trainer.export import load_saelens
-from trainer.metrics import evaluate
-from trainer.train import Trainer
+from trainer.data.client import CacheClient
+from trainer.evaluation.metrics import evaluate
+from trainer.outputs.export import load_saelens
+from trainer.training.train import Trainer
 
 HOOK = "blocks.3.hook_resid_post"
 D_SAE = 1536

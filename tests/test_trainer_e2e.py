@@ -15,11 +15,11 @@ import torch
 from shared.codec import to_torch
 from tests.conftest import TINY
 from trainer.cli import main as sae_train
-from trainer.client import CacheClient, CacheError
 from trainer.config import load_sweep
-from trainer.export import load_saelens
-from trainer.stream import ChunkStream, StreamPosition
-from trainer.train import Trainer
+from trainer.data.client import CacheClient, CacheError
+from trainer.data.stream import ChunkStream, StreamPosition
+from trainer.outputs.export import load_saelens
+from trainer.training.train import Trainer
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 SWEEP = """

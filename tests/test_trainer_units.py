@@ -8,13 +8,13 @@ import torch
 
 from shared.codec import to_storage
 from trainer.config import ConfigError, SAEConfig, load_sweep, sae_names, split_cfgs
-from trainer.metrics import evaluate, geometric_median
-from trainer.objectives import _matryoshka_dense, sae_loss
-from trainer.permutation import permutation, places_of, seed_of
-from trainer.resample import resample_dead_neurons
-from trainer.sae import SparseAutoencoder
-from trainer.scatter import _LINE_KERNELS, _kernel_for, _scatter_any_width, scatter_scaled
-from trainer.stream import shuffled_on_device
+from trainer.data.permutation import permutation, places_of, seed_of
+from trainer.data.scatter import _LINE_KERNELS, _kernel_for, _scatter_any_width, scatter_scaled
+from trainer.data.stream import shuffled_on_device
+from trainer.evaluation.metrics import evaluate, geometric_median
+from trainer.sae.autoencoder import SparseAutoencoder
+from trainer.sae.objectives import _matryoshka_dense, sae_loss
+from trainer.sae.resample import resample_dead_neurons
 
 
 def test_initialisation_small_decoder_rows_encoder_as_their_transpose():
@@ -83,7 +83,7 @@ def test_the_loss_is_on_saelens_scale():
 def test_sparse_topk_matches_the_dense_computation(objective, n_components, monkeypatch):
     """The sparse TopK path (what trains: encoded a block of rows at a time, decoded through CSR
     matrices) gives the dense path's loss and gradients."""
-    monkeypatch.setattr("trainer.sae.ENCODE_ROWS", 24)  # blocks of 24, 24 and 8 rows
+    monkeypatch.setattr("trainer.sae.autoencoder.ENCODE_ROWS", 24)  # blocks of 24, 24 and 8 rows
     torch.manual_seed(0)
     x = torch.randn(56, 16) if n_components is None else torch.randn(56, n_components, 16)
     cfg = SAEConfig(activation="topk", k=4, expansion=4, objective=objective)
@@ -222,7 +222,7 @@ def test_bad_sweep_files(tmp_path, text, message):
 
 def test_encoder_backward_matches_autograd():
     """The encoder's hand-written backward (b_dec's gradient as a matrix-vector product) is exact."""
-    from trainer.sae import _Encode
+    from trainer.sae.autoencoder import _Encode
 
     torch.manual_seed(0)
     shapes = [(2, 5, 3), (2, 3), (2, 3, 4), (2, 4)]
@@ -303,7 +303,7 @@ def test_window_permutation_is_seeded_uniform_and_inverted_by_places():
 def test_an_export_computes_what_the_trained_sae_computes_on_raw_inputs(activation, tmp_path):
     """Input scale folded into the files and decoder rows of any norm: the loaded SAE on raw rows
     is the trained SAE on scaled rows, unscaled (BatchTopK through its calibrated threshold)."""
-    from trainer.export import export_saelens, load_saelens
+    from trainer.outputs.export import export_saelens, load_saelens
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(activation=activation, expansion=4, k=3, jumprelu_threshold=0.05), d_in=8)
@@ -367,7 +367,7 @@ def test_report_contexts_are_whole_words_without_special_tokens():
 def test_the_progress_bar_summarises_each_group_of_saes():
     """Two ReLU SAEs are two, with their ranges, not one 'relu:' loss (issue 16)."""
     from trainer.config import SAEConfig
-    from trainer.train import _progress
+    from trainer.training.train import _progress
 
     relu = [SAEConfig(activation="relu", l1_coefficient=c) for c in (2.0, 5.0)]
     topk = SAEConfig(activation="topk", k=16)

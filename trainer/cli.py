@@ -6,7 +6,7 @@
 
 Pass --hook several times to train on several hooks at once as components ([batch, component, d]).
 Under ``torchrun --nproc-per-node N -m trainer ...`` the SAEs train data-parallel (DDP), each rank
-streaming its own share of the chunks; rank 0 writes the run folder (see trainer.distributed).
+streaming its own share of the chunks; rank 0 writes the run folder (see trainer.training.distributed).
 Without --dataset, the harvest of --model/--hook/--corpus is requested over REST (a cache hit when
 it exists) and followed to its end before training.
 """
@@ -18,13 +18,13 @@ import time
 import traceback
 from pathlib import Path
 
-from trainer.client import CacheClient, CacheError, StoreReader
 from trainer.config import ConfigError, load_sweep
-from trainer.distributed import World, exit_process
-from trainer.downstream import downstream_columns, evaluate_downstream
-from trainer.interrupt import stop_on_ctrl_c
-from trainer.sinks import SinkError, TensorboardSink, WandbSink, require
-from trainer.train import RunError, Trainer
+from trainer.data.client import CacheClient, CacheError, StoreReader
+from trainer.evaluation.downstream import downstream_columns, evaluate_downstream
+from trainer.outputs.sinks import SinkError, TensorboardSink, WandbSink, require
+from trainer.training.distributed import World, exit_process
+from trainer.training.interrupt import stop_on_ctrl_c
+from trainer.training.train import RunError, Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

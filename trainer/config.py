@@ -136,7 +136,7 @@ class RunConfig:
     fetch_threads: int = 4
     lanes: int = 0
     """Streams an epoch is split into (0: the world size at the start of the run); see
-    trainer.distributed. A run keeps its lanes when resumed with another world size."""
+    trainer.training.distributed. A run keeps its lanes when resumed with another world size."""
     eval_chunks: int = 2
     """Chunks held out (never trained on) for evaluation."""
     log_every: int = 50

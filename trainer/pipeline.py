@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.cli import _table, positive_int
-from trainer.client import CacheClient, CacheError
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
-from trainer.downstream import evaluate_downstream
-from trainer.interrupt import stop_on_ctrl_c
-from trainer.local_server import LocalServer
+from trainer.data.client import CacheClient, CacheError
+from trainer.data.local_server import LocalServer
+from trainer.evaluation.downstream import evaluate_downstream
 from trainer.report import write_report
-from trainer.train import RunError, Trainer
+from trainer.training.interrupt import stop_on_ctrl_c
+from trainer.training.train import RunError, Trainer
 
 DEFAULT_MODEL = "shakespeare-gpt"
 DEFAULT_HOOKS = ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import plots
-from trainer.downstream import downstream_columns
-from trainer.train import Trainer
+from trainer.evaluation.downstream import downstream_columns
+from trainer.outputs import plots
+from trainer.training.train import Trainer
 
 N_FEATURES, N_EXAMPLES, LEFT, RIGHT = 12, 5, 10, 3
 

@@ -2,7 +2,7 @@
 
 Each epoch, the training chunks (every chunk but the held-out evaluation ones) are put in a
 seeded random order and read in windows of several chunks. Each window's rows are put in their own
-seeded permutation (``trainer.permutation``) and batches are consecutive slices of the stream of
+seeded permutation (``trainer.data.permutation``) and batches are consecutive slices of the stream of
 permuted windows. So a batch mixes rows of many chunks (and sequences), and the loader's position
 is just ``(epoch, rows emitted in the epoch)``: a resumed run rebuilds the same window and skips
 what was emitted, and sees neither repeated nor skipped rows.
@@ -10,7 +10,7 @@ what was emitted, and sees neither repeated nor skipped rows.
 Background threads fetch chunks (several connections) and build the next windows while the current
 one is trained on. On the CPU, a chunk is read from the socket into a per-thread buffer and its
 rows are widened to float32, scaled and written straight to their shuffled places in the window
-(``trainer.scatter``), while they are still in cache: a batch is then a slice of the window, with no
+(``trainer.data.scatter``), while they are still in cache: a batch is then a slice of the window, with no
 work left per batch. A window keeps a batch of free rows before and after its own, where the batch
 made of two windows' rows is joined (copying the carry or the rest, whichever is fewer rows). A
 window takes ``(rows + 2 * batch) * components * d * 4`` bytes of host memory, and the pool keeps
@@ -34,9 +34,9 @@ from torch import Tensor
 
 from shared.codec import decode_chunk, to_torch
 from shared.schemas import DatasetManifest
-from trainer.client import CacheClient, CacheError
-from trainer.permutation import permutation, places_of, seed_of
-from trainer.scatter import scatter_scaled
+from trainer.data.client import CacheClient, CacheError
+from trainer.data.permutation import permutation, places_of, seed_of
+from trainer.data.scatter import scatter_scaled
 
 
 @dataclass(frozen=True)

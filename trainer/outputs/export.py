@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.config import SAEConfig
-from trainer.sae import SparseAutoencoder
+from trainer.sae.autoencoder import SparseAutoencoder
 
 ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}
 

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from trainer.sae import SparseAutoencoder
+from trainer.sae.autoencoder import SparseAutoencoder
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ printed in place of the figures.
 import json
 from pathlib import Path
 
-from trainer.client import CacheClient, CacheError
+from trainer.data.client import CacheClient, CacheError
 from shared.schemas import DatasetManifest
 
 

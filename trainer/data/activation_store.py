@@ -1,6 +1,6 @@
 """``TensorActivationStore``: a preallocated ``[item, component, neuron]`` tensor as a torch Dataset.
 
-The same API as sparse_autoencoder's store; the streaming loader (``trainer.stream``) is what the
+The same API as sparse_autoencoder's store; the streaming loader (``trainer.data.stream``) is what the
 trainer uses for datasets larger than memory, and this store is for holding a sample in memory.
 
 >>> import torch

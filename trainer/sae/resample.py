@@ -4,7 +4,7 @@ inputs and reset their optimizer state, so Adam's moments don't drag them back."
 import torch
 from torch import Tensor
 
-from trainer.sae import SparseAutoencoder
+from trainer.sae.autoencoder import SparseAutoencoder
 
 ENCODER_NORM_FACTOR = {"relu": 0.2, "jumprelu": 0.2, "topk": 1.0, "batchtopk": 1.0}
 """A resampled latent's encoder norm over the alive latents' mean. sparse_autoencoder's 0.2 suits a

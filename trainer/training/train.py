@@ -21,17 +21,17 @@ from tqdm.auto import tqdm
 
 from shared.devices import resolve_device
 from shared.schemas import DatasetManifest
-from trainer.client import CacheClient, CacheError
 from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, sae_names, split_cfgs
-from trainer.distributed import World
-from trainer.export import export_saelens
-from trainer.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
-from trainer.objectives import sae_loss
-from trainer.resample import resample_dead_neurons
-from trainer.sae import SparseAutoencoder
-from trainer.schedulers import LRSchedule, Warmup
-from trainer.sinks import JsonlSink
-from trainer.stream import Batch, ChunkStream, StreamPosition
+from trainer.data.client import CacheClient, CacheError
+from trainer.data.stream import Batch, ChunkStream, StreamPosition
+from trainer.evaluation.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
+from trainer.outputs.export import export_saelens
+from trainer.outputs.sinks import JsonlSink
+from trainer.sae.autoencoder import SparseAutoencoder
+from trainer.sae.objectives import sae_loss
+from trainer.sae.resample import resample_dead_neurons
+from trainer.training.distributed import World
+from trainer.training.schedulers import LRSchedule, Warmup
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"
@@ -156,7 +156,7 @@ class Trainer:
         self._use_lanes(self.run.lanes or world.size)
 
     def _use_lanes(self, lanes: int) -> None:
-        """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.distributed)."""
+        """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.training.distributed)."""
         run, world = self.run, self.world
         if lanes % world.size or run.batch_size % lanes:
             raise RunError(f"{lanes} stream lane(s) cannot be shared by {world.size} rank(s) with batch_size "
@@ -399,7 +399,7 @@ class Trainer:
     # -- evaluation and export -------------------------------------------------------------------
     def evaluate_and_export(self) -> list[dict]:
         rows, _ = self.stream.evaluation_rows()
-        from trainer import plots
+        from trainer.outputs import plots
 
         if any(s.cfg.activation == "batchtopk" for s in self.saes):
             sample = self._training_sample().to(self.device)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.sae import SparseAutoencoder, SparseCode, Weights, _StepL0
+from trainer.sae.autoencoder import SparseAutoencoder, SparseCode, Weights, _StepL0
 
 
 @dataclass

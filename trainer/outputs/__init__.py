@@ -1,0 +1,1 @@
+"""What a run leaves behind: metric sinks (JSONL, W&B), exported SAEs, plots."""

@@ -1,0 +1,1 @@
+"""The sparse autoencoder: its model, its training objectives and dead-latent resampling."""
