@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cache_server.corpora import CorpusStore  # noqa: E402
 from cache_server.downstream import evaluate  # noqa: E402
-from cache_server.harvester import Layout, token_windows  # noqa: E402
+from cache_server.harvester import Layout, TokenWindows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from cache_server.saes import SaeWeights  # noqa: E402
 
@@ -51,7 +51,8 @@ def main() -> None:
         corpora = CorpusStore(Path(tmp), 1 << 30)
         stream = corpora.tokens(corpora.resolve("default"), model.tokenizer, model.info.fingerprint,
                                 model.separator_token_id)
-    windows = token_windows(stream, Layout(args.context, args.tokens, args.context), model.bos_token_id)
+    n_windows = Layout(args.context, args.tokens, args.context).n_sequences
+    windows = TokenWindows(np.array(stream), args.context, model.bos_token_id)[0:n_windows]
     d = model.info.d_model
     d_sae, k = 8 * d, 32
     sae = SaeWeights("topk", torch.randn(d, d_sae) / d**0.5, torch.zeros(d_sae), torch.randn(d_sae, d) / d**0.5,

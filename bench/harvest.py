@@ -21,7 +21,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cache_server.corpora import CorpusStore  # noqa: E402
-from cache_server.harvester import Layout, token_windows  # noqa: E402
+from cache_server.harvester import Layout, TokenWindows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from shared.schemas import HookSpec  # noqa: E402
 from trainer.data.client import CacheClient  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
         corpora = CorpusStore(store / "corpora", 1 << 30)
         corpus = corpora.tokens(corpora.resolve("default"), model.tokenizer, "bench", model.separator_token_id)
         layout = Layout(args.context_size, args.tokens, args.context_size)
-        windows = token_windows(corpus, layout, model.bos_token_id)
+        windows = TokenWindows(np.array(corpus), args.context_size, model.bos_token_id)[0:layout.n_sequences]
         bare_forward(model, windows[: args.batch_size * 2], hooks, args.batch_size)  # warm-up
         request = {"model": args.model, "hooks": args.hooks, "n_tokens": args.tokens,
                    "context_size": args.context_size, "batch_size": args.batch_size}

@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_server.errors import ServiceError
@@ -44,12 +45,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail
+        detail, status = exc.detail, exc.status_code
+        if status == 400 and detail == "There was an error parsing the body":  # not UTF-8: as bad JSON is
+            detail, status = "invalid request: the body is not valid JSON (nor UTF-8 text)", 422
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no endpoint at {request.url.path}; the API is described at /docs"
-        elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # One route per method: Starlette's Allow names only the first that matched the path.
+            allowed = sorted({m for route in request.app.routes if isinstance(route, APIRoute)
+                              and route.path_regex.match(request.url.path) for m in route.methods})
+            detail = f"{request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)}); see /docs"
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -30,6 +30,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")
     parser.add_argument("--min-free-bytes", type=int, help="disk space a harvest must leave free (default 0)")
     parser.add_argument("--max-json-bytes", type=int, help="largest JSON request body (default 1 MiB)")
+    parser.add_argument("--max-corpus-bytes", type=int, help="largest corpus upload (default 16 GiB)")
+    parser.add_argument("--corpus-check-bytes", type=int, help="text a harvest submit may tokenise to check its "
+                        "corpus holds the tokens asked for (default 8 MiB; the job reads the rest)")
     parser.add_argument("--max-sae-bytes", type=int, help="largest SAE file POST /v1/saes accepts (default 1 GiB)")
     parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
                         help="never load models from the Hugging Face hub")

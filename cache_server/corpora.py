@@ -1,7 +1,8 @@
 """Corpora: text to harvest from. Uploaded files are stored under their content hash.
 
-A text file is one document; a JSONL file holds one ``{"text": ...}`` document per line.
-Tokenised corpora are cached in memory per tokenizer, since every harvest of a corpus re-reads it.
+A text file is one document; a JSONL file holds one ``{"text": ...}`` document per line. A
+corpus' tokens under a tokenizer are kept on disk beside it, read as far as harvests asked
+(``corpus_tokens``), never held in memory whole.
 """
 
 import codecs
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_server.corpus_tokens import CorpusTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from shared.ids import bytes_id, is_valid_id
@@ -24,7 +26,6 @@ from shared.schemas import CorpusInfo
 
 DEFAULT_NAME = "default"
 _BUILTIN_FILE = "tiny_shakespeare.txt.gz"
-_LINES_PER_BLOCK = 64
 
 
 class CorpusError(ServiceError):
@@ -41,8 +42,8 @@ class CorpusStore:
         self.max_bytes = max_bytes
         folder.mkdir(parents=True, exist_ok=True)
         self._ensure_builtin()
-        self._tokens: dict[tuple[str, str], np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._streams: dict[tuple[str, str, int | None], CorpusTokens] = {}
+        self._lock = threading.Lock()  # only around the dict: tokenising holds the stream's own lock
 
     def _ensure_builtin(self) -> None:
         data = _builtin_text()
@@ -111,35 +112,22 @@ class CorpusStore:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def tokens(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None) -> np.ndarray:
-        """The corpus as one int32 token stream; documents joined by the separator token."""
-        key = (info.corpus_id, tokenizer_key)
+    def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None) -> CorpusTokens:
+        """The corpus' token stream under this tokenizer; documents joined by the separator token."""
+        key = (info.corpus_id, tokenizer_key, separator)
         with self._lock:
-            if key not in self._tokens:
-                self._tokens[key] = self._tokenize(info, tokenizer, separator)
-            return self._tokens[key]
+            if key not in self._streams:
+                name = f"{info.corpus_id}-{bytes_id(hashlib.sha256(repr(key[1:]).encode()).hexdigest())}"
+                self._streams[key] = CorpusTokens(self.folder / f"{info.corpus_id}.data", info.format,
+                                                  self.folder / "tokens", name, tokenizer, separator)
+            return self._streams[key]
 
-    def _tokenize(self, info: CorpusInfo, tokenizer, separator: int | None) -> np.ndarray:
-        text = (self.folder / f"{info.corpus_id}.data").read_bytes().decode("utf-8")
-        # Lines split on "\n" only, as the upload checked them: U+2028 or U+0085 inside a string is text.
-        documents = [text] if info.format == "text" else [json.loads(line)["text"] for line in text.split("\n") if line.strip()]
-        pieces: list[np.ndarray] = []
-        for doc in documents:
-            lines = doc.splitlines(keepends=True)
-            # Short blocks: fast batch tokenisation, and no model-max-length warnings.
-            blocks = ["".join(lines[i : i + _LINES_PER_BLOCK]) for i in range(0, len(lines), _LINES_PER_BLOCK)]
-            for ids in _encode_batch(tokenizer, blocks):
-                pieces.append(np.asarray(ids, dtype=np.int32))
-            if separator is not None and len(documents) > 1:
-                pieces.append(np.asarray([separator], dtype=np.int32))
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-
-
-def _encode_batch(tokenizer, blocks: list[str]) -> list[list[int]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [enc.ids for enc in backend.encode_batch(blocks, add_special_tokens=False)]
-    return tokenizer(blocks, add_special_tokens=False)["input_ids"]
+    def tokens(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None,
+               n: int | None = None) -> np.ndarray:
+        """The first ``n`` tokens of the stream (fewer if the corpus has fewer; all when None)."""
+        stream = self.stream(info, tokenizer, tokenizer_key, separator)
+        have, _ = stream.ensure(n)
+        return stream.array(have if n is None else min(n, have))
 
 
 class _JsonlChecker:

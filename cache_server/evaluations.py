@@ -22,7 +22,7 @@ from cache_server.corpora import CorpusStore
 from cache_server.downstream import evaluate, not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
-from cache_server.harvester import Layout, token_windows
+from cache_server.harvester import Layout, TokenWindows
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.saes import SaeStore
 from cache_server.store import DatasetStore
@@ -118,9 +118,9 @@ class EvaluationManager:
         """(corpus id, first token, number of windows) of the text to evaluate on."""
         corpus = self.corpora.resolve(request.corpus or manifest.corpus_id)
         first = harvested_tokens(manifest) if request.corpus is None else 0
-        stream = self._stream(corpus, model)
         body = manifest.context_size - manifest.prepend_bos
         wanted = -(-request.n_tokens // manifest.context_size)
+        stream = self._stream(corpus, model, first + wanted * body)
         available = max(0, len(stream) - first) // body
         if wanted > available:
             text = (f"the dataset's corpus {corpus.corpus_id} has {available * manifest.context_size:,} tokens "
@@ -130,8 +130,9 @@ class EvaluationManager:
                                   f"n_tokens={request.n_tokens:,}: ask for fewer, or name another corpus")
         return corpus.corpus_id, first, wanted
 
-    def _stream(self, corpus, model: SourceModel) -> np.ndarray:
-        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+    def _stream(self, corpus, model: SourceModel, n: int) -> np.ndarray:
+        """The corpus' first ``n`` tokens (fewer when it has fewer), tokenised only that far."""
+        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id, n)
 
     # -- the worker --------------------------------------------------------------------------
     def _work(self) -> None:
@@ -159,10 +160,10 @@ class EvaluationManager:
             raise RuntimeError(f"dataset {job.dataset_id} was deleted")
         model = self._model(manifest)
         corpus_id, first, n_windows = self._windows(job.request, manifest, model)
-        stream = self._stream(self.corpora.resolve(corpus_id), model)
-        layout = Layout(manifest.context_size, n_windows * manifest.context_size, manifest.context_size)
+        body = manifest.context_size - manifest.prepend_bos
+        stream = self._stream(self.corpora.resolve(corpus_id), model, first + n_windows * body)
         bos = model.bos_token_id if manifest.prepend_bos else None
-        windows = token_windows(stream[first:], layout, bos)
+        windows = TokenWindows(np.asarray(stream[first:]), manifest.context_size, bos)[0:n_windows]
         hook = manifest.hook(sae_info.hook)
         mean = torch.tensor(self.store.hook_mean(manifest.dataset_id, hook.name), dtype=torch.float32)
         reason = not_causal_reason(model)

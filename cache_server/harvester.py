@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_server.corpus_tokens import CorpusTokens
 from cache_server.models import SourceModel
 from cache_server.store import TOKENS_ARRAY, DatasetStore, DatasetWriter
 from shared.codec import to_storage, to_torch
@@ -59,13 +60,35 @@ def choose_chunk_rows(context_size: int, widest_row_bytes: int, target_bytes: in
     return seqs * context_size
 
 
-def token_windows(corpus: np.ndarray, layout: Layout, bos: int | None) -> np.ndarray:
-    """``[n_sequences, context_size]`` windows of the corpus stream, each led by BOS if given."""
-    body = layout.context_size - (bos is not None)
-    windows = corpus[: layout.n_sequences * body].reshape(layout.n_sequences, body)
-    if bos is not None:
-        windows = np.concatenate([np.full((layout.n_sequences, 1), bos, dtype=np.int32), windows], axis=1)
-    return windows
+class CorpusExhausted(Exception):
+    """The corpus ran out of tokens before the windows a harvest or an evaluation asked for."""
+
+    def __init__(self, have: int, needed: int):
+        super().__init__(f"the corpus holds {have:,} tokens for this model, and {needed:,} were needed")
+        self.have, self.needed = have, needed
+
+
+class TokenWindows:
+    """``[n_sequences, context_size]`` windows of a corpus' token stream, each led by BOS if given;
+    the stream is tokenised only as far as the windows read so far (see ``corpus_tokens``)."""
+
+    def __init__(self, stream: CorpusTokens | np.ndarray, context_size: int, bos: int | None):
+        self.stream, self.bos = stream, bos
+        self.body = context_size - (bos is not None)
+        self._tokens = stream if isinstance(stream, np.ndarray) else stream.array(0)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi = rows.start or 0, rows.stop
+        needed = hi * self.body
+        if len(self._tokens) < needed and isinstance(self.stream, CorpusTokens):
+            have, _ = self.stream.ensure(needed)  # a block past ``needed``: few calls reach the disk
+            self._tokens = self.stream.array(have)
+        if len(self._tokens) < needed:
+            raise CorpusExhausted(len(self._tokens), needed)
+        windows = np.asarray(self._tokens[lo * self.body : needed]).reshape(hi - lo, self.body)
+        if self.bos is not None:
+            windows = np.concatenate([np.full((hi - lo, 1), self.bos, dtype=np.int32), windows], axis=1)
+        return windows
 
 
 def empty_state(hooks: list[HookSpec], widths: dict[str, int]) -> dict:
@@ -109,7 +132,7 @@ class _Chunk:
 class Harvester:
     """Runs one harvest from the dataset's committed chunk to the end."""
 
-    def __init__(self, model: SourceModel, store: DatasetStore, manifest: DatasetManifest, corpus: np.ndarray,
+    def __init__(self, model: SourceModel, store: DatasetStore, manifest: DatasetManifest, corpus: CorpusTokens,
                  on_commit: Callable[[DatasetManifest], None], cancel: threading.Event):
         self.model = model
         self.store = store
@@ -117,7 +140,7 @@ class Harvester:
         self.hooks = [HookSpec(name=h.name, concat_dims=h.concat_dims) for h in manifest.hooks]
         self.layout = Layout(manifest.context_size, manifest.n_items_total, manifest.chunk_rows)
         bos = model.bos_token_id if manifest.prepend_bos else None
-        self.windows = token_windows(corpus, self.layout, bos)
+        self.windows = TokenWindows(corpus, manifest.context_size, bos)
         self.on_commit = on_commit
         self.cancel = cancel
 

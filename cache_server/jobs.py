@@ -16,9 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cache_server.corpora import CorpusStore
+from cache_server.corpus_tokens import CorpusTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
-from cache_server.harvester import Harvester, HarvestCancelled, choose_chunk_rows, empty_state
+from cache_server.harvester import CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.shared_harvest import SharedHarvest, ledger_key, new_ledger
@@ -26,7 +27,7 @@ from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id
 from shared.schemas import (
-    ACTIVE_STATUSES, ArrayInfo, CodecInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
+    ACTIVE_STATUSES, ArrayInfo, CodecInfo, CorpusInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
 )
 
 log = logging.getLogger("cache_server.jobs")
@@ -44,6 +45,11 @@ def _stored_bytes(manifest: DatasetManifest) -> int:
     return manifest.n_items_total * (itemsize * sum(h.d for h in manifest.hooks) + _TOKEN_ROW_BYTES)
 
 
+def _too_short(corpus: str, have: int, context_size: int, body: int, n_tokens: int) -> str:
+    return (f"corpus '{corpus}' holds {have:,} tokens for this model: at most {have // body * context_size:,} rows "
+            f"at context_size={context_size}; asked for n_tokens={n_tokens:,}")
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -53,17 +59,20 @@ class _Plan:
     dataset_id: str
     model: SourceModel
     widths: dict[str, int]
+    corpus: CorpusInfo
 
 
 class JobManager:
     def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
                  metrics: ServerMetrics, max_tokens: int, chunk_bytes: int, replica: str | None = None,
-                 lease_seconds: float = 60.0, min_free_bytes: int = 0):
+                 lease_seconds: float = 60.0, min_free_bytes: int = 0,
+                 corpus_check_bytes: int = 8 << 20):
         self.folder = folder
         self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
         self.max_tokens, self.chunk_bytes, self.min_free_bytes = max_tokens, chunk_bytes, min_free_bytes
+        self.corpus_check_bytes = corpus_check_bytes
         self._jobs: dict[str, HarvestJob] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -96,6 +105,9 @@ class JobManager:
     def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
         """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
         plan = self._plan(request)
+        known = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
+        if known is None:
+            self._check_corpus(request, plan)  # outside the lock: reading a corpus may take a while
         with self._lock:
             manifest = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
             if manifest is not None and manifest.complete:
@@ -155,22 +167,25 @@ class JobManager:
             raise JobError(f"model '{request.model}' has no BOS token; set prepend_bos to false")
         hooks = request.hook_specs()
         widths = model.check_hooks(hooks)
-        tokens = self._corpus_tokens(corpus, model)
-        body = request.context_size - request.prepend_bos
-        available = (len(tokens) // body) * request.context_size
-        if request.n_tokens > available:
-            raise JobError(f"corpus '{request.corpus}' holds {len(tokens)} tokens for this model: at most "
-                           f"{available} rows at context_size={request.context_size}; asked for n_tokens={request.n_tokens}")
         identity = {
             "model": model.info.name, "fingerprint": model.info.fingerprint,
             "hooks": [h.model_dump() for h in hooks], "corpus": corpus.corpus_id,
             "context_size": request.context_size, "prepend_bos": request.prepend_bos,
             "dtype": request.dtype, "n_tokens": request.n_tokens,
         }
-        return _Plan(dataset_id=content_id(identity), model=model, widths=widths)
+        return _Plan(dataset_id=content_id(identity), model=model, widths=widths, corpus=corpus)
 
-    def _corpus_tokens(self, corpus, model: SourceModel):
-        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+    def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens:
+        return self.corpora.stream(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+
+    def _check_corpus(self, request: HarvestRequest, plan: _Plan) -> None:
+        """Refuse a harvest the corpus cannot fill, when that is known after reading at most
+        ``corpus_check_bytes`` more of it (the job reads the rest)."""
+        body = request.context_size - request.prepend_bos
+        needed = -(-request.n_tokens // request.context_size) * body
+        have, complete = self._corpus_stream(plan.corpus, plan.model).ensure(needed, self.corpus_check_bytes)
+        if have < needed and complete:
+            raise JobError(_too_short(request.corpus, have, request.context_size, body, request.n_tokens))
 
     def _check_room(self, request: HarvestRequest, plan: _Plan) -> None:
         """A harvest that would not fit on the store's disk (leaving ``min_free_bytes``) is refused."""
@@ -193,7 +208,7 @@ class JobManager:
         chunk_rows = min(chunk_rows, -(-request.n_tokens // request.context_size) * request.context_size)
         n_chunks = -(-request.n_tokens // chunk_rows)
         manifest = DatasetManifest(
-            dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=self.corpora.resolve(request.corpus).corpus_id,
+            dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=plan.corpus.corpus_id,
             context_size=request.context_size, prepend_bos=request.prepend_bos, dtype=request.dtype,
             hooks=[HookInfo(name=h.name, concat_dims=h.concat_dims, d=plan.widths[h.name], storage_dtype=storage,
                             logical_dtype=request.dtype, codec=CodecInfo(name="none", level=0)) for h in hooks],
@@ -248,6 +263,10 @@ class JobManager:
             error = disk_full_message(exc, self.folder)
             if (manifest := self.store.manifest(job.dataset_id)) is not None:
                 error += f"; this harvest needs about {_stored_bytes(manifest):,} bytes in all"
+        elif isinstance(exc, CorpusExhausted) and (manifest := self.store.manifest(job.dataset_id)) is not None:
+            body = manifest.context_size - manifest.prepend_bos
+            error = (_too_short(manifest.corpus_id, exc.have, manifest.context_size, body, manifest.n_items_total)
+                     + f"; DELETE /v1/datasets/{job.dataset_id} and ask for fewer")
         else:
             error = f"{type(exc).__name__}: {exc}"
         changes = {"status": "failed", "error": error, "tokens_per_second": None, "eta_seconds": None}
@@ -269,7 +288,7 @@ class JobManager:
             raise RuntimeError(f"dataset {job.dataset_id} was deleted")
         self.store.remove_partial_writes(job.dataset_id)
         model = self.models.get(manifest.model.name)
-        corpus = self._corpus_tokens(self.corpora.resolve(manifest.corpus_id), model)
+        corpus = self._corpus_stream(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items
 
         def progress(rows: int) -> None:

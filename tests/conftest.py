@@ -15,7 +15,7 @@ def server(tmp_path_factory):
     """One real server for the suite, with a token configured, small chunks (many per dataset)."""
     store = tmp_path_factory.mktemp("server") / "store"
     proc = ServerProcess(store=store, port=free_port(), token=TOKEN,
-                         env={"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}).start()
+                         env={"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024), "CACHE_SERVER_MAX_CORPUS_BYTES": str(64 << 20)}).start()
     yield proc
     proc.stop()
 

@@ -19,12 +19,15 @@ def publish(cache, name: str, commit: str) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
-def harvest(tmp_path, cache, request=REQUEST):
+def harvest(tmp_path, cache, request=REQUEST, offline=True):
     work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    # online: the hub is a closed port here, as when it is unreachable
+    env = {"HF_HUB_OFFLINE": "1"} if offline else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     server = ServerProcess(store=tmp_path / "store", port=free_port(), hub=True, cwd=work,
-                           env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}).start()
+                           env={"HF_HUB_CACHE": str(cache), **env}).start()
     try:
-        with server.client() as client:
+        with server.client(timeout=10) as client:  # transformers' own retries took 25 s to fail
             answer = client.post("/v1/harvests", json=request)
             if answer.status_code != 202:
                 return answer
@@ -54,3 +57,15 @@ def test_a_hub_name_never_loads_a_folder_in_the_working_directory(tmp_path):
         answer = harvest(tmp_path, cache, {**REQUEST, "model": name})
         assert answer.status_code == 422, answer
         assert "must not name a folder" in answer.json()["detail"] and "--models-dir" in answer.json()["detail"]
+
+
+def test_with_the_hub_unreachable_a_cached_model_loads_and_another_name_fails_fast(tmp_path):
+    cache = tmp_path / "hub"
+    publish(cache, NAME, "c" * 40)
+    cached = harvest(tmp_path, cache, offline=False)
+    assert cached["model"]["fingerprint"] == f"hub:{NAME}@{'c' * 40}" and cached["complete"]
+    answer = harvest(tmp_path, cache, {**REQUEST, "model": "org/not-cached"}, offline=False)
+    assert answer.status_code == 422
+    for phrase in ("unknown model 'org/not-cached'", "not in the local hub cache", "the hub did not answer",
+                   "--models-dir", "--no-hub"):
+        assert phrase in answer.json()["detail"], answer.json()["detail"]

@@ -50,6 +50,13 @@ def test_two_replicas_one_restarted_harvest_what_one_server_harvests(server, buc
             assert wait_job(cb, job_b["job_id"])["status"] == "completed"
             for c in (ca, cb):  # both replicas serve what one server harvests
                 assert assert_same_as_single_harvest(server, c, SHARED) == dataset_id
+            # a delete through one replica: the other stops serving its cached manifest (issue 14)
+            assert ca.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+            deadline = time.monotonic() + 10
+            while cb.get(f"/v1/datasets/{dataset_id}").status_code != 404:
+                assert time.monotonic() < deadline, "replica b still serves a deleted dataset"
+                time.sleep(0.1)
+            assert cb.get(f"/v1/datasets/{dataset_id}/hooks/blocks.1.hook_resid_post/chunks/0").status_code == 404
     finally:
         a.stop()
         b.stop()

@@ -1,0 +1,116 @@
+"""Big corpora: what a harvest from a GB-sized text costs the server, and tokenisation's speed.
+
+    .venv/bin/python bench/corpus.py [--mb 200] [--mb 1024]
+
+For each corpus size (the built-in corpus repeated, as one text file): upload it to a cache server
+started here, submit a harvest of --tokens tokens from it, and report the submit's answer time,
+the time to the first committed chunk and the server's peak RSS (VmHWM) against its RSS before the
+upload (the baseline: a server with its model loaded). Then, in this process, the tokens/s of the
+server's on-disk token stream (read a block at a time, appended to disk) against the tokenizer
+alone on the same text in the same blocks (--tokenize-mb of it).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cache_server.corpora import _builtin_text  # noqa: E402
+from cache_server.corpus_tokens import LINES_PER_BLOCK, READ_BYTES, CorpusTokens  # noqa: E402
+from cache_server.models import ModelRegistry  # noqa: E402
+from trainer.data.local_server import LocalServer  # noqa: E402
+
+
+def rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def write_corpus(path: Path, megabytes: int) -> int:
+    text = _builtin_text()
+    with path.open("wb") as f:
+        for _ in range(-(-megabytes * (1 << 20) // len(text))):
+            f.write(text)
+    return path.stat().st_size
+
+
+def harvest_from(path: Path, args, tmp: Path) -> dict:
+    with LocalServer(tmp / "store", extra_args=["--no-hub"]) as server, httpx.Client(base_url=server.url, timeout=600) as c:
+        request = {"model": args.model, "hooks": ["blocks.0.hook_resid_post"], "n_tokens": 256, "context_size": 128}
+        c.post("/v1/harvests", json=request)  # the model loaded: the baseline is a server ready to harvest
+        time.sleep(2)
+        pid = server.process.pid
+        before = rss_kb(pid, "VmRSS")
+        with path.open("rb") as f:
+            corpus_id = c.post("/v1/corpora?name=big", content=iter(lambda: f.read(1 << 20), b"")).json()["corpus_id"]
+        t0 = time.perf_counter()
+        answer = c.post("/v1/harvests", json={**request, "corpus": corpus_id, "n_tokens": args.tokens})
+        submit = time.perf_counter() - t0
+        job_id, first = answer.json()["job_id"], None
+        while (job := c.get(f"/v1/harvests/{job_id}").json())["status"] not in ("completed", "failed"):
+            if first is None and job["tokens_done"] > 0:
+                first = time.perf_counter() - t0
+            time.sleep(0.05)
+        assert job["status"] == "completed", job
+        return {"submit_s": submit, "first_chunk_s": first or time.perf_counter() - t0,
+                "done_s": time.perf_counter() - t0, "rss_before_mb": before / 1024, "peak_rss_mb": rss_kb(pid, "VmHWM") / 1024}
+
+
+def tokenize_rates(path: Path, args, tmp: Path) -> dict:
+    tokenizer = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(args.model).tokenizer
+    head = tmp / "head.txt"
+    with path.open("rb") as f:
+        head.write_bytes(f.read(args.tokenize_mb << 20))
+    lines = head.read_bytes().decode().splitlines(keepends=True)
+    blocks = ["".join(lines[i:i + LINES_PER_BLOCK]) for i in range(0, len(lines), LINES_PER_BLOCK)]
+    per_call = max(1, READ_BYTES // max(1, len(blocks[0].encode())))
+    ours, alone = [], []
+    for round in range(args.rounds):  # alternated, best of each: the machine is shared and noisy
+        stream = CorpusTokens(head, "text", tmp / f"tokens{round}", "bench", tokenizer, None)
+        t0 = time.perf_counter()
+        n, _ = stream.ensure(None)
+        ours.append(n / (time.perf_counter() - t0))
+        backend = stream._fast  # the same tokenizer, truncation and padding off, as the stream uses it
+        t0 = time.perf_counter()
+        count = sum(len(e.ids) for lo in range(0, len(blocks), per_call)
+                    for e in backend.encode_batch(blocks[lo:lo + per_call], add_special_tokens=False))
+        alone.append(count / (time.perf_counter() - t0))
+        assert count == n
+    ours, alone = max(ours), max(alone)
+    return {"stream_tok_s": ours, "tokenizer_tok_s": alone, "ratio": ours / alone, "tokens": n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, action="append", help="corpus sizes in MB (default 200 and 1024)")
+    parser.add_argument("--tokens", type=int, default=262_144, help="tokens each harvest asks for")
+    parser.add_argument("--model", default="tiny-random-gpt")
+    parser.add_argument("--tokenize-mb", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    results = {}
+    for mb in args.mb or [200, 1024]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "corpus.txt"
+            size = write_corpus(path, mb)
+            results[mb] = harvest_from(path, args, Path(tmp))
+            print(f"{size / 2**20:,.0f} MB corpus, harvest of {args.tokens:,} tokens: " + json.dumps(
+                {k: round(v, 2) for k, v in results[mb].items()}), flush=True)
+            if mb == (args.mb or [200])[0]:
+                rates = tokenize_rates(path, args, Path(tmp))
+                print(f"tokenising {args.tokenize_mb} MB ({rates['tokens']:,} tokens): stream "
+                      f"{rates['stream_tok_s']:,.0f} tok/s, tokenizer alone {rates['tokenizer_tok_s']:,.0f} tok/s, "
+                      f"ratio {rates['ratio']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""A corpus' token stream under one tokenizer: kept on disk, read on demand, a block at a time.
+
+A harvest of N tokens tokenises only as far as its N tokens (plus a block), with a block of text
+in memory at a time, whatever the corpus' size; the tokens go to ``<key>.i32`` (raw int32) and how
+far the corpus was read to ``<key>.json``, so the next harvest of that corpus with that tokenizer,
+a resumed one, or one after a restart reads them from disk instead of tokenising again.
+
+The stream is the one a whole-corpus tokenisation gives: a text file is one document, a JSONL
+line one document; a document is tokenised in blocks of ``LINES_PER_BLOCK`` lines (short inputs:
+fast batch encoding, no model-max-length warnings), and when a corpus holds more than one
+document each is followed by the separator token. The state file only ever points at a block
+boundary, so a stream extended in steps, or after a crash, is the same stream.
+"""
+
+import codecs
+import copy
+import fcntl
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cache_server.files import atomic_write
+
+LINES_PER_BLOCK = 64
+READ_BYTES = 1 << 20
+"""Text read and encoded per batch call: big enough for the tokenizer's threads, small in memory."""
+
+
+@dataclass
+class _State:
+    n_tokens: int = 0
+    byte_offset: int = 0
+    """Bytes of the corpus file tokenised: always at a block (text) or line (JSONL) boundary."""
+    n_docs: int = 0
+    complete: bool = False
+
+
+class CorpusTokens:
+    """The token stream of one corpus file under one tokenizer (see the module)."""
+
+    def __init__(self, data: Path, fmt: str, folder: Path, key: str, tokenizer, separator: int | None):
+        self.data, self.fmt, self.tokenizer, self.separator = data, fmt, tokenizer, separator
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.state_path = folder / f"{key}.i32", folder / f"{key}.json"
+        self._lock_path = folder / f"{key}.lock"
+        self._lock = threading.Lock()
+        self._fast = self._backend()
+
+    # -- reading ------------------------------------------------------------------------------
+    def ensure(self, n: int | None, max_bytes: int | None = None) -> tuple[int, bool]:
+        """Tokenise until ``n`` tokens are on disk (all of them when None), the corpus ends, or
+        ``max_bytes`` more bytes of text were read. Returns (tokens on disk, whether that is all).
+        The lock is taken a block at a time, so a reader of tokens already there never waits
+        behind a long extension."""
+        read = 0
+        while True:
+            with self._extending() as state:
+                if state.complete or (n is not None and state.n_tokens >= n) or (max_bytes is not None and read >= max_bytes):
+                    return state.n_tokens, state.complete
+                read += self._extend(state)
+
+    def array(self, n: int) -> np.ndarray:
+        """The first ``n`` tokens (at most what ``ensure`` put on disk), memory-mapped read-only."""
+        if n <= 0:
+            return np.zeros(0, dtype=np.int32)
+        return np.memmap(self.path, dtype=np.int32, mode="r", shape=(n,))
+
+    # -- extending ----------------------------------------------------------------------------
+    @contextmanager
+    def _extending(self) -> Iterator[_State]:
+        """This process' lock and a file lock (replicas share a folder), and the state on disk,
+        the token file cut back to it (a crash between the two writes leaves extra tokens)."""
+        with self._lock, self._lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = _State(**json.loads(self.state_path.read_bytes())) if self.state_path.exists() else _State()
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size < state.n_tokens * 4:  # tokens lost: start again rather than trust the state
+                state = _State()
+            if size != state.n_tokens * 4:
+                with self.path.open("ab") as f:
+                    f.truncate(state.n_tokens * 4)
+            yield state
+
+    def _extend(self, state: _State) -> int:
+        """Tokenise about ``READ_BYTES`` more of the corpus (more when one line is longer), append,
+        save the state; returns the bytes read."""
+        size = READ_BYTES
+        while True:
+            with self.data.open("rb") as f:
+                f.seek(state.byte_offset)
+                raw = f.read(size)
+                at_end = not f.read(1)
+            pieces, used, n_docs = (self._text_blocks if self.fmt == "text" else self._jsonl_documents)(raw, at_end, state.n_docs)
+            if used or at_end:
+                break
+            size *= 2
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32)
+        with self.path.open("ab") as f:  # no fsync: a lost tail is found by its size and read again
+            f.write(tokens.tobytes())
+        state.n_tokens += len(tokens)
+        state.byte_offset += used
+        state.n_docs, state.complete = n_docs, at_end
+        atomic_write(self.state_path, json.dumps(asdict(state)).encode())
+        return used
+
+    def _encode(self, blocks: list[str]) -> list[list[int]]:
+        if not blocks:
+            return []
+        if (backend := self._fast) is not None:
+            ids = [enc.ids for enc in backend.encode_batch(blocks, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(blocks, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _backend(self):
+        """The fast tokenizer, without the truncation or padding a model's tokenizer file may set
+        (the MiniLM package's file cuts every input at 128 tokens and pads it): a corpus is text, whole."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and (backend.truncation or backend.padding):
+            backend = copy.deepcopy(backend)
+            backend.no_truncation()
+            backend.no_padding()
+        return backend
+
+    def _text_blocks(self, raw: bytes, at_end: bool, n_docs: int):
+        """Whole blocks of lines of the one document; at the end, the rest too."""
+        if at_end:
+            lines = raw.decode("utf-8").splitlines(keepends=True)
+        else:  # the last line may go on (or be a "\r" whose "\n" comes next): left for the next read
+            lines = _decode_prefix(raw).splitlines(keepends=True)[:-1]
+            lines = lines[: len(lines) // LINES_PER_BLOCK * LINES_PER_BLOCK]
+        blocks = ["".join(lines[i : i + LINES_PER_BLOCK]) for i in range(0, len(lines), LINES_PER_BLOCK)]
+        used = len(raw) if at_end else sum(len(b.encode("utf-8")) for b in blocks)
+        return self._encode(blocks), used, 1
+
+    def _jsonl_documents(self, raw: bytes, at_end: bool, n_docs: int):
+        """Whole lines, each non-blank one a document; the separator goes before every document but
+        the first, and after the last when there are several."""
+        lines = raw.split(b"\n") if at_end else raw.split(b"\n")[:-1]
+        used = len(raw) if at_end else sum(len(line) + 1 for line in lines)
+        spans, blocks = [], []
+        for line in lines:
+            if line.strip():
+                doc = json.loads(line)["text"].splitlines(keepends=True)
+                first = len(blocks)
+                blocks += ["".join(doc[i : i + LINES_PER_BLOCK]) for i in range(0, len(doc), LINES_PER_BLOCK)]
+                spans.append((first, len(blocks)))
+        encoded = self._encode(blocks)
+        separator = [] if self.separator is None else [[self.separator]]
+        pieces: list[list[int]] = []
+        for first, stop in spans:
+            pieces += (separator if n_docs else []) + encoded[first:stop]
+            n_docs += 1
+        if at_end and n_docs > 1:
+            pieces += separator
+        return pieces, used, n_docs
+
+
+def _decode_prefix(raw: bytes) -> str:
+    """The longest prefix of ``raw`` that is whole UTF-8 characters (a read may end mid-character)."""
+    return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)

@@ -1,0 +1,63 @@
+"""Big corpora (issue 14): a submit answers at once, the job tokenises only as far as its harvest
+needs, a block at a time, onto disk; a corpus that runs out fails the job with what to change."""
+
+import json
+
+import pytest
+
+from cache_server.corpora import _builtin_text
+from tests.conftest import TINY, TOKEN
+from tests.server import ServerProcess, free_port, wait_job
+
+REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_resid_post"], "context_size": 32}
+
+
+def upload(client, data: bytes, fmt: str = "text") -> str:
+    blocks = (data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20))
+    answer = client.post(f"/v1/corpora?name=big&format={fmt}", content=blocks)
+    assert answer.status_code == 201, answer.text
+    return answer.json()["corpus_id"]
+
+
+def token_state(server, corpus_id: str) -> dict:
+    (state,) = (server.store / "corpora" / "tokens").glob(f"{corpus_id}-*.json")
+    return json.loads(state.read_text())
+
+
+def test_a_big_corpus_is_tokenised_only_as_far_as_the_harvest_needs(server, client):
+    corpus_id = upload(client, _builtin_text() * 20)  # 22 MB: ~5.8M tokens for this tokenizer
+    answer = client.post("/v1/harvests", json={**REQUEST, "corpus": corpus_id, "n_tokens": 4096})
+    assert answer.status_code == 202
+    assert wait_job(client, answer.json()["job_id"])["status"] == "completed"
+    state = token_state(server, corpus_id)
+    assert not state["complete"] and state["byte_offset"] <= 1 << 20  # one read of text, not 22 MB
+    manifest = client.get(f"/v1/datasets/{answer.json()['dataset_id']}").json()
+    assert manifest["complete"] and manifest["n_items"] == 4096
+
+
+@pytest.fixture(scope="module")
+def unchecked(tmp_path_factory):
+    """A server whose submits read none of a corpus (as for one too big to read at submit)."""
+    proc = ServerProcess(store=tmp_path_factory.mktemp("unchecked") / "store", port=free_port(), token=TOKEN,
+                         env={"CACHE_SERVER_CORPUS_CHECK_BYTES": "0"}).start()
+    yield proc
+    proc.stop()
+
+
+def test_a_corpus_that_runs_out_fails_the_job_saying_what_to_change(server, unchecked):
+    documents = b"\n".join(json.dumps({"text": f"document {i} has a few words in it."}).encode() for i in range(40))
+    request = {**REQUEST, "n_tokens": 4096}
+    with unchecked.client() as client:
+        corpus_id = upload(client, documents, "jsonl")
+        answer = client.post("/v1/harvests", json={**request, "corpus": corpus_id})
+        assert answer.status_code == 202  # nothing read at submit: the job finds out
+        job = wait_job(client, answer.json()["job_id"])
+        assert job["status"] == "failed"
+        for phrase in (f"corpus '{corpus_id}' holds", "tokens for this model", "asked for n_tokens=4,096",
+                       f"DELETE /v1/datasets/{answer.json()['dataset_id']} and ask for fewer"):
+            assert phrase in job["error"], job["error"]
+        assert token_state(unchecked, corpus_id)["complete"]
+    with server.client() as client:  # a server that reads a small corpus at submit refuses it there
+        corpus_id = upload(client, documents, "jsonl")
+        refused = client.post("/v1/harvests", json={**request, "corpus": corpus_id})
+        assert refused.status_code == 422 and "tokens for this model" in refused.json()["detail"]
