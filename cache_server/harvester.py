@@ -149,6 +149,25 @@ class Harvester:
         self.pipeline(range(self.manifest.n_chunks, self.layout.n_chunks), self._write_loop)
         return self.manifest
 
+    def repair(self, missing: list[str]) -> None:
+        """Re-harvest the chunks whose files are in ``missing`` (keys under the dataset), arrays
+        whose metadata is lost recreated first: a chunk is computed as the harvest computed it, so
+        the dataset, statistics included, is again the one harvested."""
+        lost = {key.split("/")[0] for key in missing if key.endswith("/zarr.json")}
+        if lost:
+            self.store.restore_arrays(self.manifest, lost)
+        indices = set(range(self.manifest.n_chunks)) if lost else {int(key.split("/")[-2]) for key in missing}
+        writer = self.store.writer(self.manifest.dataset_id)
+
+        def write_loop(chunks: "queue.Queue[_Chunk | None]", errors: list[BaseException]) -> None:
+            try:
+                while (chunk := chunks.get()) is not None:
+                    writer.write_rows(chunk.start, chunk.arrays)
+            except BaseException as exc:
+                errors.append(exc)
+
+        self.pipeline(sorted(indices), write_loop)
+
     def pipeline(self, indices, write_loop: Callable) -> None:
         """Compute these chunks in order while ``write_loop(chunks, errors)`` stores them in a thread
         of its own (a queue of ``_Chunk``, then None)."""

@@ -110,11 +110,7 @@ class JobManager:
             self._check_corpus(request, plan)  # outside the lock: reading a corpus may take a while
         with self._lock:
             manifest = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
-            if manifest is not None and manifest.complete:
-                if missing := self.store.missing(manifest):
-                    raise JobError(f"dataset {plan.dataset_id} is marked complete but {len(missing)} of its files are "
-                                   f"missing (first: {missing[0]}): DELETE /v1/datasets/{plan.dataset_id} and submit "
-                                   "again to harvest it anew", 409)
+            if manifest is not None and manifest.complete and not self.store.missing(manifest):
                 done = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status == "completed"]
                 job_id = done[-1].job_id if done else None
                 return HarvestAccepted(job_id=job_id, dataset_id=plan.dataset_id, status="completed"), False
@@ -299,7 +295,10 @@ class JobManager:
 
         try:
             harvester = Harvester(model, self.store, manifest, corpus, lambda m: progress(m.n_items), cancel)
-            if self.replica is None:
+            if manifest.complete and (missing := self.store.missing(manifest)):  # a damaged dataset
+                log.warning("dataset %s: %d files missing; re-harvesting them", manifest.dataset_id, len(missing))
+                harvester.repair(missing)
+            elif self.replica is None:
                 harvester.run()
             else:
                 SharedHarvest(harvester, self.replica, self.lease_seconds, progress).run()

@@ -250,8 +250,10 @@ class DatasetStore:
         group.attrs.update({"harvest_state": harvest_state, "manifest": manifest.model_dump(mode="json")})
         self._remember(manifest)
 
-    def _create_array(self, group: zarr.Group, array: ArrayInfo, manifest: DatasetManifest) -> None:
+    def _create_array(self, group: zarr.Group, array: ArrayInfo, manifest: DatasetManifest,
+                      overwrite: bool = False) -> None:
         group.create_array(
+            overwrite=overwrite,
             name=array.name,
             shape=(manifest.n_items_total, array.d),
             chunks=(manifest.chunk_rows, array.d),
@@ -261,6 +263,18 @@ class DatasetStore:
             attributes={"logical_dtype": array.logical_dtype},
             config={"write_empty_chunks": True},  # every committed chunk exists as a key
         )
+
+    def checked(self, manifest: DatasetManifest) -> DatasetManifest:
+        """The manifest as it stands: a complete dataset with files missing is not complete."""
+        missing = self.missing(manifest) if manifest.complete else []
+        return manifest.model_copy(update={"complete": False, "missing_files": missing[:100]}) if missing else manifest
+
+    def restore_arrays(self, manifest: DatasetManifest, names: set[str]) -> None:
+        """Create the arrays ``names`` anew (their metadata was lost; any chunks left are dropped)."""
+        group = zarr.open_group(store=self.zarr_store, path=manifest.dataset_id, mode="r+")
+        for array in [*manifest.hooks, manifest.tokens]:
+            if array.name in names:
+                self._create_array(group, array, manifest, overwrite=True)
 
     def writer(self, dataset_id: str) -> DatasetWriter:
         return DatasetWriter(self, dataset_id)

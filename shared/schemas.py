@@ -162,6 +162,9 @@ class DatasetManifest(BaseModel):
     n_chunks_total: int
     n_chunks: int = Field(description="Committed chunks.")
     complete: bool
+    missing_files: list[str] = Field(default_factory=list, description=(
+        "Files of committed chunks, or array metadata, not in the store (the first 100): a damaged "
+        "dataset, reported not complete; submitting its harvest again re-harvests them."))
     batch_size: int
     created_at: datetime
     store_url: str | None = Field(None, description="The dataset's Zarr group in an S3 bucket "

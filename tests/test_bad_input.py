@@ -176,21 +176,37 @@ def test_the_docs_work_offline(server):
         assert anonymous.get("/openapi.json").json()["info"]["title"] == "Activation cache server"
 
 
-def test_a_dataset_with_files_missing_is_no_cache_hit_and_no_500(server, client):
-    """Issue 14: files deleted under the server (or by a second server) are found, not served."""
+def test_a_dataset_with_files_missing_is_not_complete_and_its_harvest_again_repairs_it(server, client):
+    """Issue 14: files deleted under the server (or by a second server) are found, not served:
+    the manifest says which, a resubmit re-harvests them, and the dataset is again the one harvested."""
     import shutil
 
-    request = {**GOOD, "n_tokens": 320}
+    request = {**GOOD, "n_tokens": 1312}  # 3 chunks
+    hook = "blocks.0.hook_resid_post"
     ds = wait_job(client, client.post("/v1/harvests", json=request).json()["job_id"])["dataset_id"]
-    folder = server.store / "datasets" / ds / "blocks.0.hook_resid_post"
-    (folder / "c" / "0" / "0").unlink()
-    assert_refused(client.post("/v1/harvests", json=request), 409, "marked complete but 1 of its files are missing",
-                   "blocks.0.hook_resid_post/c/0/0", f"DELETE /v1/datasets/{ds}")
-    shutil.rmtree(folder)
-    assert_refused(client.get(f"/zarr/{ds}/zarr.json"), 409, "lost the metadata of array 'blocks.0.hook_resid_post'")
-    assert client.delete(f"/v1/datasets/{ds}").status_code == 204
-    again = client.post("/v1/harvests", json=request).json()
-    assert wait_job(client, again["job_id"])["status"] == "completed" and again["dataset_id"] == ds
+    before = client.get(f"/v1/datasets/{ds}").json()
+    chunks = [client.get(f"/v1/datasets/{ds}/hooks/{hook}/chunks/{i}").content for i in range(before["n_chunks"])]
+    assert before["complete"] and before["n_chunks"] >= 3 and before["missing_files"] == []
+    folder = server.store / "datasets" / ds / hook
+
+    def repaired() -> dict:
+        again = client.post("/v1/harvests", json=request)
+        assert again.status_code == 202 and again.json()["dataset_id"] == ds  # no cache hit on a damaged dataset
+        assert wait_job(client, again.json()["job_id"])["status"] == "completed"
+        manifest = client.get(f"/v1/datasets/{ds}").json()
+        assert [client.get(f"/v1/datasets/{ds}/hooks/{hook}/chunks/{i}").content
+                for i in range(manifest["n_chunks"])] == chunks
+        return manifest
+
+    (folder / "c" / "1" / "0").unlink()
+    damaged = client.get(f"/v1/datasets/{ds}").json()
+    assert not damaged["complete"] and damaged["missing_files"] == [f"{hook}/c/1/0"]
+    assert repaired() == before
+    shutil.rmtree(folder)  # the array's metadata too
+    assert_refused(client.get(f"/zarr/{ds}/zarr.json"), 409, f"lost the metadata of array '{hook}'")
+    assert f"{hook}/zarr.json" in client.get(f"/v1/datasets/{ds}").json()["missing_files"]
+    assert repaired() == before
+    assert client.get(f"/zarr/{ds}/zarr.json").status_code == 200
 
 
 def test_the_openapi_document_says_what_errors_look_like(server):

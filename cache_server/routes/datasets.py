@@ -28,7 +28,8 @@ def list_datasets(svc: Services = Depends(services)) -> list[DatasetSummary]:
 
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, svc: Services = Depends(services)) -> DatasetManifest:
-    return _manifest(svc, dataset_id)
+    """The manifest; a complete dataset is checked for its files (stats, no reads)."""
+    return svc.store.checked(_manifest(svc, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require_token)], responses=MUTATING)
