@@ -138,6 +138,8 @@ def test_uploaded_corpora_are_content_addressed_and_harvestable(client):
 def test_cancel_and_delete(client):
     r = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 60000, "dtype": "bfloat16"})
     job_id, dataset_id = r.json()["job_id"], r.json()["dataset_id"]
+    busy = client.delete(f"/v1/datasets/{dataset_id}")  # its harvest queued or running: refused (issue 14)
+    assert busy.status_code == 409 and "cancel its job first" in busy.json()["detail"]
     assert client.delete(f"/v1/harvests/{job_id}").json()["status"] in ("cancelled", "running")
     job = wait_job(client, job_id)
     assert job["status"] == "cancelled"
