@@ -379,3 +379,13 @@ def test_the_progress_bar_summarises_each_group_of_saes():
     rows = [{"fvu": 0.2, "l0": 80.0}, {"fvu": 0.31, "l0": 41.0}, {"fvu": 0.1, "l0": 16.0}]
     text = _progress([relu, [topk]], [S(c) for c in (*relu, topk)], rows)
     assert text == "2 relu: FVU 0.200-0.310 L0 41-80 | 1 topk: FVU 0.100 L0 16"
+
+
+def test_run_json_records_only_the_settings_an_sae_uses():
+    """Issue 16: a ReLU's run.json entry has no k, a TopK's no l1_coefficient or JumpReLU settings."""
+    relu, topk = SAEConfig(activation="relu").record(), SAEConfig(activation="topk", k=8).record()
+    jump = SAEConfig(activation="jumprelu", objective="matryoshka", jumprelu_sparsity="step").record()
+    assert "k" not in relu and "aux_k" not in relu and relu["l1_coefficient"] == SAEConfig().l1_coefficient
+    assert topk["k"] == 8 and not {"l1_coefficient", "sparsity_warmup", "jumprelu_threshold"} & set(topk)
+    assert jump["jumprelu_sparsity"] == "step" and "jumprelu_tanh_scale" not in jump and "matryoshka_prefixes" in jump
+    assert "matryoshka_prefixes" not in relu and relu["lr"] == topk["lr"]

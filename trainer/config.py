@@ -112,6 +112,22 @@ class SAEConfig:
         d_sae = self.width(d_in)
         return self.matryoshka_prefixes or (d_sae // 8, d_sae // 4, d_sae // 2, d_sae)
 
+    def record(self) -> dict:
+        """The settings this SAE uses, for run.json: none that its activation or objective ignores
+        (a ReLU has no k, a TopK no l1_coefficient)."""
+        unused = set()
+        if self.activation not in ("topk", "batchtopk"):
+            unused |= {"k", "aux_k", "aux_coefficient"}
+        if self.activation not in ("relu", "jumprelu"):
+            unused |= {"l1_coefficient", "sparsity_warmup"}
+        if self.activation != "jumprelu":
+            unused |= {f.name for f in dataclasses.fields(self) if f.name.startswith("jumprelu_")}
+        elif self.jumprelu_sparsity != "tanh":
+            unused.add("jumprelu_tanh_scale")
+        if self.objective != "matryoshka":
+            unused.add("matryoshka_prefixes")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
+
     def name(self) -> str:
         parts = [self.activation, self.objective, f"x{self.d_sae or self.expansion}"]
         if self.activation in ("topk", "batchtopk"):

@@ -188,7 +188,7 @@ class Trainer:
         """What makes a run folder this run. Not the token budget: ``--resume --tokens N`` trains on."""
         run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "tokens"}
         return {"dataset_id": self.manifest.dataset_id, "hooks": self.hooks,
-                "run": run, "saes": [dataclasses.asdict(c) for c in self.sweep.saes]}
+                "run": run, "saes": [c.record() for c in self.sweep.saes]}
 
     @property
     def total_steps(self) -> int:
