@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_server.corpus_tokens import CorpusTokens
+from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens, check_token_ids
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from shared.ids import bytes_id, is_valid_id
@@ -77,7 +77,7 @@ class CorpusStore:
     async def upload(self, chunks: AsyncIterator[bytes], name: str, fmt: str) -> CorpusInfo:
         """Stream an upload to disk while hashing it and checking UTF-8 (and JSONL) on the fly."""
         digest = hashlib.sha256()
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = codecs.getincrementaldecoder("utf-8")() if fmt != "npy" else None
         jsonl = _JsonlChecker() if fmt == "jsonl" else None
         n_bytes = 0
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".partial")
@@ -87,33 +87,47 @@ class CorpusStore:
                     n_bytes += len(chunk)
                     if n_bytes > self.max_bytes:
                         raise CorpusError(f"corpus is larger than the limit of {self.max_bytes} bytes", 413)
-                    try:
-                        text = decoder.decode(chunk)
-                    except UnicodeDecodeError as exc:
-                        raise CorpusError(f"corpus is not UTF-8 text (byte {n_bytes - len(chunk) + exc.start})", 415) from None
-                    if jsonl:
-                        jsonl.feed(text)
+                    if decoder is not None:
+                        try:
+                            text = decoder.decode(chunk)
+                        except UnicodeDecodeError as exc:
+                            raise CorpusError(f"corpus is not UTF-8 text (byte {n_bytes - len(chunk) + exc.start})",
+                                              415) from None
+                        if jsonl:
+                            jsonl.feed(text)
                     digest.update(chunk)
                     f.write(chunk)
-            try:
-                tail = decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise CorpusError("corpus is not UTF-8 text (truncated character at the end)", 415) from None
-            if jsonl:
-                jsonl.feed(tail)
-                jsonl.finish()
             if n_bytes == 0:
                 raise CorpusError("corpus is empty", 422)
+            counts = {}
+            if decoder is None:
+                try:
+                    n_tokens, max_id = check_token_ids(Path(tmp))
+                except ValueError as exc:
+                    raise CorpusError(f"format=npy: {exc}", 422) from None
+                counts = {"n_tokens": n_tokens, "max_token_id": max_id}
+            else:
+                try:
+                    tail = decoder.decode(b"", final=True)
+                except UnicodeDecodeError:
+                    raise CorpusError("corpus is not UTF-8 text (truncated character at the end)", 415) from None
+                if jsonl:
+                    jsonl.feed(tail)
+                    jsonl.finish()
             corpus_id = bytes_id(digest.hexdigest())
-            info = CorpusInfo(corpus_id=corpus_id, name=name, format=fmt, n_bytes=n_bytes)
+            info = CorpusInfo(corpus_id=corpus_id, name=name, format=fmt, n_bytes=n_bytes, **counts)
             os.replace(tmp, self.folder / f"{corpus_id}.data")
             atomic_write(self.folder / f"{corpus_id}.json", info.model_dump_json().encode())
             return info
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None) -> CorpusTokens:
-        """The corpus' token stream under this tokenizer; documents joined by the separator token."""
+    def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str,
+               separator: int | None) -> CorpusTokens | PretokenizedTokens:
+        """The corpus' token stream under this tokenizer; documents joined by the separator token.
+        A pre-tokenized corpus is its ids, whatever the tokenizer."""
+        if info.format == "npy":
+            return PretokenizedTokens(self.folder / f"{info.corpus_id}.data")
         key = (info.corpus_id, tokenizer_key, separator)
         with self._lock:
             if key not in self._streams:

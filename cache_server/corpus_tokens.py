@@ -165,3 +165,40 @@ class CorpusTokens:
 def _decode_prefix(raw: bytes) -> str:
     """The longest prefix of ``raw`` that is whole UTF-8 characters (a read may end mid-character)."""
     return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+
+
+class PretokenizedTokens:
+    """An uploaded ``.npy`` of token ids: the stream is the array, row after row, used as it is."""
+
+    def __init__(self, data: Path):
+        self.data = data
+
+    def _ids(self) -> np.ndarray:
+        return np.load(self.data, mmap_mode="r").reshape(-1)
+
+    def ensure(self, n: int | None, max_bytes: int | None = None) -> tuple[int, bool]:
+        return len(self._ids()), True
+
+    def array(self, n: int) -> np.ndarray:
+        return self._ids()[: max(n, 0)]
+
+
+def check_token_ids(path: Path, block: int = 1 << 24) -> tuple[int, int]:
+    """(number of ids, largest id) of an uploaded ``.npy``, read a block at a time; ValueError
+    saying what is wrong with one that is not a 1-D or 2-D array of non-negative int32/int64 ids."""
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # not an .npy, a truncated one, an object array
+        raise ValueError(f"not a NumPy .npy array of token ids ({type(exc).__name__}: {exc})") from None
+    if ids.dtype.kind not in "iu" or ids.dtype.itemsize not in (4, 8) or ids.ndim not in (1, 2):
+        raise ValueError(f"token ids must be a 1-D or 2-D int32 or int64 array, not {ids.ndim}-D {ids.dtype}")
+    flat = ids.reshape(-1)
+    if flat.size == 0:
+        raise ValueError("the array holds no token ids")
+    low = high = int(flat[0])
+    for lo in range(0, flat.size, block):
+        part = flat[lo : lo + block]
+        low, high = min(low, int(part.min())), max(high, int(part.max()))
+    if low < 0:
+        raise ValueError(f"token ids must not be negative (found {low})")
+    return flat.size, high

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_server.corpus_tokens import CorpusTokens
+from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
 from cache_server.models import SourceModel
 from cache_server.store import TOKENS_ARRAY, DatasetStore, DatasetWriter
 from shared.codec import to_storage, to_torch
@@ -72,7 +72,7 @@ class TokenWindows:
     """``[n_sequences, context_size]`` windows of a corpus' token stream, each led by BOS if given;
     the stream is tokenised only as far as the windows read so far (see ``corpus_tokens``)."""
 
-    def __init__(self, stream: CorpusTokens | np.ndarray, context_size: int, bos: int | None):
+    def __init__(self, stream: CorpusTokens | PretokenizedTokens | np.ndarray, context_size: int, bos: int | None):
         self.stream, self.bos = stream, bos
         self.body = context_size - (bos is not None)
         self._tokens = stream if isinstance(stream, np.ndarray) else stream.array(0)
@@ -80,12 +80,12 @@ class TokenWindows:
     def __getitem__(self, rows: slice) -> np.ndarray:
         lo, hi = rows.start or 0, rows.stop
         needed = hi * self.body
-        if len(self._tokens) < needed and isinstance(self.stream, CorpusTokens):
+        if len(self._tokens) < needed and not isinstance(self.stream, np.ndarray):
             have, _ = self.stream.ensure(needed)  # a block past ``needed``: few calls reach the disk
             self._tokens = self.stream.array(have)
         if len(self._tokens) < needed:
             raise CorpusExhausted(len(self._tokens), needed)
-        windows = np.asarray(self._tokens[lo * self.body : needed]).reshape(hi - lo, self.body)
+        windows = np.asarray(self._tokens[lo * self.body : needed], dtype=np.int32).reshape(hi - lo, self.body)
         if self.bos is not None:
             windows = np.concatenate([np.full((hi - lo, 1), self.bos, dtype=np.int32), windows], axis=1)
         return windows
@@ -132,7 +132,8 @@ class _Chunk:
 class Harvester:
     """Runs one harvest from the dataset's committed chunk to the end."""
 
-    def __init__(self, model: SourceModel, store: DatasetStore, manifest: DatasetManifest, corpus: CorpusTokens,
+    def __init__(self, model: SourceModel, store: DatasetStore, manifest: DatasetManifest,
+                 corpus: CorpusTokens | PretokenizedTokens,
                  on_commit: Callable[[DatasetManifest], None], cancel: threading.Event):
         self.model = model
         self.store = store

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cache_server.corpora import CorpusStore
-from cache_server.corpus_tokens import CorpusTokens
+from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
 from cache_server.harvester import CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state
@@ -104,6 +104,8 @@ class JobManager:
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
         """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
+        if request.prepend_bos is None:  # text gets a BOS, pre-tokenized ids are used as they are
+            request = request.model_copy(update={"prepend_bos": self.corpora.resolve(request.corpus).format != "npy"})
         plan = self._plan(request)
         known = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
         if known is None:
@@ -171,12 +173,17 @@ class JobManager:
         }
         return _Plan(dataset_id=content_id(identity), model=model, widths=widths, corpus=corpus)
 
-    def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens:
+    def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens | PretokenizedTokens:
         return self.corpora.stream(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
 
     def _check_corpus(self, request: HarvestRequest, plan: _Plan) -> None:
         """Refuse a harvest the corpus cannot fill, when that is known after reading at most
         ``corpus_check_bytes`` more of it (the job reads the rest)."""
+        corpus, vocabulary = plan.corpus, plan.model.bridge.cfg.d_vocab
+        if corpus.max_token_id is not None and corpus.max_token_id >= vocabulary:
+            raise JobError(f"corpus '{request.corpus}' holds token id {corpus.max_token_id}, outside model "
+                           f"'{request.model}''s vocabulary of {vocabulary} ids (0..{vocabulary - 1}): were they "
+                           "made with another tokenizer?")
         body = request.context_size - request.prepend_bos
         needed = -(-request.n_tokens // request.context_size) * body
         have, complete = self._corpus_stream(plan.corpus, plan.model).ensure(needed, self.corpus_check_bytes)

@@ -48,7 +48,9 @@ class HarvestRequest(BaseModel):
     context_size: Annotated[int, Field(ge=2, le=1_000_000, strict=True)] = 128
     dtype: Dtype = "float16"
     batch_size: Annotated[int, Field(ge=1, le=4096, strict=True)] = 16
-    prepend_bos: bool = Field(True, strict=True, description="Start every sequence with the BOS/CLS token.")
+    prepend_bos: bool | None = Field(None, strict=True, description=(
+        "Start every sequence with the BOS/CLS token. Unset: yes for text, no for a pre-tokenized corpus "
+        "(its ids are used as they are)."))
 
     @field_validator("hooks", mode="before")
     @classmethod
@@ -94,9 +96,14 @@ class HarvestJob(BaseModel):
 class CorpusInfo(BaseModel):
     corpus_id: str
     name: str
-    format: Literal["text", "jsonl"]
+    format: Literal["text", "jsonl", "npy"] = Field(description=(
+        "text: one document; jsonl: a {\"text\": ...} document a line; npy: token ids, pre-tokenized "
+        "(a 1-D or 2-D int32/int64 array, used as it is)."))
     n_bytes: int
     builtin: bool = False
+    n_tokens: int | None = Field(None, description="Pre-tokenized corpora: how many ids.")
+    max_token_id: int | None = Field(None, description="Pre-tokenized corpora: the largest id (checked against "
+                                     "a model's vocabulary when a harvest asks for it).")
 
 
 class HookStats(BaseModel):
