@@ -389,3 +389,19 @@ def test_run_json_records_only_the_settings_an_sae_uses():
     assert topk["k"] == 8 and not {"l1_coefficient", "sparsity_warmup", "jumprelu_threshold"} & set(topk)
     assert jump["jumprelu_sparsity"] == "step" and "jumprelu_tanh_scale" not in jump and "matryoshka_prefixes" in jump
     assert "matryoshka_prefixes" not in relu and relu["lr"] == topk["lr"]
+
+
+def test_the_harvest_bar_says_what_it_knows_and_no_dash():
+    """Issue 16: a resumed or queued harvest has no rate yet; the bar says so instead of "-"."""
+    from datetime import datetime, timezone
+
+    from shared.schemas import HarvestJob, HarvestRequest
+    from trainer.data.client import harvest_postfix
+
+    now = datetime.now(timezone.utc)
+    job = HarvestJob(job_id="a" * 24, dataset_id="b" * 24, status="running", tokens_total=100, created_at=now,
+                     updated_at=now, request=HarvestRequest(model="m", hooks=["blocks.0.hook_resid_post"], n_tokens=100))
+    assert harvest_postfix(job) == "running, measuring its rate"
+    assert harvest_postfix(job.model_copy(update={"status": "queued"})) == "queued"
+    measured = job.model_copy(update={"tokens_per_second": 12345.6, "eta_seconds": 7.2})
+    assert harvest_postfix(measured) == "server 12,346 tok/s, ETA 7s, running"

@@ -130,9 +130,7 @@ class CacheClient:
                 bar = tqdm(total=job.tokens_total, unit="tok", unit_scale=True, desc=f"harvest {job.dataset_id[:8]}")
             if bar is not None:
                 bar.update(job.tokens_done - bar.n)
-                rate = f"{job.tokens_per_second:,.0f} tok/s" if job.tokens_per_second else "-"
-                eta = f"{job.eta_seconds:.0f}s" if job.eta_seconds is not None else "-"
-                bar.set_postfix_str(f"server {rate}, ETA {eta}, {job.status}")
+                bar.set_postfix_str(harvest_postfix(job))
             if job.status in ("completed", "failed", "cancelled"):
                 break
             time.sleep(poll)
@@ -247,6 +245,14 @@ class CacheClient:
             raise CacheError(f"dataset {manifest.dataset_id} has no hook '{array}'", 404)
         data = self.chunk_bytes(manifest.dataset_id, array, index)
         return decode_chunk(data, info, manifest.chunk_rows, manifest.rows_in_chunk(index))
+
+
+def harvest_postfix(job: HarvestJob) -> str:
+    """What the harvest bar says beside its count: the server's rate and ETA once it has measured
+    them (a job just queued or resumed has none yet: it says so, not "-"), and the job's status."""
+    if job.tokens_per_second and job.eta_seconds is not None:
+        return f"server {job.tokens_per_second:,.0f} tok/s, ETA {job.eta_seconds:.0f}s, {job.status}"
+    return job.status if job.status != "running" else "running, measuring its rate"
 
 
 def sae_upload_body(folder: Path) -> bytes:
