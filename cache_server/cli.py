@@ -25,6 +25,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--token", help="bearer token required by mutating endpoints")
     parser.add_argument("--models-dir", type=Path, help="folder of local Hugging Face model folders")
+    parser.add_argument("--corpora-dir", type=Path, help="folder of local Hugging Face datasets (save_to_disk "
+                        "folders, or folders of parquet / JSONL / arrow files), named by folder")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
     parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens, check_token_ids
+from cache_server.dataset_corpora import DatasetTokens, corpus_id_of, locate
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from shared.ids import bytes_id, is_valid_id
-from shared.schemas import CorpusInfo
+from shared.schemas import CorpusInfo, DatasetRef
 
 DEFAULT_NAME = "default"
 _BUILTIN_FILE = "tiny_shakespeare.txt.gz"
@@ -37,9 +38,12 @@ def _builtin_text() -> bytes:
 
 
 class CorpusStore:
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int, corpora_dir: Path | None = None, allow_hub: bool = False):
         self.folder = folder
         self.max_bytes = max_bytes
+        self.corpora_dir = corpora_dir.resolve() if corpora_dir else None
+        self.allow_hub = allow_hub
+        self._hashes: dict = {}  # dataset files' hashes by (path, size, mtime)
         folder.mkdir(parents=True, exist_ok=True)
         self._ensure_builtin()
         self._streams: dict[tuple[str, str, int | None], CorpusTokens] = {}
@@ -60,8 +64,10 @@ class CorpusStore:
         infos = [CorpusInfo.model_validate_json(p.read_bytes()) for p in sorted(self.folder.glob("*.json"))]
         return sorted(infos, key=lambda c: (not c.builtin, c.name))
 
-    def resolve(self, ref: str) -> CorpusInfo:
-        """'default', a corpus_id, or the name of exactly one corpus."""
+    def resolve(self, ref: "str | DatasetRef") -> CorpusInfo:
+        """'default', a corpus_id, the name of exactly one corpus, or a Hugging Face dataset."""
+        if isinstance(ref, DatasetRef):
+            return self._dataset(ref)
         corpus_id = self.builtin_id if ref == DEFAULT_NAME else ref
         if is_valid_id(corpus_id) and (self.folder / f"{corpus_id}.json").exists():
             return CorpusInfo.model_validate_json((self.folder / f"{corpus_id}.json").read_bytes())
@@ -73,6 +79,18 @@ class CorpusStore:
                               f"{', '.join(c.corpus_id for c in named)}", 409)
         raise CorpusError(f"unknown corpus '{ref}': use 'default', a corpus name or a corpus_id from "
                           "GET /v1/corpora", 404)
+
+    def _dataset(self, ref: DatasetRef) -> CorpusInfo:
+        """A dataset as a corpus: registered (listed, resolvable by id) the first time it is named."""
+        source = locate(ref.hf, self.corpora_dir, self.allow_hub, self._hashes)
+        corpus_id = corpus_id_of(source)
+        path = self.folder / f"{corpus_id}.json"
+        if path.exists():
+            return CorpusInfo.model_validate_json(path.read_bytes())
+        n_bytes = sum(Path(f).stat().st_size for f in source.get("files", []))
+        info = CorpusInfo(corpus_id=corpus_id, name=ref.hf.path, format="dataset", n_bytes=n_bytes, source=source)
+        atomic_write(path, info.model_dump_json().encode())
+        return info
 
     async def upload(self, chunks: AsyncIterator[bytes], name: str, fmt: str) -> CorpusInfo:
         """Stream an upload to disk while hashing it and checking UTF-8 (and JSONL) on the fly."""
@@ -122,24 +140,29 @@ class CorpusStore:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str,
-               separator: int | None) -> CorpusTokens | PretokenizedTokens:
+    def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None,
+               vocabulary: int = 2**31 - 1) -> CorpusTokens | PretokenizedTokens:
         """The corpus' token stream under this tokenizer; documents joined by the separator token.
-        A pre-tokenized corpus is its ids, whatever the tokenizer."""
+        A pre-tokenized corpus is its ids, whatever the tokenizer (a dataset's checked against the
+        model's ``vocabulary`` as they are read)."""
         if info.format == "npy":
             return PretokenizedTokens(self.folder / f"{info.corpus_id}.data")
         key = (info.corpus_id, tokenizer_key, separator)
         with self._lock:
             if key not in self._streams:
                 name = f"{info.corpus_id}-{bytes_id(hashlib.sha256(repr(key[1:]).encode()).hexdigest())}"
-                self._streams[key] = CorpusTokens(self.folder / f"{info.corpus_id}.data", info.format,
-                                                  self.folder / "tokens", name, tokenizer, separator)
+                if info.format == "dataset":
+                    self._streams[key] = DatasetTokens(info.source, self.folder / "tokens", name, tokenizer, separator,
+                                                       vocabulary)
+                else:
+                    self._streams[key] = CorpusTokens(self.folder / f"{info.corpus_id}.data", info.format,
+                                                      self.folder / "tokens", name, tokenizer, separator)
             return self._streams[key]
 
     def tokens(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None,
-               n: int | None = None) -> np.ndarray:
+               n: int | None = None, vocabulary: int = 2**31 - 1) -> np.ndarray:
         """The first ``n`` tokens of the stream (fewer if the corpus has fewer; all when None)."""
-        stream = self.stream(info, tokenizer, tokenizer_key, separator)
+        stream = self.stream(info, tokenizer, tokenizer_key, separator, vocabulary)
         have, _ = stream.ensure(n)
         return stream.array(have if n is None else min(n, have))
 

@@ -100,6 +100,11 @@ class CorpusTokens:
             if used or at_end:
                 break
             size *= 2
+        self._save(state, pieces, used, n_docs, at_end)
+        return used
+
+    def _save(self, state: _State, pieces: list, used: int, n_docs: int, at_end: bool) -> None:
+        """Append the pieces' tokens, then the state that says they are there."""
         tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32)
         with self.path.open("ab") as f:  # no fsync: a lost tail is found by its size and read again
             f.write(tokens.tobytes())
@@ -107,7 +112,6 @@ class CorpusTokens:
         state.byte_offset += used
         state.n_docs, state.complete = n_docs, at_end
         atomic_write(self.state_path, json.dumps(asdict(state)).encode())
-        return used
 
     def _encode(self, blocks: list[str]) -> list[list[int]]:
         if not blocks:
@@ -144,13 +148,18 @@ class CorpusTokens:
         the first, and after the last when there are several."""
         lines = raw.split(b"\n") if at_end else raw.split(b"\n")[:-1]
         used = len(raw) if at_end else sum(len(line) + 1 for line in lines)
+        pieces, n_docs = self._documents([json.loads(line)["text"] for line in lines if line.strip()], n_docs, at_end)
+        return pieces, used, n_docs
+
+    def _documents(self, docs: list[str], n_docs: int, at_end: bool) -> tuple[list, int]:
+        """Documents' tokens, each in blocks of lines, the separator before every one but the
+        corpus' first (and after its last, at the end, when there are several)."""
         spans, blocks = [], []
-        for line in lines:
-            if line.strip():
-                doc = json.loads(line)["text"].splitlines(keepends=True)
-                first = len(blocks)
-                blocks += ["".join(doc[i : i + LINES_PER_BLOCK]) for i in range(0, len(doc), LINES_PER_BLOCK)]
-                spans.append((first, len(blocks)))
+        for text in docs:
+            doc = text.splitlines(keepends=True)
+            first = len(blocks)
+            blocks += ["".join(doc[i : i + LINES_PER_BLOCK]) for i in range(0, len(doc), LINES_PER_BLOCK)]
+            spans.append((first, len(blocks)))
         encoded = self._encode(blocks)
         separator = [] if self.separator is None else [[self.separator]]
         pieces: list[list[int]] = []
@@ -159,7 +168,7 @@ class CorpusTokens:
             n_docs += 1
         if at_end and n_docs > 1:
             pieces += separator
-        return pieces, used, n_docs
+        return pieces, n_docs
 
 
 def _decode_prefix(raw: bytes) -> str:

@@ -132,7 +132,8 @@ class EvaluationManager:
 
     def _stream(self, corpus, model: SourceModel, n: int) -> np.ndarray:
         """The corpus' first ``n`` tokens (fewer when it has fewer), tokenised only that far."""
-        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id, n)
+        return self.corpora.tokens(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id, n,
+                                   model.bridge.cfg.d_vocab)
 
     # -- the worker --------------------------------------------------------------------------
     def _work(self) -> None:

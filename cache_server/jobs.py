@@ -105,7 +105,7 @@ class JobManager:
     def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
         """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
         if request.prepend_bos is None:  # text gets a BOS, pre-tokenized ids are used as they are
-            request = request.model_copy(update={"prepend_bos": self.corpora.resolve(request.corpus).format != "npy"})
+            request = request.model_copy(update={"prepend_bos": not self.corpora.resolve(request.corpus).pretokenized})
         plan = self._plan(request)
         known = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
         if known is None:
@@ -174,21 +174,23 @@ class JobManager:
         return _Plan(dataset_id=content_id(identity), model=model, widths=widths, corpus=corpus)
 
     def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens | PretokenizedTokens:
-        return self.corpora.stream(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id)
+        return self.corpora.stream(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id,
+                                   model.bridge.cfg.d_vocab)
 
     def _check_corpus(self, request: HarvestRequest, plan: _Plan) -> None:
         """Refuse a harvest the corpus cannot fill, when that is known after reading at most
         ``corpus_check_bytes`` more of it (the job reads the rest)."""
         corpus, vocabulary = plan.corpus, plan.model.bridge.cfg.d_vocab
+        label = request.corpus if isinstance(request.corpus, str) else corpus.corpus_id
         if corpus.max_token_id is not None and corpus.max_token_id >= vocabulary:
-            raise JobError(f"corpus '{request.corpus}' holds token id {corpus.max_token_id}, outside model "
+            raise JobError(f"corpus '{label}' holds token id {corpus.max_token_id}, outside model "
                            f"'{request.model}''s vocabulary of {vocabulary} ids (0..{vocabulary - 1}): were they "
                            "made with another tokenizer?")
         body = request.context_size - request.prepend_bos
         needed = -(-request.n_tokens // request.context_size) * body
         have, complete = self._corpus_stream(plan.corpus, plan.model).ensure(needed, self.corpus_check_bytes)
         if have < needed and complete:
-            raise JobError(_too_short(request.corpus, have, request.context_size, body, request.n_tokens))
+            raise JobError(_too_short(label, have, request.context_size, body, request.n_tokens))
 
     def _check_room(self, request: HarvestRequest, plan: _Plan) -> None:
         """A harvest that would not fit on the store's disk (leaving ``min_free_bytes``) is refused."""

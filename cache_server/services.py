@@ -30,7 +30,7 @@ def build_services(settings: Settings) -> Services:
     metrics = ServerMetrics()
     store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets",
                          shared=settings.replica is not None)
-    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes)
+    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes, settings.corpora_dir, settings.allow_hub)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
     # Replicas sharing a store folder keep their own job files (a job is one server's part).
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"

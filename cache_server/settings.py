@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     port: int = 8000
     token: str | None = Field(None, description="Bearer token required by mutating endpoints.")
     models_dir: Path | None = Field(None, description="Folder of local Hugging Face model folders.")
+    corpora_dir: Path | None = Field(None, description="Folder of local Hugging Face datasets (save_to_disk "
+                                     "folders, or folders of parquet / JSONL / arrow files), named by folder.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
     max_corpus_bytes: int = Field(16 << 30, description="Largest corpus upload (streamed to disk; never held in memory).")
     corpus_check_bytes: int = Field(8 << 20, ge=0, description=(

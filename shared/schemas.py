@@ -30,6 +30,28 @@ class HookSpec(BaseModel):
     )
 
 
+_DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9][A-Za-z0-9._-]{0,99})?$"
+
+
+class HFDataset(BaseModel):
+    """A Hugging Face dataset, as SAELens' ``dataset_path`` names one."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(pattern=_DATASET_NAME, description=(
+        "A folder in the server's --corpora-dir (save_to_disk output, or parquet / JSONL / arrow files), "
+        "or a dataset on the hub ('org/name'). A name, never a path."))
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,100}$", description="The dataset's configuration.")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    column: str = Field("text", pattern=r"^[A-Za-z0-9._-]{1,100}$", description=(
+        "Text, or token ids (a list of ints a row, as SAELens' pretokenize runner writes: used as they are)."))
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]{1,100}$", description="Hub datasets: a branch, tag or commit.")
+
+
+class DatasetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hf: HFDataset
+
+
 class HarvestRequest(BaseModel):
     """What to harvest. Everything here but ``batch_size`` is part of the dataset's identity."""
 
@@ -40,8 +62,9 @@ class HarvestRequest(BaseModel):
         description='Hook names, or {"name", "concat_dims"} objects.',
         examples=[["blocks.0.hook_resid_post", {"name": "blocks.0.attn.hook_z", "concat_dims": 2}]],
     )
-    corpus: Annotated[str, Field(min_length=1, max_length=100)] = Field(
-        "default", description="A corpus_id from GET /v1/corpora, or 'default' (built-in)."
+    corpus: Annotated[str, Field(min_length=1, max_length=100)] | DatasetRef = Field(
+        "default", description="A corpus_id or name from GET /v1/corpora, 'default' (built-in), or "
+        '{"hf": {...}}: a Hugging Face dataset (a folder in the server\'s --corpora-dir, or the hub).'
     )
     # strict: true is not 1 and "yes" is not true
     n_tokens: Annotated[int, Field(gt=0, strict=True, description="Rows to store (one per token).")]
@@ -96,14 +119,23 @@ class HarvestJob(BaseModel):
 class CorpusInfo(BaseModel):
     corpus_id: str
     name: str
-    format: Literal["text", "jsonl", "npy"] = Field(description=(
+    format: Literal["text", "jsonl", "npy", "dataset"] = Field(description=(
         "text: one document; jsonl: a {\"text\": ...} document a line; npy: token ids, pre-tokenized "
-        "(a 1-D or 2-D int32/int64 array, used as it is)."))
+        "(a 1-D or 2-D int32/int64 array, used as it is); dataset: a Hugging Face dataset's column, a "
+        "document (or a row of ids) a row."))
     n_bytes: int
     builtin: bool = False
     n_tokens: int | None = Field(None, description="Pre-tokenized corpora: how many ids.")
     max_token_id: int | None = Field(None, description="Pre-tokenized corpora: the largest id (checked against "
                                      "a model's vocabulary when a harvest asks for it).")
+    @property
+    def pretokenized(self) -> bool:
+        """Its tokens are ids to use as they are (an .npy, or a dataset column of id lists)."""
+        return self.format == "npy" or bool(self.source and self.source.get("ids"))
+
+    source: dict | None = Field(None, description="Datasets: where it is read from (kind, path, name, split, "
+                                "column, revision) and the fingerprint its id covers (the resolved commit, or "
+                                "the files' hash).")
 
 
 class HookStats(BaseModel):

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="dataset id (GET /v1/datasets)")
     source.add_argument("--model", help="harvest this model's activations first (when not cached)")
-    parser.add_argument("--corpus", default="default", help="corpus id for --model (default: built-in)")
+    parser.add_argument("--corpus", type=corpus_ref, default="default", help="corpus id or name for --model "
+                        "(default: built-in), or hf:PATH[:SPLIT[:COLUMN]] for a Hugging Face dataset")
     parser.add_argument("--harvest-tokens", type=positive_int, help="rows to harvest for --model (default: --tokens)")
     parser.add_argument("--context-size", type=positive_int, default=128, help="context size for --model")
     parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
@@ -66,6 +67,17 @@ def whole_number(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
+
+
+def corpus_ref(text: str) -> str | dict:
+    """--corpus: a corpus id or name, 'default', or hf:PATH[:SPLIT[:COLUMN]], a Hugging Face dataset
+    (a folder in the server's --corpora-dir, or on the hub)."""
+    if not text.startswith("hf:"):
+        return text
+    path, *rest = text[3:].split(":")
+    if not path or len(rest) > 2 or not all(rest):
+        raise argparse.ArgumentTypeError(f"{text!r}: use hf:PATH, hf:PATH:SPLIT or hf:PATH:SPLIT:COLUMN")
+    return {"hf": {"path": path, **dict(zip(("split", "column"), rest))}}
 
 
 def positive_int(text: str) -> int:

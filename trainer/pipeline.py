@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import _table, positive_int
+from trainer.cli import _table, corpus_ref, positive_int
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (all-MiniLM-L6-v2 also ships)")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
+    parser.add_argument("--corpus", type=corpus_ref, default="default", help="corpus id or name (default: built-in), "
+                        "or hf:PATH[:SPLIT[:COLUMN]] for a Hugging Face dataset")
+    parser.add_argument("--corpora-dir", type=Path, help="the started server's folder of local Hugging Face datasets")
     parser.add_argument("--tokens", type=positive_int, default=250_000, help="rows to harvest (default: %(default)s)")
     parser.add_argument("--context-size", type=positive_int, default=128, help="default: %(default)s")
     parser.add_argument("--train-tokens", type=positive_int, default=200_000,
@@ -71,7 +74,8 @@ def cache_server(args: argparse.Namespace) -> Iterator[str]:
         print(f"cache server at {args.cache_url}")
         yield args.cache_url
         return
-    with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server:
+    extra = ["--corpora-dir", str(args.corpora_dir)] if args.corpora_dir else []
+    with LocalServer(args.out / "store", log=args.out / "cache-server.log", extra_args=extra) as server:
         print(f"cache server on {server.url} (store {args.out / 'store'})")
         yield server.url
 
@@ -87,7 +91,7 @@ def _rates(train_dir: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens,
+    request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens, "corpus": args.corpus,
                "context_size": args.context_size, "batch_size": 32}
     sweep = default_sweep(args.train_tokens)
     train_dir = args.out / "train"
