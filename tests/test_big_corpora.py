@@ -61,3 +61,26 @@ def test_a_corpus_that_runs_out_fails_the_job_saying_what_to_change(server, unch
         corpus_id = upload(client, documents, "jsonl")
         refused = client.post("/v1/harvests", json={**request, "corpus": corpus_id})
         assert refused.status_code == 422 and "tokens for this model" in refused.json()["detail"]
+
+
+def test_a_corpus_bigger_than_the_memory_allowed_harvests_within_it(tmp_path):
+    """160 MB of text, a server allowed 120 MB more than it holds when ready: the old whole-corpus
+    tokenisation took ~6 GB for such a corpus; reading a block at a time stays within the limit."""
+    server = ServerProcess(store=tmp_path / "store", port=free_port(), token=TOKEN).start()
+    try:
+        with server.client() as client:
+            wait_job(client, client.post("/v1/harvests", json={**REQUEST, "n_tokens": 256}).json()["job_id"])
+            ready = _rss_kb(server.process.pid, "VmRSS")
+            with open(f"/proc/{server.process.pid}/clear_refs", "w") as refs:
+                refs.write("5")  # the peak (VmHWM) counts from here
+            corpus_id = upload(client, _builtin_text() * 150)
+            answer = client.post("/v1/harvests", json={**REQUEST, "corpus": corpus_id, "n_tokens": 65_536})
+            assert wait_job(client, answer.json()["job_id"])["status"] == "completed"
+            assert _rss_kb(server.process.pid, "VmHWM") - ready < 120 * 1024
+    finally:
+        server.stop()
+
+
+def _rss_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
