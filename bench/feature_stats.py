@@ -1,0 +1,57 @@
+"""The feature browser's statistics job (cache_server/feature_stats.py): time and memory for an
+SAE of --d-sae latents over --rows rows, against its baseline, the two encoding passes alone.
+
+    .venv/bin/python bench/feature_stats.py [--rows 65536] [--d-in 768] [--d-sae 24576]
+
+Prints seconds (and seconds per million rows), the ratio to two bare encoding passes over the same
+blocks, and the peak RSS over the process' before the job (rows and weights already in memory).
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cache_server.feature_stats import feature_statistics  # noqa: E402
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=65_536)
+    parser.add_argument("--d-in", type=int, default=768)
+    parser.add_argument("--d-sae", type=int, default=24_576)
+    parser.add_argument("--chunk", type=int, default=4096)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows, ids = torch.randn(args.rows, args.d_in), torch.arange(args.rows)
+    W = torch.randn(args.d_in, args.d_sae) / args.d_in**0.5
+    bias = -2.5 * torch.ones(args.d_sae)  # ~0.6% density, as a trained SAE's typical latent
+    encode = lambda x: torch.relu(torch.addmm(bias, x, W))  # noqa: E731
+    chunks = lambda: ((rows[lo:lo + args.chunk], ids[lo:lo + args.chunk]) for lo in range(0, args.rows, args.chunk))  # noqa: E731
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(2):
+            for x, _ in chunks():
+                for lo in range(0, x.shape[0], 512):
+                    encode(x[lo:lo + 512])
+        bare = time.perf_counter() - t0
+        before = peak_mb()
+        t0 = time.perf_counter()
+        stats = feature_statistics(encode, chunks, args.d_sae)
+        seconds = time.perf_counter() - t0
+    per_million = seconds * 1e6 / args.rows
+    print(f"statistics of d_sae {args.d_sae:,} over {args.rows:,} rows (d_in {args.d_in}): {seconds:.1f} s "
+          f"({per_million / 60:.1f} min per 1M rows), {seconds / bare:.2f}x two bare encoding passes ({bare:.1f} s); "
+          f"peak RSS +{max(0.0, peak_mb() - before):.0f} MB; {int((stats.fired == 0).sum())} dead")
+
+
+if __name__ == "__main__":
+    main()
