@@ -405,3 +405,21 @@ def test_the_harvest_bar_says_what_it_knows_and_no_dash():
     assert harvest_postfix(job.model_copy(update={"status": "queued"})) == "queued"
     measured = job.model_copy(update={"tokens_per_second": 12345.6, "eta_seconds": 7.2})
     assert harvest_postfix(measured) == "server 12,346 tok/s, ETA 7s, running"
+
+
+def test_a_topk_step_runs_under_bf16_autocast_and_agrees_with_fp32():
+    """Issue 19's bench found the sparse kernels fail under bf16 autocast (none on CPU): they run
+    at the parameters' precision, and the step's loss and gradients agree with fp32's."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    sae = SparseAutoencoder(SAEConfig(activation="topk", k=4, expansion=4), d_in=16)
+    losses, grads = [], []
+    for autocast in (False, True):
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = sae_loss(sae, x, 0.0, None)
+            out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(sae.W_dec.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.98

@@ -87,6 +87,12 @@ def _csr_transposed(indices: Int[Tensor, "batch k"], values: Float[Tensor, "batc
                                    check_invariants=False)
 
 
+def _full_precision(t: Tensor):
+    """Autocast off: the sparse kernels below have no bf16 on every device (none on CPU), and
+    they are cheap at the parameters' precision."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 class _TopKEncode(torch.autograd.Function):
     """``topk(relu((x - b_dec) @ W + b))`` with a sparse backward: gradients touch only the chosen
     latents (cost batch * k * d_in instead of a second dense matmul)."""
@@ -108,8 +114,13 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _grad_indices):
+        with _full_precision(grad_values):
+            return _TopKEncode._backward(ctx, grad_values)
+
+    @staticmethod
+    def _backward(ctx, grad_values: Tensor):
         centred, indices, positive, W_enc = ctx.saved_tensors
-        grad = grad_values * positive
+        grad = grad_values.to(centred.dtype) * positive
         d_sae = W_enc.shape[1]
         # grad W_enc^T [d_sae, d_in] = G^T x, with G [batch, d_sae] holding k nonzeros per row.
         grad_W_t = _csr_transposed(indices, grad, d_sae) @ centred
@@ -125,12 +136,19 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor):
+        values = values.to(W_dec.dtype)
         ctx.save_for_backward(values, indices, W_dec)
-        return torch.addmm(b_dec, _csr(indices, values, W_dec.shape[0]), W_dec)
+        with _full_precision(values):
+            return torch.addmm(b_dec, _csr(indices, values, W_dec.shape[0]), W_dec)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         values, indices, W_dec = ctx.saved_tensors
+        with _full_precision(grad):
+            return _SparseDecode._backward(ctx, grad.to(W_dec.dtype), values, indices, W_dec)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
         grad_values = None
         if ctx.needs_input_grad[0]:  # (grad @ W_dec^T) at the active latents only
             pattern = _csr(indices, torch.ones_like(values), W_dec.shape[0])
