@@ -28,7 +28,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         services.jobs.start()
         services.evaluations.start()
+        services.features.start()
         yield
+        services.features.stop()
         services.evaluations.stop()
         services.jobs.stop()
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from cache_server.corpora import CorpusStore
 from cache_server.evaluations import EvaluationManager
+from cache_server.features import FeatureJobs
 from cache_server.jobs import JobManager
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, pick_device
@@ -21,6 +22,7 @@ class Services:
     jobs: JobManager
     saes: SaeStore
     evaluations: EvaluationManager
+    features: FeatureJobs
     metrics: ServerMetrics
 
 
@@ -39,5 +41,6 @@ def build_services(settings: Settings) -> Services:
                       min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes)
     saes = SaeStore(root / "saes", settings.max_sae_bytes)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models)
+    features = FeatureJobs(root / "features", saes, store, models)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,
-                    evaluations=evaluations, metrics=metrics)
+                    evaluations=evaluations, features=features, metrics=metrics)

@@ -303,3 +303,40 @@ class EvaluationJob(BaseModel):
     error: str | None = None
     created_at: datetime
     updated_at: datetime
+
+
+class FeatureJob(BaseModel):
+    """Computing an SAE's feature statistics (for the feature browser) over its dataset's rows."""
+
+    sae_id: str
+    status: JobStatus
+    n_rows: int = Field(description="Rows the statistics cover: the dataset's first, up to max_rows.")
+    rows_done: int = Field(0, description="Rows read so far, over both passes (2 x n_rows in all).")
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class FeatureExample(BaseModel):
+    row: int = Field(description="The activating row (token) of the dataset.")
+    value: float
+    tokens: list[str] = Field(description="The tokens around it, in its sequence (as the vocabulary spells them).")
+    values: list[float] = Field(description="The feature's activation on each of those tokens.")
+    position: int = Field(description="Where the activating token is in ``tokens``.")
+
+
+class FeatureDetail(BaseModel):
+    """What one feature does, over the rows its statistics cover."""
+
+    sae_id: str
+    index: int
+    n_rows: int
+    density: float = Field(description="Fraction of rows on which it fires.")
+    max_value: float
+    mean_value: float = Field(description="Mean activation where it fires.")
+    histogram_edges: list[float] = Field(description="Bin edges over [0, max_value].")
+    histogram_counts: list[int]
+    top: list[FeatureExample] = Field(description="Strongest activations, descending.")
+    intervals: list[list[FeatureExample]] = Field(description="Rows sampled from each equal interval of "
+                                                  "[0, max_value], lowest first.")
+    neighbours: list[tuple[int, float]] = Field(description="Features of most similar decoder direction: (index, cosine).")

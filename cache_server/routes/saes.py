@@ -3,7 +3,7 @@ from fastapi.responses import Response
 
 from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
-from shared.schemas import SaeInfo
+from shared.schemas import FeatureDetail, FeatureJob, SaeInfo
 
 router = APIRouter(prefix="/v1/saes", tags=["saes"])
 
@@ -38,3 +38,21 @@ def get_sae(sae_id: str, svc: Services = Depends(services)) -> SaeInfo:
 def delete_sae(sae_id: str, svc: Services = Depends(services)) -> Response:
     svc.saes.delete(sae_id)
     return Response(status_code=204)
+
+
+@router.post("/{sae_id}/features", status_code=202, dependencies=[Depends(require_token)], responses=MUTATING)
+def compute_features(sae_id: str, max_rows: int = Query(262_144, ge=1, le=100_000_000, description=(
+        "Rows of the SAE's dataset to cover (its first ones)")), svc: Services = Depends(services)) -> FeatureJob:
+    """Compute the SAE's feature statistics (the browser's data) as a job; once done, a cache hit."""
+    return svc.features.submit(sae_id, max_rows)
+
+
+@router.get("/{sae_id}/features")
+def feature_job(sae_id: str, svc: Services = Depends(services)) -> FeatureJob:
+    return svc.features.get(sae_id)
+
+
+@router.get("/{sae_id}/features/{index}")
+def feature(sae_id: str, index: int, svc: Services = Depends(services)) -> FeatureDetail:
+    """One feature: density, activations, top and interval examples with their contexts, neighbours."""
+    return svc.features.detail(sae_id, index)

@@ -11,7 +11,8 @@ router = APIRouter(tags=["system"])
 def health(svc: Services = Depends(services)) -> dict[str, str]:
     """ok while the harvest and evaluation workers run (a load balancer's check)."""
     stopped = [name for name, alive in (("harvest", svc.jobs.worker_alive()),
-                                        ("evaluation", svc.evaluations.worker_alive())) if not alive]
+                                        ("evaluation", svc.evaluations.worker_alive()),
+                                        ("feature", svc.features.worker_alive())) if not alive]
     if stopped:
         return JSONResponse({"status": "unhealthy", "detail": f"the {' and '.join(stopped)} worker stopped; "
                              "restart the server (queued jobs resume)"}, status_code=503)
