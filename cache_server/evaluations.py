@@ -10,8 +10,6 @@ are cut the same way from the stream after that point, so the SAE is judged on t
 """
 
 import logging
-import queue
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cache_server.downstream import evaluate, not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from cache_server.harvester import Layout, TokenWindows
+from cache_server.job_queue import JobQueue
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.saes import SaeStore
 from cache_server.store import DatasetStore
@@ -46,34 +45,13 @@ def harvested_tokens(manifest: DatasetManifest) -> int:
     return layout.n_sequences * (manifest.context_size - manifest.prepend_bos)
 
 
-class EvaluationManager:
+class EvaluationManager(JobQueue):
+    job_model, id_field, worker_name = EvaluationJob, "evaluation_id", "evaluation-worker"
+
     def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, corpora: CorpusStore,
                  models: ModelRegistry):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder)
         self.saes, self.store, self.corpora, self.models = saes, store, corpora, models
-        self._jobs: dict[str, EvaluationJob] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-
-    def start(self) -> None:
-        for path in sorted(self.folder.glob("*.json")):
-            job = EvaluationJob.model_validate_json(path.read_bytes())
-            self._jobs[job.evaluation_id] = job
-            if job.status in ACTIVE_STATUSES:
-                self._set(job, status="queued")
-                self._queue.put(job.evaluation_id)
-        self._worker = threading.Thread(target=self._work, name="evaluation-worker", daemon=True)
-        self._worker.start()
-
-    def worker_alive(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=60)
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: EvaluationRequest) -> EvaluationJob:

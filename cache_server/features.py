@@ -7,8 +7,6 @@ a feature's page is then answered from it, plus a few rows of tokens read for it
 
 import logging
 import math
-import queue
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from cache_server.errors import ServiceError
 from cache_server.feature_stats import FeatureStats, feature_statistics
 from cache_server.files import atomic_write
+from cache_server.job_queue import JobQueue
 from cache_server.models import ModelRegistry
 from cache_server.saes import SaeStore
 from cache_server.store import TOKENS_ARRAY, DatasetStore
@@ -39,33 +38,13 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class FeatureJobs:
+class FeatureJobs(JobQueue):
+    job_model, id_field, pattern, worker_name = FeatureJob, "sae_id", "*.job.json", "feature-worker"
+
     def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, models: ModelRegistry):
-        self.folder, self.saes, self.store, self.models = folder, saes, store, models
-        folder.mkdir(parents=True, exist_ok=True)
-        self._jobs: dict[str, FeatureJob] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
+        super().__init__(folder)
+        self.saes, self.store, self.models = saes, store, models
         self._stats: dict[str, FeatureStats] = {}
-
-    def start(self) -> None:
-        for path in sorted(self.folder.glob("*.job.json")):
-            job = FeatureJob.model_validate_json(path.read_bytes())
-            self._jobs[job.sae_id] = job
-            if job.status in ACTIVE_STATUSES:
-                self._set(job, status="queued")
-                self._queue.put(job.sae_id)
-        self._worker = threading.Thread(target=self._work, name="feature-worker", daemon=True)
-        self._worker.start()
-
-    def worker_alive(self) -> bool:
-        return self._worker is not None and self._worker.is_alive()
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=60)
 
     def submit(self, sae_id: str, max_rows: int) -> FeatureJob:
         sae = self.saes.info(sae_id)
