@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens, check_token_ids
-from cache_server.dataset_corpora import DatasetTokens, corpus_id_of, locate
+from cache_server.dataset_corpora import DatasetTokens, check_column, corpus_id_of, locate
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from shared.ids import bytes_id, is_valid_id
@@ -87,6 +87,7 @@ class CorpusStore:
         path = self.folder / f"{corpus_id}.json"
         if path.exists():
             return CorpusInfo.model_validate_json(path.read_bytes())
+        check_column(source)
         n_bytes = sum(Path(f).stat().st_size for f in source.get("files", []))
         info = CorpusInfo(corpus_id=corpus_id, name=ref.hf.path, format="dataset", n_bytes=n_bytes, source=source)
         atomic_write(path, info.model_dump_json().encode())

@@ -30,7 +30,8 @@ class DatasetError(ServiceError):
 
 def locate(ref: HFDataset, corpora_dir: Path | None, allow_hub: bool, hashes: dict | None = None) -> dict:
     """Where ``ref`` is read from, and the fingerprint its corpus id covers (``hashes`` keeps the
-    files' hashes by their sizes and times, so a submit does not read a big dataset again)."""
+    files' hashes by their sizes and times, so a submit does not read a big dataset again). Its
+    column is checked by ``check_column``, once, when the corpus is new."""
     folder = _local_folder(corpora_dir, ref.path)
     if folder is not None:
         kind, files = _local_kind(folder, ref.split)
@@ -42,7 +43,6 @@ def locate(ref: HFDataset, corpora_dir: Path | None, allow_hub: bool, hashes: di
         raise DatasetError(f"unknown dataset '{ref.path}': not a folder in the server's --corpora-dir "
                            f"({corpora_dir or 'none set'}), and the hub is disabled", 404)
     source.update(ref.model_dump())
-    _check_column(source)
     return source
 
 
@@ -138,7 +138,7 @@ def _first_row(source: dict) -> dict | None:
     return next(iter(rows), None)
 
 
-def _check_column(source: dict) -> None:
+def check_column(source: dict) -> None:
     """The column is there and holds text or token ids (``source["ids"]`` says which)."""
     first = _first_row(source)
     if first is None:

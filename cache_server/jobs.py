@@ -104,9 +104,10 @@ class JobManager:
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
         """Returns (answer, created): a complete dataset is a cache hit and starts no job."""
+        corpus = self.corpora.resolve(request.corpus)
         if request.prepend_bos is None:  # text gets a BOS, pre-tokenized ids are used as they are
-            request = request.model_copy(update={"prepend_bos": not self.corpora.resolve(request.corpus).pretokenized})
-        plan = self._plan(request)
+            request = request.model_copy(update={"prepend_bos": not corpus.pretokenized})
+        plan = self._plan(request, corpus)
         known = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
         if known is None:
             self._check_corpus(request, plan)  # outside the lock: reading a corpus may take a while
@@ -153,10 +154,9 @@ class JobManager:
         return any(j.dataset_id == dataset_id and j.status in ACTIVE_STATUSES for j in self._jobs.values())
 
     # -- planning ----------------------------------------------------------------------------
-    def _plan(self, request: HarvestRequest) -> _Plan:
+    def _plan(self, request: HarvestRequest, corpus: CorpusInfo) -> _Plan:
         if request.n_tokens > self.max_tokens:
             raise JobError(f"n_tokens={request.n_tokens} is over this server's limit of {self.max_tokens}")
-        corpus = self.corpora.resolve(request.corpus)
         model = self.models.get(request.model)
         if request.context_size > model.info.n_ctx:
             raise JobError(f"context_size={request.context_size} is larger than model '{request.model}' "
