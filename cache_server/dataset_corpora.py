@@ -104,38 +104,34 @@ def _hub_commit(ref: HFDataset, corpora_dir: Path | None) -> str:
                            f"{str(exc)[:200]})", 404) from None
 
 
-def open_rows(source: dict, skip: int = 0) -> Iterator:
-    """The column's values from row ``skip`` on."""
+def _table(source: dict):
+    """The dataset itself: a memory-mapped ``Dataset`` for a save_to_disk folder, else a
+    streaming ``IterableDataset`` (data files, or the hub at the resolved commit)."""
     import datasets
 
-    column = source["column"]
     if source["kind"] == "disk":
         folder = Path(source["folder"])
-        table = datasets.load_from_disk(str(folder / source["split"] if (folder / "dataset_dict.json").exists() else folder))
-        return (table[lo : lo + 1024][column] for lo in range(skip, len(table), 1024))
+        return datasets.load_from_disk(str(folder / source["split"] if (folder / "dataset_dict.json").exists() else folder))
     if source["kind"] == "files":
-        builder = DATA_FILES[Path(source["files"][0]).suffix]
-        rows = datasets.load_dataset(builder, data_files=source["files"], split="train", streaming=True)
-    else:
-        rows = datasets.load_dataset(source["path"], source["name"], split=source["split"], streaming=True,
-                                     revision=source["fingerprint"])
-    return ([row[column]] for row in rows.skip(skip))
+        return datasets.load_dataset(DATA_FILES[Path(source["files"][0]).suffix], data_files=source["files"],
+                                     split="train", streaming=True)
+    return datasets.load_dataset(source["path"], source["name"], split=source["split"], streaming=True,
+                                 revision=source["fingerprint"])
+
+
+def open_rows(source: dict, skip: int = 0) -> Iterator:
+    """The column's values from row ``skip`` on, in batches."""
+    table, column = _table(source), source["column"]
+    if source["kind"] == "disk":
+        return (table[lo : lo + 1024][column] for lo in range(skip, len(table), 1024))
+    return ([row[column]] for row in table.skip(skip))
 
 
 def _first_row(source: dict) -> dict | None:
-    import datasets
-
+    table = _table(source)
     if source["kind"] == "disk":
-        folder = Path(source["folder"])
-        table = datasets.load_from_disk(str(folder / source["split"] if (folder / "dataset_dict.json").exists() else folder))
         return table[0] if len(table) else None
-    if source["kind"] == "files":
-        rows = datasets.load_dataset(DATA_FILES[Path(source["files"][0]).suffix], data_files=source["files"],
-                                     split="train", streaming=True)
-    else:
-        rows = datasets.load_dataset(source["path"], source["name"], split=source["split"], streaming=True,
-                                     revision=source["fingerprint"])
-    return next(iter(rows), None)
+    return next(iter(table), None)
 
 
 def check_column(source: dict) -> None:
