@@ -1,8 +1,9 @@
 """Big corpora: what a harvest from a GB-sized text costs the server, and tokenisation's speed.
 
-    .venv/bin/python bench/corpus.py [--mb 200] [--mb 1024]
+    .venv/bin/python bench/corpus.py [--mb 200] [--mb 1024] [--dataset-mb 1024] [--packing document]
 
-For each corpus size (the built-in corpus repeated, as one text file): upload it to a cache server
+First a harvest from a parquet dataset of --dataset-mb in the server's --corpora-dir, named as
+{"hf": {"path": ...}} (same figures as below). For each corpus size (the built-in corpus repeated, as one text file): upload it to a cache server
 started here, submit a harvest of --tokens tokens from it, and report the submit's answer time,
 the time to the first committed chunk and the server's peak RSS (VmHWM) against its RSS before the
 upload (the baseline: a server with its model loaded). Then, in this process, the tokens/s of the
@@ -45,17 +46,36 @@ def write_corpus(path: Path, megabytes: int) -> int:
     return path.stat().st_size
 
 
-def harvest_from(path: Path, args, tmp: Path) -> dict:
-    with LocalServer(tmp / "store", extra_args=["--no-hub"]) as server, httpx.Client(base_url=server.url, timeout=600) as c:
+def write_dataset(folder: Path, megabytes: int) -> int:
+    """A parquet dataset of the built-in corpus repeated, 12 lines a row, written a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = _builtin_text().decode().splitlines(keepends=True)
+    group = pa.table({"text": ["".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]})
+    folder.mkdir(parents=True)
+    with pq.ParquetWriter(folder / "train.parquet", group.schema, compression="none") as writer:
+        for _ in range(-(-megabytes * (1 << 20) // len(_builtin_text()))):
+            writer.write_table(group)
+    return (folder / "train.parquet").stat().st_size
+
+
+def harvest_from(path: Path | None, args, tmp: Path, dataset: dict | None = None) -> dict:
+    """A harvest from the text file at ``path`` (uploaded), or from ``dataset`` in ``tmp``/corpora."""
+    extra = ["--no-hub", "--corpora-dir", str(tmp / "corpora")]
+    with LocalServer(tmp / "store", extra_args=extra) as server, httpx.Client(base_url=server.url, timeout=600) as c:
         request = {"model": args.model, "hooks": ["blocks.0.hook_resid_post"], "n_tokens": 256, "context_size": 128}
         c.post("/v1/harvests", json=request)  # the model loaded: the baseline is a server ready to harvest
         time.sleep(2)
         pid = server.process.pid
         before = rss_kb(pid, "VmRSS")
-        with path.open("rb") as f:
-            corpus_id = c.post("/v1/corpora?name=big", content=iter(lambda: f.read(1 << 20), b"")).json()["corpus_id"]
+        if dataset is None:
+            with path.open("rb") as f:
+                corpus = c.post("/v1/corpora?name=big", content=iter(lambda: f.read(1 << 20), b"")).json()["corpus_id"]
         t0 = time.perf_counter()
-        answer = c.post("/v1/harvests", json={**request, "corpus": corpus_id, "n_tokens": args.tokens})
+        answer = c.post("/v1/harvests", json={**request, "corpus": corpus if dataset is None else dataset,
+                                              "n_tokens": args.tokens, "packing": args.packing})
+        assert answer.status_code == 202, answer.text
         submit = time.perf_counter() - t0
         job_id, first = answer.json()["job_id"], None
         while (job := c.get(f"/v1/harvests/{job_id}").json())["status"] not in ("completed", "failed"):
@@ -122,7 +142,15 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-random-gpt")
     parser.add_argument("--tokenize-mb", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dataset-mb", type=int, default=1024, help="size of the parquet dataset harvested (0: none)")
+    parser.add_argument("--packing", default="concatenate", choices=("concatenate", "document"))
     args = parser.parse_args()
+    if args.dataset_mb:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = write_dataset(Path(tmp) / "corpora" / "big", args.dataset_mb)
+            result = harvest_from(None, args, Path(tmp), {"hf": {"path": "big"}})
+            print(f"{size / 2**20:,.0f} MB parquet dataset (--corpora-dir), harvest of {args.tokens:,} tokens: "
+                  + json.dumps({k: round(v, 2) for k, v in result.items()}), flush=True)
     results = {}
     for mb in args.mb or [200, 1024]:
         with tempfile.TemporaryDirectory() as tmp:

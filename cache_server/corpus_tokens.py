@@ -10,6 +10,10 @@ line one document; a document is tokenised in blocks of ``LINES_PER_BLOCK`` line
 fast batch encoding, no model-max-length warnings), and when a corpus holds more than one
 document each is followed by the separator token. The state file only ever points at a block
 boundary, so a stream extended in steps, or after a crash, is the same stream.
+
+Where each finished document's tokens lie (``[start, end)`` in the stream, separators outside)
+goes to ``<key>.docs`` (int64 pairs), for harvests that pack one document per window. A text file
+is one document, finished when the file is; until then its tokens so far are an open document.
 """
 
 import codecs
@@ -38,7 +42,10 @@ class _State:
     byte_offset: int = 0
     """Bytes of the corpus file tokenised: always at a block (text) or line (JSONL) boundary."""
     n_docs: int = 0
+    """Finished documents: ``<key>.docs`` holds a start and an end for each."""
     complete: bool = False
+    open_start: int | None = None
+    """Where a document not yet finished starts (a text file's, until it is read to its end)."""
 
 
 class CorpusTokens:
@@ -48,6 +55,7 @@ class CorpusTokens:
         self.data, self.fmt, self.tokenizer, self.separator = data, fmt, tokenizer, separator
         folder.mkdir(parents=True, exist_ok=True)
         self.path, self.state_path = folder / f"{key}.i32", folder / f"{key}.json"
+        self.docs_path = folder / f"{key}.docs"
         self._lock_path = folder / f"{key}.lock"
         self._lock = threading.Lock()
         self._fast = self._backend()
@@ -71,6 +79,15 @@ class CorpusTokens:
             return np.zeros(0, dtype=np.int32)
         return np.memmap(self.path, dtype=np.int32, mode="r", shape=(n,))
 
+    def documents(self) -> tuple[np.ndarray, int | None]:
+        """(``[n, 2]`` start and end of each finished document on disk, the start of the open
+        document, whose tokens run to the end of the stream so far; None when there is none)."""
+        with self._lock:
+            state = _State(**json.loads(self.state_path.read_bytes())) if self.state_path.exists() else _State()
+        pairs = (np.fromfile(self.docs_path, dtype=np.int64, count=2 * state.n_docs).reshape(-1, 2)
+                 if state.n_docs else np.zeros((0, 2), dtype=np.int64))
+        return pairs, state.open_start
+
     # -- extending ----------------------------------------------------------------------------
     @contextmanager
     def _extending(self) -> Iterator[_State]:
@@ -80,11 +97,12 @@ class CorpusTokens:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = _State(**json.loads(self.state_path.read_bytes())) if self.state_path.exists() else _State()
             size = self.path.stat().st_size if self.path.exists() else 0
-            if size < state.n_tokens * 4:  # tokens lost: start again rather than trust the state
+            docs_size = self.docs_path.stat().st_size if self.docs_path.exists() else 0
+            if size < state.n_tokens * 4 or docs_size < state.n_docs * 16:  # lost: start again, not trust the state
                 state = _State()
-            if size != state.n_tokens * 4:
-                with self.path.open("ab") as f:
-                    f.truncate(state.n_tokens * 4)
+            for path, length in ((self.path, state.n_tokens * 4), (self.docs_path, state.n_docs * 16)):
+                with path.open("ab") as f:
+                    f.truncate(length)
             yield state
 
     def _extend(self, state: _State) -> int:
@@ -96,21 +114,25 @@ class CorpusTokens:
                 f.seek(state.byte_offset)
                 raw = f.read(size)
                 at_end = not f.read(1)
-            pieces, used, n_docs = (self._text_blocks if self.fmt == "text" else self._jsonl_documents)(raw, at_end, state.n_docs)
+            pieces, used, docs = (self._text_blocks if self.fmt == "text" else self._jsonl_documents)(raw, at_end, state)
             if used or at_end:
                 break
             size *= 2
-        self._save(state, pieces, used, n_docs, at_end)
+        self._save(state, pieces, used, docs, at_end)
         return used
 
-    def _save(self, state: _State, pieces: list, used: int, n_docs: int, at_end: bool) -> None:
-        """Append the pieces' tokens, then the state that says they are there."""
+    def _save(self, state: _State, pieces: list, used: int, docs: list[tuple[int, int]], at_end: bool) -> None:
+        """Append the pieces' tokens and the documents they finish (spans in the stream), then the
+        state that says they are there."""
         tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32)
         with self.path.open("ab") as f:  # no fsync: a lost tail is found by its size and read again
             f.write(tokens.tobytes())
+        if docs:
+            with self.docs_path.open("ab") as f:
+                f.write(np.asarray(docs, dtype=np.int64).tobytes())
         state.n_tokens += len(tokens)
         state.byte_offset += used
-        state.n_docs, state.complete = n_docs, at_end
+        state.n_docs, state.complete = state.n_docs + len(docs), at_end
         atomic_write(self.state_path, json.dumps(asdict(state)).encode())
 
     def _encode(self, blocks: list[str]) -> list[list[int]]:
@@ -132,8 +154,9 @@ class CorpusTokens:
             backend.no_padding()
         return backend
 
-    def _text_blocks(self, raw: bytes, at_end: bool, n_docs: int):
-        """Whole blocks of lines of the one document; at the end, the rest too."""
+    def _text_blocks(self, raw: bytes, at_end: bool, state: _State):
+        """Whole blocks of lines of the one document; at the end, the rest too (and the document
+        is finished)."""
         if at_end:
             lines = raw.decode("utf-8").splitlines(keepends=True)
         else:  # the last line may go on (or be a "\r" whose "\n" comes next): left for the next read
@@ -141,21 +164,23 @@ class CorpusTokens:
             lines = lines[: len(lines) // LINES_PER_BLOCK * LINES_PER_BLOCK]
         blocks = ["".join(lines[i : i + LINES_PER_BLOCK]) for i in range(0, len(lines), LINES_PER_BLOCK)]
         used = len(raw) if at_end else sum(len(b.encode("utf-8")) for b in blocks)
-        return self._encode(blocks), used, 1
+        pieces = self._encode(blocks)
+        state.open_start = None if at_end else 0
+        return pieces, used, [(0, state.n_tokens + sum(map(len, pieces)))] if at_end else []
 
-    def _jsonl_documents(self, raw: bytes, at_end: bool, n_docs: int):
+    def _jsonl_documents(self, raw: bytes, at_end: bool, state: _State):
         """Whole lines, each non-blank one a document; the separator goes before every document but
         the first, and after the last when there are several."""
         lines = raw.split(b"\n") if at_end else raw.split(b"\n")[:-1]
         used = len(raw) if at_end else sum(len(line) + 1 for line in lines)
-        pieces, n_docs = self._documents([json.loads(line)["text"] for line in lines if line.strip()], n_docs, at_end)
-        return pieces, used, n_docs
+        pieces, docs = self._documents([json.loads(line)["text"] for line in lines if line.strip()], state, at_end)
+        return pieces, used, docs
 
-    def _documents(self, docs: list[str], n_docs: int, at_end: bool) -> tuple[list, int]:
+    def _documents(self, texts: list[str], state: _State, at_end: bool) -> tuple[list, list[tuple[int, int]]]:
         """Documents' tokens, each in blocks of lines, the separator before every one but the
-        corpus' first (and after its last, at the end, when there are several)."""
+        corpus' first (and after its last, at the end, when there are several); and their spans."""
         spans, blocks = [], []
-        for text in docs:
+        for text in texts:
             doc = text.splitlines(keepends=True)
             first = len(blocks)
             blocks += ["".join(doc[i : i + LINES_PER_BLOCK]) for i in range(0, len(doc), LINES_PER_BLOCK)]
@@ -163,12 +188,18 @@ class CorpusTokens:
         encoded = self._encode(blocks)
         separator = [] if self.separator is None else [[self.separator]]
         pieces: list[list[int]] = []
+        docs, at, n_docs = [], state.n_tokens, state.n_docs
         for first, stop in spans:
-            pieces += (separator if n_docs else []) + encoded[first:stop]
-            n_docs += 1
+            if n_docs:
+                pieces += separator
+                at += len(separator)
+            pieces += encoded[first:stop]
+            length = sum(len(p) for p in encoded[first:stop])
+            docs.append((at, at + length))
+            at, n_docs = at + length, n_docs + 1
         if at_end and n_docs > 1:
             pieces += separator
-        return pieces, n_docs
+        return pieces, docs
 
 
 def _decode_prefix(raw: bytes) -> str:
@@ -190,6 +221,13 @@ class PretokenizedTokens:
 
     def array(self, n: int) -> np.ndarray:
         return self._ids()[: max(n, 0)]
+
+    def documents(self) -> tuple[np.ndarray, None]:
+        """A 2-D array's rows are its documents; a 1-D array is one."""
+        ids = np.load(self.data, mmap_mode="r")
+        width = ids.shape[-1] if ids.ndim == 2 else ids.size
+        starts = np.arange(0, ids.size, max(width, 1), dtype=np.int64)
+        return np.stack([starts, starts + width], axis=1), None
 
 
 def check_token_ids(path: Path, block: int = 1 << 24) -> tuple[int, int]:

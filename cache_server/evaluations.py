@@ -4,9 +4,9 @@ An evaluation's id is a hash of what determines its figures (the SAE, the text, 
 tokens), so asking again is a cache hit. Jobs are JSON files under ``<root>/evaluations``,
 replaced whole on every change; ones that were queued or running at a restart are queued again.
 
-Held-out text: the harvest read the dataset's corpus token stream from its start, ``n_sequences``
-windows of ``context_size - prepend_bos`` tokens each (``harvested_tokens``); evaluation windows
-are cut the same way from the stream after that point, so the SAE is judged on text it never saw.
+Held-out text: the harvest read the dataset's corpus token stream from its start, as far as its
+windows reached (``stream_end``); evaluation windows are cut from the stream after that point
+(back to back, whatever the harvest's packing), so the SAE is judged on text it never saw.
 """
 
 import logging
@@ -20,7 +20,7 @@ from cache_server.corpora import CorpusStore
 from cache_server.downstream import evaluate, not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
-from cache_server.harvester import Layout, TokenWindows
+from cache_server.harvester import TokenWindows, token_windows
 from cache_server.job_queue import JobQueue
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.saes import SaeStore
@@ -38,11 +38,6 @@ class EvaluationError(ServiceError):
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
-
-def harvested_tokens(manifest: DatasetManifest) -> int:
-    """How many tokens of the corpus stream the harvest read (BOS tokens are not the corpus')."""
-    layout = Layout(manifest.context_size, manifest.n_items_total, manifest.chunk_rows)
-    return layout.n_sequences * (manifest.context_size - manifest.prepend_bos)
 
 
 class EvaluationManager(JobQueue):
@@ -95,7 +90,7 @@ class EvaluationManager(JobQueue):
                  model: SourceModel) -> tuple[str, int, int]:
         """(corpus id, first token, number of windows) of the text to evaluate on."""
         corpus = self.corpora.resolve(request.corpus or manifest.corpus_id)
-        first = harvested_tokens(manifest) if request.corpus is None else 0
+        first = self._harvested_tokens(manifest, model) if request.corpus is None else 0
         body = manifest.context_size - manifest.prepend_bos
         wanted = -(-request.n_tokens // manifest.context_size)
         stream = self._stream(corpus, model, first + wanted * body)
@@ -107,6 +102,13 @@ class EvaluationManager(JobQueue):
             raise EvaluationError(f"{text} (whole {manifest.context_size}-token windows); asked for "
                                   f"n_tokens={request.n_tokens:,}: ask for fewer, or name another corpus")
         return corpus.corpus_id, first, wanted
+
+    def _harvested_tokens(self, manifest: DatasetManifest, model: SourceModel) -> int:
+        """How far into its corpus' token stream the dataset's harvest read."""
+        stream = self.corpora.stream(self.corpora.resolve(manifest.corpus_id), model.tokenizer, model.info.fingerprint,
+                                     model.separator_token_id, model.bridge.cfg.d_vocab)
+        bos = model.bos_token_id if manifest.prepend_bos else None
+        return token_windows(manifest.packing, stream, manifest.context_size, bos).stream_end(manifest.n_items_total)
 
     def _stream(self, corpus, model: SourceModel, n: int) -> np.ndarray:
         """The corpus' first ``n`` tokens (fewer when it has fewer), tokenised only that far."""

@@ -82,10 +82,12 @@ class FeatureJobs(JobQueue):
         vocabulary = self.models.get(manifest.model.name).vocabulary()
 
         def example(row: int, value: float) -> FeatureExample:
-            token, _, position = (int(v) for v in group[TOKENS_ARRAY][row])
+            token, window, position = (int(v) for v in group[TOKENS_ARRAY][row])
             lo = row - min(position, BEFORE)
             hi = min(row + min(AFTER, manifest.context_size - 1 - position) + 1, manifest.n_items)
-            ids = [int(t) for t in group[TOKENS_ARRAY][lo:hi, 0]]
+            around = group[TOKENS_ARRAY][lo:hi]
+            hi = lo + int((around[:, 1] == window).sum())  # a window may be shorter (one document each)
+            ids = [int(t) for t in around[: hi - lo, 0]]
             rows = to_torch(group[sae.hook][lo:hi], manifest.dtype).float()
             acts = weights.encode(rows)[:, index]
             return FeatureExample(row=row, value=value, tokens=[vocabulary[t] if 0 <= t < len(vocabulary) else f"<{t}>"

@@ -42,14 +42,6 @@ class Layout:
     chunk_rows: int
 
     @property
-    def seqs_per_chunk(self) -> int:
-        return self.chunk_rows // self.context_size
-
-    @property
-    def n_sequences(self) -> int:
-        return math.ceil(self.n_items / self.context_size)
-
-    @property
     def n_chunks(self) -> int:
         return math.ceil(self.n_items / self.chunk_rows)
 
@@ -64,16 +56,18 @@ class CorpusExhausted(Exception):
     """The corpus ran out of tokens before the windows a harvest or an evaluation asked for."""
 
     def __init__(self, have: int, needed: int):
-        super().__init__(f"the corpus holds {have:,} tokens for this model, and {needed:,} were needed")
+        super().__init__(f"the corpus fills {have:,} rows (tokens in windows) for this model, and {needed:,} "
+                         "were needed")
         self.have, self.needed = have, needed
 
 
 class TokenWindows:
     """``[n_sequences, context_size]`` windows of a corpus' token stream, each led by BOS if given;
-    the stream is tokenised only as far as the windows read so far (see ``corpus_tokens``)."""
+    the stream is tokenised only as far as the windows read so far (see ``corpus_tokens``).
+    Documents are packed back to back (the stream's separator between them): every window is full."""
 
     def __init__(self, stream: CorpusTokens | PretokenizedTokens | np.ndarray, context_size: int, bos: int | None):
-        self.stream, self.bos = stream, bos
+        self.stream, self.bos, self.context_size = stream, bos, context_size
         self.body = context_size - (bos is not None)
         self._tokens = stream if isinstance(stream, np.ndarray) else stream.array(0)
 
@@ -84,11 +78,109 @@ class TokenWindows:
             have, _ = self.stream.ensure(needed)  # a block past ``needed``: few calls reach the disk
             self._tokens = self.stream.array(have)
         if len(self._tokens) < needed:
-            raise CorpusExhausted(len(self._tokens), needed)
+            raise CorpusExhausted(len(self._tokens) // self.body * self.context_size, hi * self.context_size)
         windows = np.asarray(self._tokens[lo * self.body : needed], dtype=np.int32).reshape(hi - lo, self.body)
         if self.bos is not None:
             windows = np.concatenate([np.full((hi - lo, 1), self.bos, dtype=np.int32), windows], axis=1)
         return windows
+
+    def span(self, first_row: int, n_rows: int) -> "Span":
+        """The windows that hold rows ``[first_row, first_row + n_rows)``."""
+        first, stop = first_row // self.context_size, -(-(first_row + n_rows) // self.context_size)
+        return Span(self[first:stop], np.full(stop - first, self.context_size), np.arange(first, stop),
+                    first_row - first * self.context_size)
+
+    def check(self, n_rows: int, max_bytes: int) -> tuple[int, bool]:
+        """(rows the windows hold after reading at most ``max_bytes`` more of the corpus, whether
+        that is all of it): a cheap look at whether a corpus can fill ``n_rows``."""
+        have, complete = self.stream.ensure(-(-n_rows // self.context_size) * self.body, max_bytes)
+        return have // self.body * self.context_size, complete
+
+    def stream_end(self, n_rows: int) -> int:
+        """Tokens of the stream the first ``n_rows`` rows hold (BOS tokens are not the stream's)."""
+        return -(-n_rows // self.context_size) * self.body
+
+
+class DocumentWindows:
+    """One document per window: a window holds tokens of one document only, led by BOS if given;
+    a document longer than a window goes on in the next ones, and a window's padding is no row.
+    Rows are the windows' tokens back to back, so a chunk may start or end inside a window."""
+
+    def __init__(self, stream: CorpusTokens | PretokenizedTokens, context_size: int, bos: int | None):
+        self.stream, self.bos, self.context_size = stream, bos, context_size
+        self.body = context_size - (bos is not None)
+        self.starts = self.lengths = self.row_ends = np.zeros(0, dtype=np.int64)
+        self._complete = False
+
+    def _windows(self) -> None:
+        """The window table from the documents on disk (an open document: its full windows only)."""
+        docs, open_start = self.stream.documents()
+        have, self._complete = self.stream.ensure(0)
+        if open_start is not None:
+            full = (have - open_start) // self.body * self.body
+            docs = np.concatenate([docs, [[open_start, open_start + full]]])
+        counts = -(-(docs[:, 1] - docs[:, 0]) // self.body)
+        window_doc = np.repeat(np.arange(len(docs)), counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.starts = docs[window_doc, 0] + within * self.body
+        self.lengths = np.minimum(docs[window_doc, 1] - self.starts, self.body) + (self.bos is not None)
+        self.row_ends = np.cumsum(self.lengths)
+
+    def _rows(self) -> int:
+        return int(self.row_ends[-1]) if len(self.row_ends) else 0
+
+    def _grow(self, n_rows: int, max_bytes: int | None = None) -> int:
+        """Read the corpus until the windows hold ``n_rows`` rows or it ends (or, given
+        ``max_bytes``, until that much more was read); returns the rows they hold."""
+        if self._rows() < n_rows:
+            self._windows()
+        while self._rows() < n_rows and not self._complete:
+            have, _ = self.stream.ensure(0)
+            self.stream.ensure(have + n_rows - self._rows(), max_bytes)  # a row needs a token at least
+            self._windows()
+            if max_bytes is not None:
+                break
+        return self._rows()
+
+    def span(self, first_row: int, n_rows: int) -> "Span":
+        stop_row = first_row + n_rows
+        if (rows := self._grow(stop_row)) < stop_row:
+            raise CorpusExhausted(rows, stop_row)
+        first = int(np.searchsorted(self.row_ends, first_row, side="right"))
+        stop = int(np.searchsorted(self.row_ends, stop_row, side="left")) + 1
+        tokens = self.stream.array(int(self.starts[stop - 1] + self.lengths[stop - 1]))
+        windows = np.zeros((stop - first, self.context_size), dtype=np.int32)
+        for i, (start, length) in enumerate(zip(self.starts[first:stop], self.lengths[first:stop])):
+            body = tokens[start : start + length - (self.bos is not None)]
+            if self.bos is not None:
+                windows[i, 0] = self.bos
+            windows[i, self.bos is not None : length] = body
+        row_start = int(self.row_ends[first] - self.lengths[first])
+        return Span(windows, self.lengths[first:stop].copy(), np.arange(first, stop), first_row - row_start)
+
+    def check(self, n_rows: int, max_bytes: int) -> tuple[int, bool]:
+        return self._grow(n_rows, max_bytes), self._complete
+
+    def stream_end(self, n_rows: int) -> int:
+        self._grow(n_rows)
+        last = int(np.searchsorted(self.row_ends, n_rows, side="left"))
+        return int(self.starts[last] + self.lengths[last] - (self.bos is not None))
+
+
+@dataclass
+class Span:
+    """Windows that hold a run of rows: ``tokens [w, context]`` (padding after each window's
+    ``lengths``), each window's index, and how many of the first window's rows come before the run."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    window_ids: np.ndarray
+    skip: int
+
+
+def token_windows(packing: str, stream, context_size: int, bos: int | None) -> TokenWindows | DocumentWindows:
+    """The windows a harvest cuts from a corpus' token stream, as its packing says."""
+    return (DocumentWindows if packing == "document" else TokenWindows)(stream, context_size, bos)
 
 
 def empty_state(hooks: list[HookSpec], widths: dict[str, int]) -> dict:
@@ -141,7 +233,7 @@ class Harvester:
         self.hooks = [HookSpec(name=h.name, concat_dims=h.concat_dims) for h in manifest.hooks]
         self.layout = Layout(manifest.context_size, manifest.n_items_total, manifest.chunk_rows)
         bos = model.bos_token_id if manifest.prepend_bos else None
-        self.windows = TokenWindows(corpus, manifest.context_size, bos)
+        self.windows = token_windows(manifest.packing, corpus, manifest.context_size, bos)
         self.on_commit = on_commit
         self.cancel = cancel
 
@@ -201,36 +293,32 @@ class Harvester:
             raise errors[0]
 
     def _compute_chunk(self, index: int) -> _Chunk:
-        layout = self.layout
-        start = index * layout.chunk_rows
-        n_rows = min(layout.chunk_rows, layout.n_items - start)
-        first_seq = index * layout.seqs_per_chunk
-        last_seq = min(first_seq + layout.seqs_per_chunk, layout.n_sequences)
+        start = index * self.layout.chunk_rows
+        n_rows = min(self.layout.chunk_rows, self.layout.n_items - start)
+        span = self.windows.span(start, n_rows)
+        ctx = self.layout.context_size
+        real = np.arange(ctx) < span.lengths[:, None]  # padding: run (masked), never stored
         dtype = getattr(torch, self.manifest.dtype)
         parts: dict[str, list[torch.Tensor]] = {h.name: [] for h in self.hooks}
         batch = self.manifest.batch_size
-        for lo in range(first_seq, last_seq, batch):
-            hi = min(lo + batch, last_seq)
-            tokens = torch.from_numpy(self.windows[lo:hi]).long().to(self.model.device)
-            cache = self.model.run(tokens, self.hooks)
+        for lo in range(0, len(span.tokens), batch):
+            tokens = torch.from_numpy(span.tokens[lo : lo + batch]).long().to(self.model.device)
+            mask = torch.from_numpy(real[lo : lo + batch])
+            cache = self.model.run(tokens, self.hooks, None if mask.all() else mask.long().to(self.model.device))
             for hook in self.hooks:
-                parts[hook.name].append(reshape_hook(cache[hook.name], hook.concat_dims).to(dtype))
+                rows = reshape_hook(cache[hook.name], hook.concat_dims)
+                parts[hook.name].append((rows if mask.all() else rows[mask.reshape(-1).to(rows.device)]).to(dtype))
+        keep = slice(span.skip, span.skip + n_rows)
         arrays, stats = {}, {}
         for hook in self.hooks:
-            rows = torch.cat(parts[hook.name])[:n_rows]
+            rows = torch.cat(parts[hook.name])[keep]
             stats[hook.name] = _row_stats(rows)
             arrays[hook.name] = to_storage(rows, self.manifest.dtype)
-        arrays[TOKENS_ARRAY] = self._token_rows(first_seq, last_seq)[:n_rows]
+        positions = np.broadcast_to(np.arange(ctx, dtype=np.int32), real.shape)
+        arrays[TOKENS_ARRAY] = np.stack([
+            span.tokens[real], np.repeat(span.window_ids.astype(np.int32), span.lengths), positions[real],
+        ], axis=1)[keep]
         return _Chunk(index=index, start=start, arrays=arrays, stats=stats)
-
-    def _token_rows(self, first_seq: int, last_seq: int) -> np.ndarray:
-        ctx = self.layout.context_size
-        seqs = np.arange(first_seq, last_seq, dtype=np.int32)
-        return np.stack([
-            self.windows[first_seq:last_seq].reshape(-1),
-            np.repeat(seqs, ctx),
-            np.tile(np.arange(ctx, dtype=np.int32), last_seq - first_seq),
-        ], axis=1)
 
     def _recount_state(self, writer: DatasetWriter) -> dict:
         """The running sums rebuilt from the committed chunks, chunk by chunk in order, from the

@@ -19,7 +19,8 @@ from cache_server.corpora import CorpusStore
 from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
-from cache_server.harvester import CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state
+from cache_server.harvester import (CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state,
+                                   token_windows)
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.shared_harvest import SharedHarvest, ledger_key, new_ledger
@@ -45,9 +46,9 @@ def _stored_bytes(manifest: DatasetManifest) -> int:
     return manifest.n_items_total * (itemsize * sum(h.d for h in manifest.hooks) + _TOKEN_ROW_BYTES)
 
 
-def _too_short(corpus: str, have: int, context_size: int, body: int, n_tokens: int) -> str:
-    return (f"corpus '{corpus}' holds {have:,} tokens for this model: at most {have // body * context_size:,} rows "
-            f"at context_size={context_size}; asked for n_tokens={n_tokens:,}")
+def _too_short(corpus: str, rows: int, context_size: int, packing: str, n_tokens: int) -> str:
+    return (f"corpus '{corpus}' fills at most {rows:,} rows for this model at context_size={context_size} "
+            f"(packing '{packing}'); asked for n_tokens={n_tokens:,}")
 
 
 def _now() -> datetime:
@@ -171,6 +172,8 @@ class JobManager:
             "context_size": request.context_size, "prepend_bos": request.prepend_bos,
             "dtype": request.dtype, "n_tokens": request.n_tokens,
         }
+        if request.packing != "concatenate":  # named only when not the default: older ids stay as they were
+            identity["packing"] = request.packing
         return _Plan(dataset_id=content_id(identity), model=model, widths=widths, corpus=corpus)
 
     def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens | PretokenizedTokens:
@@ -186,11 +189,11 @@ class JobManager:
             raise JobError(f"corpus '{label}' holds token id {corpus.max_token_id}, outside model "
                            f"'{request.model}''s vocabulary of {vocabulary} ids (0..{vocabulary - 1}): were they "
                            "made with another tokenizer?")
-        body = request.context_size - request.prepend_bos
-        needed = -(-request.n_tokens // request.context_size) * body
-        have, complete = self._corpus_stream(plan.corpus, plan.model).ensure(needed, self.corpus_check_bytes)
-        if have < needed and complete:
-            raise JobError(_too_short(label, have, request.context_size, body, request.n_tokens))
+        bos = plan.model.bos_token_id if request.prepend_bos else None
+        windows = token_windows(request.packing, self._corpus_stream(plan.corpus, plan.model), request.context_size, bos)
+        rows, complete = windows.check(request.n_tokens, self.corpus_check_bytes)
+        if rows < request.n_tokens and complete:
+            raise JobError(_too_short(label, rows, request.context_size, request.packing, request.n_tokens))
 
     def _check_room(self, request: HarvestRequest, plan: _Plan) -> None:
         """A harvest that would not fit on the store's disk (leaving ``min_free_bytes``) is refused."""
@@ -214,7 +217,8 @@ class JobManager:
         n_chunks = -(-request.n_tokens // chunk_rows)
         manifest = DatasetManifest(
             dataset_id=plan.dataset_id, model=plan.model.info, corpus_id=plan.corpus.corpus_id,
-            context_size=request.context_size, prepend_bos=request.prepend_bos, dtype=request.dtype,
+            context_size=request.context_size, prepend_bos=request.prepend_bos, packing=request.packing,
+            dtype=request.dtype,
             hooks=[HookInfo(name=h.name, concat_dims=h.concat_dims, d=plan.widths[h.name], storage_dtype=storage,
                             logical_dtype=request.dtype, codec=CodecInfo(name="none", level=0)) for h in hooks],
             tokens=ArrayInfo(name=TOKENS_ARRAY, d=3, storage_dtype="int32", logical_dtype="int32"),
@@ -269,8 +273,8 @@ class JobManager:
             if (manifest := self.store.manifest(job.dataset_id)) is not None:
                 error += f"; this harvest needs about {_stored_bytes(manifest):,} bytes in all"
         elif isinstance(exc, CorpusExhausted) and (manifest := self.store.manifest(job.dataset_id)) is not None:
-            body = manifest.context_size - manifest.prepend_bos
-            error = (_too_short(manifest.corpus_id, exc.have, manifest.context_size, body, manifest.n_items_total)
+            error = (_too_short(manifest.corpus_id, exc.have, manifest.context_size, manifest.packing,
+                                manifest.n_items_total)
                      + f"; DELETE /v1/datasets/{job.dataset_id} and ask for fewer")
         else:
             error = f"{type(exc).__name__}: {exc}"

@@ -117,11 +117,14 @@ class SourceModel:
             self._hook_d[hook] = math.prod(shape[-hook.concat_dims :])
 
     @torch.inference_mode()
-    def run(self, tokens: torch.Tensor, hooks: list[HookSpec]) -> dict[str, torch.Tensor]:
+    def run(self, tokens: torch.Tensor, hooks: list[HookSpec],
+            attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The hooks' activations; ``attention_mask`` (1 for a token, 0 for padding) keeps padding
+        out of every real position's attention (an encoder attends both ways)."""
         names = [h.name for h in hooks]
         with self.lock:
             _, cache = self.bridge.run_with_cache(
-                tokens, names_filter=names, stop_at_layer=self.stop_at_layer(hooks)
+                tokens, names_filter=names, stop_at_layer=self.stop_at_layer(hooks), attention_mask=attention_mask
             )
         return {name: cache[name] for name in names}
 

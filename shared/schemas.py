@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["float16", "bfloat16", "float32"]
+Packing = Literal["concatenate", "document"]
 JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ACTIVE_STATUSES: frozenset[str] = frozenset({"queued", "running"})
 
@@ -74,6 +75,11 @@ class HarvestRequest(BaseModel):
     prepend_bos: bool | None = Field(None, strict=True, description=(
         "Start every sequence with the BOS/CLS token. Unset: yes for text, no for a pre-tokenized corpus "
         "(its ids are used as they are)."))
+    packing: Packing = Field("concatenate", description=(
+        "How documents fill context windows. 'concatenate': back to back, the model's separator (EOS/SEP) "
+        "between them, every window full (the field's usual choice). 'document': a window holds one "
+        "document only, a long one going on in the next windows; padding is masked in the forward pass "
+        "and stores no rows."))
 
     @field_validator("hooks", mode="before")
     @classmethod
@@ -190,6 +196,7 @@ class DatasetManifest(BaseModel):
     corpus_id: str
     context_size: int
     prepend_bos: bool
+    packing: Packing = "concatenate"
     dtype: Dtype
     hooks: list[HookInfo]
     tokens: ArrayInfo = Field(

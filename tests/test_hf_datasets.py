@@ -117,10 +117,12 @@ def test_sae_train_and_the_pipeline_take_a_dataset_corpus(hf, tmp_path):
         assert done.returncode == 0, done.stderr
     bad = sae_train_here(*common, "--corpus", "hf:", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "use hf:PATH" in bad.stderr
-    code = pipeline([*common, "--corpus", "hf:shakes-parquet", "--tokens", "8192",
+    code = pipeline([*common, "--corpus", "hf:shakes-parquet", "--tokens", "8192", "--packing", "document",
                      "--train-tokens", "4096", "--downstream-tokens", "128", "--out", str(tmp_path / "pipeline")])
     assert code == 0
-    assert (tmp_path / "pipeline" / "train" / "run.json").exists()
+    run = json.loads((tmp_path / "pipeline" / "train" / "run.json").read_text())
+    with server.client() as client:  # the report's contexts came from one-document windows
+        assert client.get(f"/v1/datasets/{run['dataset_id']}").json()["packing"] == "document"
 
 
 def _hub_reachable() -> bool:

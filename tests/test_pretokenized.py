@@ -53,7 +53,7 @@ def test_ids_outside_the_vocabulary_or_too_few_are_refused_at_submit(client):
     assert_refused(client.post("/v1/harvests", json={**REQUEST, "corpus": corpus_id}), 422,
                    f"token id {VOCABULARY + 5}", f"vocabulary of {VOCABULARY} ids")
     short = upload(client, np.arange(600, dtype=np.int32)).json()["corpus_id"]
-    assert_refused(client.post("/v1/harvests", json={**REQUEST, "corpus": short}), 422, "holds 600 tokens")
+    assert_refused(client.post("/v1/harvests", json={**REQUEST, "corpus": short}), 422, "fills at most 576 rows")
 
 
 @pytest.mark.parametrize("body, phrase", [

@@ -353,7 +353,7 @@ def test_report_contexts_are_whole_words_without_special_tokens():
     from trainer.report import _example, _Text
 
     pieces = ["<|endoftext|>", "ĠRom", "eo", ",", "Ġsweet", "ĠRom", "eo", "Ġdoth", "Ġsp", "eak", "Ġsoft", "ly", "Ġnow"]
-    text = _Text({(0, p): i for p, i in enumerate(range(len(pieces)))}, pieces, byte_level=True)
+    text = _Text({(0, p): i for p, i in enumerate(range(len(pieces)))}, {}, pieces, byte_level=True)
     # the left window (10 pieces) starts inside "Romeo": that half word is dropped
     def shown(pos):
         e = _example(text, 1.0, 0, pos)

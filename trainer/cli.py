@@ -17,7 +17,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import get_args
 
+from shared.schemas import Packing
 from trainer.config import ConfigError, load_sweep
 from trainer.data.client import CacheClient, CacheError, StoreReader
 from trainer.evaluation.downstream import downstream_columns, evaluate_downstream
@@ -25,6 +27,8 @@ from trainer.outputs.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.training.distributed import World, exit_process
 from trainer.training.interrupt import stop_on_ctrl_c
 from trainer.training.train import RunError, Trainer
+
+PACKINGS = get_args(Packing)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: built-in), or hf:PATH[:SPLIT[:COLUMN]] for a Hugging Face dataset")
     parser.add_argument("--harvest-tokens", type=positive_int, help="rows to harvest for --model (default: --tokens)")
     parser.add_argument("--context-size", type=positive_int, default=128, help="context size for --model")
+    parser.add_argument("--packing", choices=PACKINGS, default="concatenate",
+                        help="how --model's harvest packs documents into windows: back to back, or one document "
+                             "per window (padding stores no rows); default: %(default)s")
     parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; never overwritten)")
     parser.add_argument("--config", type=Path, help="sweep file (TOML: [run] and [[sae]] tables)")
@@ -100,7 +107,8 @@ def _dataset_id(client: CacheClient, args: argparse.Namespace, train_tokens: int
     if args.dataset:
         return args.dataset
     request = {"model": args.model, "hooks": args.hooks, "corpus": args.corpus,
-               "n_tokens": args.harvest_tokens or train_tokens, "context_size": args.context_size}
+               "n_tokens": args.harvest_tokens or train_tokens, "context_size": args.context_size,
+               "packing": args.packing}
     accepted = client.harvest(request)
     return client.wait(accepted, progress=not args.no_progress).dataset_id
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import _table, corpus_ref, positive_int
+from trainer.cli import PACKINGS, _table, corpus_ref, positive_int
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--corpora-dir", type=Path, help="the started server's folder of local Hugging Face datasets")
     parser.add_argument("--tokens", type=positive_int, default=250_000, help="rows to harvest (default: %(default)s)")
     parser.add_argument("--context-size", type=positive_int, default=128, help="default: %(default)s")
+    parser.add_argument("--packing", choices=PACKINGS, default="concatenate",
+                        help="documents back to back in windows, or one document per window (padding stores no "
+                             "rows); default: %(default)s")
     parser.add_argument("--train-tokens", type=positive_int, default=200_000,
                         help="training tokens per SAE (default: %(default)s; at least one batch of 1024)")
     parser.add_argument("--downstream-tokens", type=positive_int, default=16_384,
@@ -92,7 +95,7 @@ def _rates(train_dir: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens, "corpus": args.corpus,
-               "context_size": args.context_size, "batch_size": 32}
+               "context_size": args.context_size, "packing": args.packing, "batch_size": 32}
     sweep = default_sweep(args.train_tokens)
     train_dir = args.out / "train"
     problem = _foreign(args.out) or (None if args.train_tokens >= sweep.run.batch_size else

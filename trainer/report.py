@@ -65,6 +65,8 @@ class _Text:
     """What every SAE's contexts are read from: the held-out rows' token ids and the vocabulary."""
 
     token_ids: dict[tuple[int, int], int]
+    where: dict[int, tuple[int, int]]
+    """Each held-out row's (window, position): the tokens array says (a window may be short)."""
     vocabulary: list[str]
     byte_level: bool
 
@@ -80,12 +82,14 @@ class _Text:
 
 def _held_out_text(trainer: Trainer) -> _Text:
     manifest, client = trainer.manifest, trainer.client
-    token_ids = {}
+    token_ids, where = {}, {}
     for index in trainer.stream.eval_chunk_ids:
-        for token, seq, pos in client.chunk(manifest, "tokens", index).tolist():
+        for row, (token, seq, pos) in enumerate(client.chunk(manifest, "tokens", index).tolist(),
+                                                start=index * manifest.chunk_rows):
             token_ids[(seq, pos)] = token
+            where[row] = (seq, pos)
     vocabulary = client.vocabulary(manifest.dataset_id)
-    return _Text(token_ids, vocabulary, is_byte_level(vocabulary))
+    return _Text(token_ids, where, vocabulary, is_byte_level(vocabulary))
 
 
 def _example(text: _Text, value: float, seq: int, pos: int) -> Example:
@@ -119,7 +123,7 @@ def top_contexts(trainer: Trainer, sae_index: int, text: _Text, n_features: int 
     out = []
     for feature in chosen.tolist():
         values, where = acts[:, feature].topk(N_EXAMPLES)
-        examples = [_example(text, value, *divmod(int(row_ids[r]), trainer.manifest.context_size))
+        examples = [_example(text, value, *text.where[int(row_ids[r])])
                     for value, r in zip(values.tolist(), where.tolist()) if value > 0]
         out.append((feature, float(freqs[feature]), examples))
     return out

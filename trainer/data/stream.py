@@ -50,9 +50,9 @@ class StreamPosition:
 class Batch:
     activations: Float[Tensor, "batch *component d"]
     row_ids: Int[Tensor, " batch"]
-    """Dataset row of each activation, which is also sequence * context_size + position: which
-    token it came from (the stored tokens array has its id), for shuffle-quality figures and
-    exactly-once checks."""
+    """Dataset row of each activation: which token it came from (the stored tokens array has its
+    id, window and position; with concatenated packing the row is also window * context_size +
+    position), for shuffle-quality figures and exactly-once checks."""
     position: StreamPosition
     """The stream position after this batch: what a checkpoint saves."""
 
@@ -254,8 +254,8 @@ class ChunkStream:
         """Where each chunk starts in the window, and the window's dataset row ids (fetch order)."""
         sizes = np.array([self.manifest.rows_in_chunk(i) for i in chunk_ids])
         offsets = np.cumsum([0, *sizes])
-        # A dataset row's index is also sequence * context_size + position (chunks hold whole
-        # sequences, in order): no need to fetch the tokens array to know where a row came from.
+        # Rows are numbered in dataset order, chunk after chunk: no need to fetch the tokens
+        # array to know which row a value is.
         firsts = np.array(chunk_ids) * self.manifest.chunk_rows
         return offsets, np.repeat(firsts - offsets[:-1], sizes) + np.arange(offsets[-1])
 
