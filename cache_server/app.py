@@ -14,7 +14,7 @@ from cache_server.errors import ServiceError
 from cache_server.files import disk_full_message, is_disk_full
 from cache_server.guard import RequestGuard
 from cache_server.routes.deps import ERRORS
-from cache_server.routes import corpora, datasets, evaluations, harvests, models, saes, system, zarr_http
+from cache_server.routes import corpora, datasets, evaluations, harvests, models, pages, saes, system, zarr_http
 from cache_server.services import build_services
 from cache_server.settings import Settings
 
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    for module in (system, corpora, models, harvests, datasets, saes, evaluations, zarr_http):
+    for module in (system, corpora, models, harvests, datasets, saes, evaluations, zarr_http, pages):
         app.include_router(module.router)
     return app
 

@@ -65,8 +65,34 @@ def test_a_features_page_shows_what_the_cached_rows_say(client):
     cosine = torch.nn.functional.normalize(W_dec, dim=1) @ torch.nn.functional.normalize(W_dec, dim=1)[feature]
     cosine[feature] = -2
     assert [i for i, _ in page["neighbours"]] == cosine.topk(10).indices.tolist()
+    html = client.get(f"/saes/{sae}/features/{feature}")
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert f'<b id="density">{page["density"]:.4%}</b>' in html.text and "http" not in html.text  # no CDN
+    assert html.text.count('class="example"') == len(page["top"]) + sum(map(len, page["intervals"]))
+    for i, _ in page["neighbours"]:
+        assert f'href="/saes/{sae}/features/{i}"' in html.text
+    assert_refused(client.get(f"/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
     again = client.post(f"/v1/saes/{sae}/features")
     assert again.json()["status"] == "completed"  # a cache hit
     assert_refused(client.get(f"/v1/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
     assert_refused(client.get(f"/v1/saes/{'0' * 24}/features/0"), 404, "unknown SAE")
     assert client.post(f"/v1/saes/{sae}/features", headers={"Authorization": ""}).status_code == 401
+
+
+def test_the_feature_page_escapes_every_token_string():
+    """The vocabulary is untrusted text: a token that is markup shows as text, never as markup."""
+    from cache_server.browser.feature_page import render
+    from shared.schemas import FeatureDetail, FeatureExample
+
+    hostile = '<script>alert("x")</script>'
+    example = FeatureExample(row=5, value=2.0, tokens=["[CLS]", hostile, '"><img src=x>'], values=[0.0, 2.0, 1.0],
+                             position=1)
+    detail = FeatureDetail(sae_id="a" * 24, index=3, n_rows=10, density=0.1, max_value=2.0, mean_value=1.5,
+                           histogram_edges=[0, 1, 2], histogram_counts=[0, 1], top=[example], intervals=[[example]],
+                           neighbours=[(4, 0.5)])
+    html = render(detail, d_sae=8)
+    assert "<script>" not in html and "<img" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert 'title="&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;: 2"' in html  # the value on hover
+    assert 'class="tok special"' in html  # [CLS] shown as a special token
+    assert 'href="/saes/aaaaaaaaaaaaaaaaaaaaaaaa/features/2">previous' in html and "features/4\">next" in html
