@@ -149,20 +149,48 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     state = optimizer.state[sae.W_enc]
     assert not state["exp_avg"][0][:, [1, 5]].any() and state["exp_avg"][0][:, 0].any()
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
-    assert sae.b_enc[0, 1] == 0
 
 
 def test_a_resampled_topk_latent_can_outbid_the_others():
-    """Under TopK a resampled latent gets the alive latents' mean encoder norm (a ReLU gets a fifth
-    of it, sparse_autoencoder's choice): at a fifth, none was ever picked again (measured)."""
-    for activation, factor in (("topk", 1.0), ("relu", 0.2)):
-        torch.manual_seed(0)
-        sae = SparseAutoencoder(SAEConfig(activation=activation, k=2, expansion=2), d_in=4)
-        dead = torch.zeros(1, 8, dtype=torch.bool)
-        dead[0, [1, 5]] = True
-        alive_norm = sae.weights().W_enc[0][:, ~dead[0]].norm(dim=0).mean()
-        resample_dead_neurons(sae, torch.optim.Adam(sae.parameters()), dead, torch.randn(64, 4), torch.Generator())
-        torch.testing.assert_close(sae.weights().W_enc[0][:, [1, 5]].norm(dim=0), torch.full((2,), factor * alive_norm.item()))
+    """Under TopK a resampled latent gets the alive latents' mean encoder norm and no bias: at a
+    fifth of it (sparse_autoencoder's ReLU choice) none was ever picked again (measured)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=2), d_in=4)
+    dead = torch.zeros(1, 8, dtype=torch.bool)
+    dead[0, [1, 5]] = True
+    alive_norm = sae.weights().W_enc[0][:, ~dead[0]].norm(dim=0).mean()
+    resample_dead_neurons(sae, torch.optim.Adam(sae.parameters()), dead, torch.randn(64, 4), torch.Generator())
+    torch.testing.assert_close(sae.weights().W_enc[0][:, [1, 5]].norm(dim=0), torch.full((2,), alive_norm.item()))
+    assert not sae.b_enc[0, [1, 5]].any()
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
+def test_a_resampled_gated_latent_fires_like_an_average_alive_one(activation):
+    """Behind a gate (ReLU's 0, JumpReLU's threshold, BatchTopK's inference threshold) a resampled
+    latent fires on the resampling inputs as often as an alive latent does on average, with their
+    mean activation: with a bias of 0 it fired on about half of them and died again (measured)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation=activation, k=4, expansion=4, jumprelu_threshold=0.005), d_in=16)
+    x = torch.randn(2048, 16) * 3
+    with torch.no_grad():  # alive latents fire on a minority of rows: bias at minus a standard deviation
+        spread = sae.pre_activations(sae._components_first(x), sae.weights())[0].std(0)
+        sae.b_enc[0] = -spread / sae.W_dec[0].norm(dim=-1)
+        sae.calibrate_threshold(x) if activation == "batchtopk" else None
+    dead = torch.zeros(1, 64, dtype=torch.bool)
+    dead[0, :8] = True
+    w = sae.weights()
+
+    def acts():
+        return sae.activate(sae.pre_activations(sae._components_first(x), sae.weights()), training=False)[0]
+
+    before = acts()[:, 8:]
+    rate, mean = (before > 0).float().mean(), before.sum() / (before > 0).sum()
+    resample_dead_neurons(sae, torch.optim.Adam(sae.parameters()), dead, x, torch.Generator().manual_seed(0))
+    new = acts()[:, :8]
+    assert 0.02 < rate < 0.5
+    torch.testing.assert_close((new > 0).float().mean(0), torch.full((8,), rate.item()), atol=2 / 2048, rtol=0)
+    torch.testing.assert_close(new.sum(0) / (new > 0).sum(0), torch.full((8,), mean.item()), rtol=1e-2, atol=0)
+    torch.testing.assert_close(sae.weights().W_enc[0][:, 8:], w.W_enc[0][:, 8:])  # the alive ones untouched
 
 
 def test_evaluate_against_a_hand_computed_case():
