@@ -6,10 +6,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cache_server.browser.layout import error_page
 from cache_server.errors import ServiceError
 from cache_server.files import disk_full_message, is_disk_full
 from cache_server.guard import RequestGuard
@@ -19,6 +20,13 @@ from cache_server.services import build_services
 from cache_server.settings import Settings
 
 log = logging.getLogger("cache_server")
+
+
+def _answer(request: Request, detail: str, status: int, headers: dict | None = None) -> Response:
+    """An error as JSON ({"detail": ...}), or as a page under the browser's /saes/ paths."""
+    if request.url.path == "/saes" or request.url.path.startswith("/saes/"):
+        return HTMLResponse(error_page(status, detail), status_code=status, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -42,11 +50,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestGuard, token=settings.token, max_json_bytes=settings.max_json_bytes)
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return _answer(request, str(exc), exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail, status = exc.detail, exc.status_code
         if status == 400 and detail == "There was an error parsing the body":  # not UTF-8: as bad JSON is
             detail, status = "invalid request: the body is not valid JSON (nor UTF-8 text)", 422
@@ -59,23 +67,23 @@ def create_app(settings: Settings) -> FastAPI:
                               and route.path_regex.match(request.url.path) for m in route.methods})
             detail = f"{request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)}); see /docs"
             headers = {**(headers or {}), "Allow": ", ".join(allowed)}
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        return _answer(request, detail, status, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(_describe(e) for e in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+        return _answer(request, f"invalid request: {problems}", 422)
 
     @app.exception_handler(OSError)
-    async def disk_error(request: Request, exc: OSError) -> JSONResponse:
+    async def disk_error(request: Request, exc: OSError) -> Response:
         if is_disk_full(exc):
-            return JSONResponse({"detail": disk_full_message(exc, settings.local_root)}, status_code=507)
+            return _answer(request, disk_full_message(exc, settings.local_root), 507)
         return await unexpected(request, exc)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return _answer(request, f"internal error: {type(exc).__name__}", 500)
 
     for module in (system, corpora, models, harvests, datasets, saes, evaluations, zarr_http, pages):
         app.include_router(module.router)

@@ -100,24 +100,28 @@ class _Smallest:
 
 def feature_statistics(encode: Callable[[Tensor], Tensor], chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]],
                        d_sae: int, top_k: int = 20, intervals: int = 10, per_interval: int = 5,
-                       bins: int = 50, block: int = 512, buffer: int = 1 << 20) -> FeatureStats:
+                       bins: int = 50, block: int = 512, buffer: int = 1 << 20,
+                       observe: Callable[[Tensor, Tensor], None] | None = None) -> FeatureStats:
     """``chunks()`` yields ``(rows [n, d_in], row_ids [n])`` afresh for each pass; ``encode`` maps
     rows to activations ``[n, d_sae]``; ``block`` rows are encoded at a time. Work past the
     encoding is on the non-zero activations only (memory: a block's, the kept examples and up to
-    ``buffer`` candidates waiting to be merged into them)."""
+    ``buffer`` candidates waiting to be merged into them). ``observe(rows, acts)`` sees each block
+    of the first pass (e.g. to measure the reconstruction without encoding again)."""
 
-    def entries():
+    def entries(first: bool):
         """Each block's non-zero activations: (row ids, features, values), and the dense block."""
         for rows, ids in chunks():
             for lo in range(0, rows.shape[0], block):
                 acts = encode(rows[lo : lo + block]).float()
+                if first and observe is not None:
+                    observe(rows[lo : lo + block], acts)
                 r, f = acts.nonzero(as_tuple=True)
                 yield ids[lo : lo + block].to(torch.int64)[r], f, acts[r, f], acts
 
     n_rows, fired = 0, torch.zeros(d_sae, dtype=torch.int64)
     sums, maxima = torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae)
     strongest = _Smallest(d_sae, top_k, buffer)
-    for row, feature, value, acts in entries():
+    for row, feature, value, acts in entries(first=True):
         n_rows += acts.shape[0]
         fired += torch.bincount(feature, minlength=d_sae)
         sums.index_add_(0, feature, value.double())
@@ -128,7 +132,7 @@ def feature_statistics(encode: Callable[[Tensor], Tensor], chunks: Callable[[], 
     histogram = torch.zeros(d_sae * bins, dtype=torch.int64)
     sampled = _Smallest(d_sae * intervals, per_interval, buffer)
     scale = torch.where(maxima > 0, maxima, 1.0)
-    for row, feature, value, _ in entries():
+    for row, feature, value, _ in entries(first=False):
         position = (value / scale[feature]).clamp(max=1.0)  # bin i holds (i/bins, (i+1)/bins] of max
         histogram += torch.bincount(feature * bins + (position * bins).ceil().long().clamp(1, bins) - 1,
                                     minlength=d_sae * bins)

@@ -7,13 +7,17 @@ a feature's page is then answered from it, plus a few rows of tokens read for it
 
 import logging
 import math
+import random
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import zarr
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from cache_server.downstream import not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.feature_stats import FeatureStats, feature_statistics
 from cache_server.files import atomic_write
@@ -23,15 +27,34 @@ from cache_server.saes import SaeStore
 from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import to_torch
 from shared.ids import is_valid_id
-from shared.schemas import ACTIVE_STATUSES, FeatureDetail, FeatureExample, FeatureJob
+from shared.schemas import ACTIVE_STATUSES, DatasetManifest, FeatureDetail, FeatureExample, FeatureJob, FeatureList, \
+    FeatureRow, SaeSummary
 
 log = logging.getLogger("cache_server.features")
 BEFORE, AFTER = 8, 4  # tokens of context shown around an example
 _FIELDS = ("fired", "sum_values", "max_values", "top_values", "top_rows", "histogram", "interval_rows", "interval_values")
+LENS = 10  # tokens shown each way by the logit lens
+DENSE = 0.1  # a feature firing on more than this fraction of rows counts as dense
 
 
 class FeatureError(ServiceError):
     pass
+
+
+@dataclass
+class BrowserData:
+    """What a job stores for an SAE: the statistics plus what the summary, the search and the
+    logit lens read."""
+
+    stats: FeatureStats
+    top_tokens: torch.Tensor
+    """[top_k, d_sae] int64: the activating token id of each top example (-1 where none)."""
+    squared_error: float
+    total_variance: float
+    promoted: torch.Tensor | None
+    """[2, LENS, d_sae]: token ids and logits its decoder direction raises most (None: no lens)."""
+    suppressed: torch.Tensor | None
+    logit_lens_note: str | None
 
 
 def _now() -> datetime:
@@ -46,17 +69,27 @@ class FeatureJobs(JobQueue):
         self.saes, self.store, self.models = saes, store, models
         self._stats: dict[str, FeatureStats] = {}
 
-    def submit(self, sae_id: str, max_rows: int) -> FeatureJob:
+    def submit(self, sae_id: str, max_rows: int, chunk_ids: list[int] | None = None) -> FeatureJob:
+        """The statistics over ``chunk_ids`` (e.g. a trainer's held-out chunks) or else the dataset's
+        first ``max_rows`` rows. Once computed they are a cache hit, whatever rows are asked."""
         sae = self.saes.info(sae_id)
         manifest = self.store.manifest(sae.dataset_id)
         if manifest is None or not manifest.complete:
             raise FeatureError(f"the SAE's dataset {sae.dataset_id} is not a complete dataset here", 409)
+        if chunk_ids is not None:
+            bad = [i for i in chunk_ids if not 0 <= i < manifest.n_chunks_total]
+            if bad or not chunk_ids:
+                raise FeatureError(f"chunk ids {bad or '(none)'} are not chunks of dataset {sae.dataset_id} "
+                                   f"(0..{manifest.n_chunks_total - 1})", 422)
+            chunk_ids = sorted(set(chunk_ids))
         with self._lock:
             job = self._jobs.get(sae_id)
             if job is not None and (job.status in ACTIVE_STATUSES or job.status == "completed"):
                 return job
             now = _now()
-            job = self._set(FeatureJob(sae_id=sae_id, status="queued", n_rows=min(max_rows, manifest.n_items),
+            n_rows = (sum(manifest.rows_in_chunk(i) for i in chunk_ids) if chunk_ids is not None
+                      else min(max_rows, manifest.n_items))
+            job = self._set(FeatureJob(sae_id=sae_id, status="queued", n_rows=n_rows, chunk_ids=chunk_ids,
                                        created_at=now, updated_at=now))
         self._queue.put(sae_id)
         return job
@@ -68,18 +101,71 @@ class FeatureJobs(JobQueue):
             raise FeatureError(f"SAE '{sae_id}' has no feature statistics yet: POST /v1/saes/{sae_id}/features", 404)
         return job
 
-    # -- a feature ---------------------------------------------------------------------------
-    def detail(self, sae_id: str, index: int) -> FeatureDetail:
+    # -- reading ------------------------------------------------------------------------------
+    def _completed(self, sae_id: str) -> BrowserData:
         job = self.get(sae_id)
         if job.status != "completed":
             raise FeatureError(f"the feature statistics of SAE '{sae_id}' are {job.status}", 409)
-        stats, sae = self._load(sae_id), self.saes.info(sae_id)
+        return self._load(sae_id)
+
+    def _vocabulary(self, dataset_id: str) -> list[str]:
+        return self.models.get(self.store.manifest(dataset_id).model.name).vocabulary()
+
+    def summary(self, sae_id: str) -> SaeSummary:
+        data, sae, job = self._completed(sae_id), self.saes.info(sae_id), self.get(sae_id)
+        stats = data.stats
+        density = stats.density
+        live = density[density > 0].log10()
+        edges = torch.linspace(math.log10(1 / max(stats.n_rows, 1)), 0, 31, dtype=torch.float64)
+        counts = torch.histogram(live, bins=edges).hist if live.numel() else torch.zeros(30)
+        return SaeSummary(sae=sae, n_rows=stats.n_rows, chunk_ids=job.chunk_ids,
+                          l0=float(stats.fired.sum()) / max(stats.n_rows, 1),
+                          fvu=data.squared_error / max(data.total_variance, 1e-30),
+                          dead=int((stats.fired == 0).sum()), dense=int((density > DENSE).sum()),
+                          density_edges=[round(float(e), 6) for e in edges], density_counts=[int(c) for c in counts])
+
+    def feature_list(self, sae_id: str, sort: str, descending: bool, query: str, offset: int, limit: int) -> FeatureList:
+        """Features sorted by ``sort`` (index, density, max); with a ``query``, only those whose top
+        examples' activating tokens contain it (case-insensitive), the most matches first."""
+        data, sae = self._completed(sae_id), self.saes.info(sae_id)
+        stats, vocabulary = data.stats, self._vocabulary(sae.dataset_id)
+        key = {"index": torch.arange(sae.d_sae, dtype=torch.float64), "density": stats.density,
+               "max": stats.max_values.double()}[sort]
+        order = key.argsort(descending=descending, stable=True)
+        if query:
+            needle = query.casefold()
+            matching = torch.tensor([needle in _shown(t).casefold() for t in vocabulary] + [False])
+            hits = matching[data.top_tokens].sum(0)  # -1 (no example) indexes the trailing False
+            order = order[hits[order].argsort(descending=True, stable=True)]
+            order = order[hits[order] > 0]
+        rows = [self._row(data, vocabulary, int(i)) for i in order[offset : offset + limit]]
+        return FeatureList(sae_id=sae_id, total=len(order), offset=offset, features=rows)
+
+    def random_feature(self, sae_id: str) -> int:
+        """A feature picked at random among those that fire (any, if none does)."""
+        fired = self._completed(sae_id).stats.fired
+        alive = (fired > 0).nonzero().squeeze(1).tolist() or list(range(len(fired)))
+        return random.choice(alive)
+
+    @staticmethod
+    def _row(data: BrowserData, vocabulary: list[str], index: int) -> FeatureRow:
+        stats = data.stats
+        ids, counts = data.top_tokens[:, index][data.top_tokens[:, index] >= 0].unique(return_counts=True)
+        common = ids[counts.argsort(descending=True, stable=True)][:5]
+        fired = int(stats.fired[index])
+        return FeatureRow(index=index, density=float(stats.density[index]), max_value=float(stats.max_values[index]),
+                          mean_value=float(stats.sum_values[index]) / max(fired, 1),
+                          top_tokens=[_spell(vocabulary, int(t)) for t in common])
+
+    def detail(self, sae_id: str, index: int) -> FeatureDetail:
+        data, sae = self._completed(sae_id), self.saes.info(sae_id)
+        stats = data.stats
         if not 0 <= index < sae.d_sae:
             raise FeatureError(f"feature {index} is out of range: SAE '{sae_id}' has {sae.d_sae} (0..{sae.d_sae - 1})", 404)
         weights = self.saes.weights(sae_id)
         manifest = self.store.manifest(sae.dataset_id)
         group = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")
-        vocabulary = self.models.get(manifest.model.name).vocabulary()
+        vocabulary = self._vocabulary(sae.dataset_id)
 
         def example(row: int, value: float) -> FeatureExample:
             token, window, position = (int(v) for v in group[TOKENS_ARRAY][row])
@@ -90,9 +176,13 @@ class FeatureJobs(JobQueue):
             ids = [int(t) for t in around[: hi - lo, 0]]
             rows = to_torch(group[sae.hook][lo:hi], manifest.dtype).float()
             acts = weights.encode(rows)[:, index]
-            return FeatureExample(row=row, value=value, tokens=[vocabulary[t] if 0 <= t < len(vocabulary) else f"<{t}>"
-                                                                for t in ids],
+            return FeatureExample(row=row, value=value, tokens=[_spell(vocabulary, t) for t in ids],
                                   values=[round(float(a), 6) for a in acts], position=row - lo)
+
+        def lens(table: torch.Tensor | None) -> list[tuple[str, float]]:
+            if table is None:
+                return []
+            return [(_spell(vocabulary, int(t)), round(float(v), 4)) for t, v in zip(table[0, :, index], table[1, :, index])]
 
         top = [example(int(r), float(v)) for r, v in zip(stats.top_rows[:, index], stats.top_values[:, index]) if r >= 0]
         intervals = [[example(int(r), float(v)) for r, v in zip(stats.interval_rows[q, :, index],
@@ -109,12 +199,16 @@ class FeatureJobs(JobQueue):
             mean_value=float(stats.sum_values[index]) / max(fired, 1),
             histogram_edges=[peak * i / bins for i in range(bins + 1)],
             histogram_counts=[int(c) for c in stats.histogram[index]], top=top, intervals=intervals,
-            neighbours=[(int(i), round(float(c), 6)) for i, c in zip(best.indices, best.values)])
+            neighbours=[(int(i), round(float(c), 6)) for i, c in zip(best.indices, best.values)],
+            promoted=lens(data.promoted), suppressed=lens(data.suppressed), logit_lens_note=data.logit_lens_note)
 
-    def _load(self, sae_id: str) -> FeatureStats:
+    def _load(self, sae_id: str) -> BrowserData:
         if sae_id not in self._stats:
-            t = load_file(self.folder / f"{sae_id}.features.safetensors")
-            self._stats[sae_id] = FeatureStats(n_rows=int(t.pop("n_rows")), **{k: t[k] for k in _FIELDS})
+            with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
+                t, note = {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("logit_lens_note") or None
+            stats = FeatureStats(n_rows=int(t["n_rows"]), **{k: t[k] for k in _FIELDS})
+            self._stats[sae_id] = BrowserData(stats, t["top_tokens"], float(t["squared_error"]),
+                                              float(t["total_variance"]), t.get("promoted"), t.get("suppressed"), note)
         return self._stats[sae_id]
 
     # -- the worker --------------------------------------------------------------------------
@@ -134,24 +228,82 @@ class FeatureJobs(JobQueue):
     def _run(self, job: FeatureJob) -> None:
         sae = self.saes.info(job.sae_id)
         weights, manifest = self.saes.weights(job.sae_id), self.store.manifest(sae.dataset_id)
-        array = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")[sae.hook]
-        done = [0]
+        group = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")
+        spans = _spans(job, manifest)
+        done, passes = [0], [0]
+        covered, tokens = [], []
+        sums = torch.zeros(3, sae.d_in, dtype=torch.float64)  # squared error, sum x, sum x^2
 
         def chunks():
-            for lo in range(0, job.n_rows, manifest.chunk_rows):
-                hi = min(lo + manifest.chunk_rows, job.n_rows)
-                yield to_torch(array[lo:hi], manifest.dtype).float(), torch.arange(lo, hi)
+            passes[0] += 1
+            for lo, hi in spans:
+                if passes[0] == 1:
+                    covered.append(torch.arange(lo, hi))
+                    tokens.append(torch.from_numpy(group[TOKENS_ARRAY][lo:hi, 0].astype("int64")))
+                yield to_torch(group[sae.hook][lo:hi], manifest.dtype).float(), torch.arange(lo, hi)
                 done[0] += hi - lo
                 self._set(self._jobs[job.sae_id], rows_done=done[0])
 
+        def observe(rows: torch.Tensor, acts: torch.Tensor) -> None:
+            recon = acts.to_sparse_csr() @ weights.W_dec + weights.b_dec  # acts are mostly zeros
+            sums[0] += (recon - rows).double().pow(2).sum(0)
+            sums[1] += rows.double().sum(0)
+            sums[2] += rows.double().pow(2).sum(0)
+
         with torch.inference_mode():
-            stats = feature_statistics(weights.encode, chunks, sae.d_sae)
+            stats = feature_statistics(weights.encode, chunks, sae.d_sae, observe=observe)
+            rows, ids = torch.cat(covered), torch.cat(tokens)
+            top = stats.top_rows
+            place = torch.searchsorted(rows, top.clamp_min(0)).clamp(max=len(rows) - 1)
+            top_tokens = torch.where(top >= 0, ids[place], -1)
+            lens, note = self._logit_lens(weights, manifest)
+        n = max(stats.n_rows, 1)
+        variance = float((sums[2] - sums[1].pow(2) / n).sum())
         tensors = {k: getattr(stats, k).contiguous() for k in _FIELDS}
-        save_file({**tensors, "n_rows": torch.tensor(stats.n_rows)}, self.folder / f"{job.sae_id}.features.safetensors")
+        tensors |= {"n_rows": torch.tensor(stats.n_rows), "top_tokens": top_tokens.contiguous(),
+                    "squared_error": sums[0].sum(), "total_variance": torch.tensor(variance, dtype=torch.float64)}
+        if lens is not None:
+            tensors |= {"promoted": lens[0].contiguous(), "suppressed": lens[1].contiguous()}
+        save_file(tensors, self.folder / f"{job.sae_id}.features.safetensors", metadata={"logit_lens_note": note or ""})
         self._stats.pop(job.sae_id, None)
+
+    def _logit_lens(self, weights, manifest: DatasetManifest, block: int = 1024):
+        """Each decoder direction through the unembedding: the ``LENS`` tokens it raises and lowers
+        most, a block of features at a time (a [block, vocab] product, whatever d_sae)."""
+        model = self.models.get(manifest.model.name)
+        if not_causal_reason(model) is not None:
+            return None, (f"none: '{manifest.model.name}' is not a causal LM; its unembedding (an untrained "
+                          "head, if any) says nothing of a direction")
+        W_U = model.bridge.W_U.detach().float().cpu()
+        if W_U.shape[0] != weights.W_dec.shape[1]:
+            return None, f"none: the hook's width {weights.W_dec.shape[1]} is not the residual stream's {W_U.shape[0]}"
+        k = min(LENS, W_U.shape[1])
+        up, down = torch.zeros(2, k, weights.W_dec.shape[0]), torch.zeros(2, k, weights.W_dec.shape[0])
+        for lo in range(0, weights.W_dec.shape[0], block):
+            logits = weights.W_dec[lo : lo + block] @ W_U
+            for table, best in ((up, logits.topk(k, dim=1)), (down, logits.topk(k, dim=1, largest=False))):
+                table[0, :, lo : lo + block] = best.indices.T.float()
+                table[1, :, lo : lo + block] = best.values.T
+        return (up, down), None
 
     def _set(self, job: FeatureJob, **changes) -> FeatureJob:
         job = job.model_copy(update={**changes, "updated_at": _now()})
         self._jobs[job.sae_id] = job
         atomic_write(self.folder / f"{job.sae_id}.job.json", job.model_dump_json(indent=1).encode())
         return job
+
+
+def _spans(job: FeatureJob, manifest: DatasetManifest) -> list[tuple[int, int]]:
+    """The [lo, hi) row ranges the job covers, a chunk at a time, in row order."""
+    if job.chunk_ids is not None:
+        return [(i * manifest.chunk_rows, i * manifest.chunk_rows + manifest.rows_in_chunk(i)) for i in job.chunk_ids]
+    return [(lo, min(lo + manifest.chunk_rows, job.n_rows)) for lo in range(0, job.n_rows, manifest.chunk_rows)]
+
+
+def _spell(vocabulary: list[str], token: int) -> str:
+    return vocabulary[token] if 0 <= token < len(vocabulary) else f"<{token}>"
+
+
+def _shown(token: str) -> str:
+    """A vocabulary string as text: GPT-2's space and newline marks and WordPiece's ## undone."""
+    return token.replace("Ġ", " ").replace("Ċ", "\n").removeprefix("##")

@@ -12,6 +12,7 @@ from cache_server.models import ModelRegistry, pick_device
 from cache_server.saes import SaeStore
 from cache_server.settings import Settings
 from cache_server.store import DatasetStore
+from shared.schemas import SaeSummary
 
 
 @dataclass
@@ -24,6 +25,13 @@ class Services:
     evaluations: EvaluationManager
     features: FeatureJobs
     metrics: ServerMetrics
+
+    def sae_summary(self, sae_id: str) -> SaeSummary:
+        """The feature statistics' summary with the SAE's latest completed evaluation."""
+        summary = self.features.summary(sae_id)
+        done = [e for e in self.evaluations.list() if e.request.sae_id == sae_id and e.result is not None]
+        latest = max(done, key=lambda e: e.updated_at, default=None)
+        return summary.model_copy(update={"evaluation": latest.result if latest else None})
 
 
 def build_services(settings: Settings) -> Services:

@@ -317,7 +317,10 @@ class FeatureJob(BaseModel):
 
     sae_id: str
     status: JobStatus
-    n_rows: int = Field(description="Rows the statistics cover: the dataset's first, up to max_rows.")
+    n_rows: int = Field(description="Rows the statistics cover: those of chunk_ids, or the dataset's first "
+                        "max_rows.")
+    chunk_ids: list[int] | None = Field(None, description="The dataset's chunks the statistics cover (e.g. "
+                                        "the trainer's held-out ones); None: its first rows.")
     rows_done: int = Field(0, description="Rows read so far, over both passes (2 x n_rows in all).")
     error: str | None = None
     created_at: datetime
@@ -347,3 +350,41 @@ class FeatureDetail(BaseModel):
     intervals: list[list[FeatureExample]] = Field(description="Rows sampled from each equal interval of "
                                                   "[0, max_value], lowest first.")
     neighbours: list[tuple[int, float]] = Field(description="Features of most similar decoder direction: (index, cosine).")
+    promoted: list[tuple[str, float]] = Field(default_factory=list, description="Logit lens: the tokens its decoder direction most "
+                                              "raises through the unembedding (token, logit).")
+    suppressed: list[tuple[str, float]] = Field(default_factory=list, description="Logit lens: the tokens it most lowers.")
+    logit_lens_note: str | None = Field(None, description="Why there is no logit lens (an encoder, a hook "
+                                        "off the residual stream).")
+
+
+class FeatureRow(BaseModel):
+    index: int
+    density: float
+    max_value: float
+    mean_value: float
+    top_tokens: list[str] = Field(description="The commonest activating tokens of its top examples, commonest first.")
+
+
+class FeatureList(BaseModel):
+    """A page of an SAE's features, filtered by a search over their top tokens and sorted."""
+
+    sae_id: str
+    total: int = Field(description="Features that match, over all pages.")
+    offset: int
+    features: list[FeatureRow]
+
+
+class SaeSummary(BaseModel):
+    """An SAE over the rows its feature statistics cover."""
+
+    sae: SaeInfo
+    n_rows: int
+    chunk_ids: list[int] | None
+    l0: float = Field(description="Mean active latents per row.")
+    fvu: float = Field(description="sum |x - x_hat|^2 / sum |x - mean x|^2 over those rows.")
+    dead: int = Field(description="Features that never fire on those rows.")
+    dense: int = Field(description="Features that fire on more than a tenth of them.")
+    density_edges: list[float] = Field(description="log10 density bin edges of the histogram (live features).")
+    density_counts: list[int]
+    evaluation: EvaluationResult | None = Field(None, description="The SAE's latest completed evaluation "
+                                                "(downstream loss), if one was asked for.")

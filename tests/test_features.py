@@ -71,12 +71,83 @@ def test_a_features_page_shows_what_the_cached_rows_say(client):
     assert html.text.count('class="example"') == len(page["top"]) + sum(map(len, page["intervals"]))
     for i, _ in page["neighbours"]:
         assert f'href="/saes/{sae}/features/{i}"' in html.text
-    assert_refused(client.get(f"/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
+    assert_page_refused(client.get(f"/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
+    check_the_sae_page(client, sae, rows, acts, W_dec, b_dec, tokens, vocabulary, feature, page)
     again = client.post(f"/v1/saes/{sae}/features")
     assert again.json()["status"] == "completed"  # a cache hit
     assert_refused(client.get(f"/v1/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
     assert_refused(client.get(f"/v1/saes/{'0' * 24}/features/0"), 404, "unknown SAE")
     assert client.post(f"/v1/saes/{sae}/features", headers={"Authorization": ""}).status_code == 401
+
+
+def assert_page_refused(response, status: int, phrase: str) -> None:
+    """A browser page's error is a page with the message, not JSON and never a trace."""
+    assert response.status_code == status and response.headers["content-type"].startswith("text/html"), response.text
+    assert phrase in response.text and "Traceback" not in response.text, response.text
+
+
+def check_the_sae_page(client, sae, rows, acts, W_dec, b_dec, tokens, vocabulary, feature, page):
+    """The SAE's summary, list, search, random feature and logit lens against figures computed here."""
+    from cache_server.models import ModelRegistry
+
+    summary = client.get(f"/v1/saes/{sae}/summary").json()
+    fired = (acts > 0).sum(0)
+    fvu = ((acts @ W_dec + b_dec - rows).pow(2).sum() / (rows - rows.mean(0)).pow(2).sum()).item()
+    assert np.isclose(summary["l0"], (acts > 0).sum().item() / 1000) and np.isclose(summary["fvu"], fvu, rtol=1e-4)
+    assert summary["dead"] == int((fired == 0).sum()) and summary["dense"] == int((fired > 100).sum())
+    assert sum(summary["density_counts"]) == int((fired > 0).sum()) and summary["evaluation"] is None
+    listing = client.get(f"/v1/saes/{sae}/feature-list", params={"sort": "density", "limit": 1000}).json()
+    assert np.allclose([f["density"] for f in listing["features"]], sorted((fired / 1000).tolist(), reverse=True))
+    by_max = client.get(f"/v1/saes/{sae}/feature-list", params={"sort": "max", "order": "ascending"}).json()
+    assert np.allclose([f["max_value"] for f in by_max["features"]], acts.max(0).values.sort().values.tolist(), rtol=1e-5)
+    # search: features whose top examples' activating tokens contain the string
+    word = vocabulary[int(tokens[page["top"][0]["row"], 0])].removeprefix("##").replace("Ġ", " ")
+    found = client.get(f"/v1/saes/{sae}/feature-list", params={"q": word.upper(), "limit": 1000}).json()
+    assert feature in [f["index"] for f in found["features"]] and found["total"] == len(found["features"])
+    assert client.get(f"/v1/saes/{sae}/feature-list", params={"q": "qqzzqqzz"}).json()["total"] == 0
+    html = client.get(f"/saes/{sae}/", params={"q": word}).text
+    assert f'<b id="l0">{summary["l0"]:.1f}</b>' in html and f'<span id="matches">{found["total"]:,}</span>' in html
+    assert f'href="/saes/{sae}/features/{feature}"' in html and "http" not in html
+    full = client.get(f"/saes/{sae}/").text
+    assert full.count(f'href="/saes/{sae}/features/') == 96 and f'<b id="dead">{summary["dead"]:,} of 96</b>' in full
+    assert client.get(f"/saes/{sae}", follow_redirects=False).status_code == 308
+    for _ in range(5):  # random live features, not only the strongest
+        jump = client.get(f"/saes/{sae}/random", follow_redirects=False)
+        assert jump.status_code == 303 and fired[int(jump.headers["location"].rsplit("/", 1)[1])] > 0
+    # the logit lens: the decoder direction through the tiny causal LM's unembedding
+    W_U = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY).bridge.W_U.detach().float()
+    logits = W_dec[feature] @ W_U
+    assert [t for t, _ in page["promoted"]] == [vocabulary[i] for i in logits.topk(10).indices]
+    np.testing.assert_allclose([v for _, v in page["suppressed"]], logits.topk(10, largest=False).values, atol=1e-3)
+    assert page["logit_lens_note"] is None
+    assert 'id="promoted"' in client.get(f"/saes/{sae}/features/{feature}").text
+    assert_page_refused(client.get(f"/saes/{'0' * 24}/"), 404, "unknown SAE")
+    assert_page_refused(client.get(f"/saes/{sae}/", params={"sort": "colour"}), 422, "invalid request")
+
+
+def test_statistics_over_chosen_chunks(client):
+    """A trainer's held-out chunks: the statistics cover those rows and no others; bad chunk ids get 422."""
+    request = {"model": TINY, "hooks": [HOOK], "n_tokens": 1600, "context_size": 32, "dtype": "float32"}
+    dataset_id = wait_job(client, client.post("/v1/harvests", json=request).json()["job_id"])["dataset_id"]
+    manifest = DatasetManifest.model_validate(client.get(f"/v1/datasets/{dataset_id}").json())
+    torch.manual_seed(1)
+    d = manifest.hook(HOOK).d
+    body = sae_body(torch.randn(d, 32) / d**0.5, torch.full((32,), -0.5), torch.randn(32, d), torch.zeros(d),
+                    {"architecture": "standard"})
+    sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": HOOK}, content=body).json()["sae_id"]
+    last = manifest.n_chunks_total
+    assert_refused(client.post(f"/v1/saes/{sae}/features", params={"chunks": f"1,{last}"}), 422,
+                   f"chunk ids [{last}] are not chunks", f"0..{last - 1}")
+    assert_refused(client.post(f"/v1/saes/{sae}/features", params={"chunks": "1;2"}), 422, "invalid request")
+    job = client.post(f"/v1/saes/{sae}/features", params={"chunks": "2,1"}).json()
+    assert job["chunk_ids"] == [1, 2] and job["n_rows"] == manifest.rows_in_chunk(1) + manifest.rows_in_chunk(2)
+    assert wait_features(client, sae)["status"] == "completed"
+    lo, hi = manifest.chunk_rows, manifest.chunk_rows + job["n_rows"]
+    summary = client.get(f"/v1/saes/{sae}/summary").json()
+    assert summary["chunk_ids"] == [1, 2] and summary["n_rows"] == job["n_rows"]
+    for index in range(4):
+        for example in client.get(f"/v1/saes/{sae}/features/{index}").json()["top"]:
+            assert lo <= example["row"] < hi
 
 
 def test_the_feature_page_escapes_every_token_string():

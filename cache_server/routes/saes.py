@@ -1,9 +1,11 @@
+from typing import Literal
+
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
-from shared.schemas import FeatureDetail, FeatureJob, SaeInfo
+from shared.schemas import FeatureDetail, FeatureJob, FeatureList, SaeInfo, SaeSummary
 
 router = APIRouter(prefix="/v1/saes", tags=["saes"])
 
@@ -41,10 +43,35 @@ def delete_sae(sae_id: str, svc: Services = Depends(services)) -> Response:
 
 
 @router.post("/{sae_id}/features", status_code=202, dependencies=[Depends(require_token)], responses=MUTATING)
-def compute_features(sae_id: str, max_rows: int = Query(262_144, ge=1, le=100_000_000, description=(
-        "Rows of the SAE's dataset to cover (its first ones)")), svc: Services = Depends(services)) -> FeatureJob:
+def compute_features(
+    sae_id: str,
+    max_rows: int = Query(262_144, ge=1, le=100_000_000, description="Rows of the SAE's dataset to cover (its first ones)."),
+    chunks: str | None = Query(None, pattern=r"^[0-9]{1,9}(,[0-9]{1,9})*$", description=(
+        "Comma-separated chunk ids to cover instead (e.g. the trainer's held-out chunks, which it never trained on).")),
+    svc: Services = Depends(services),
+) -> FeatureJob:
     """Compute the SAE's feature statistics (the browser's data) as a job; once done, a cache hit."""
-    return svc.features.submit(sae_id, max_rows)
+    return svc.features.submit(sae_id, max_rows, [int(c) for c in chunks.split(",")] if chunks else None)
+
+
+@router.get("/{sae_id}/summary")
+def summary(sae_id: str, svc: Services = Depends(services)) -> SaeSummary:
+    """L0, FVU, dead and dense counts and the density histogram over the statistics' rows, with the
+    SAE's latest completed evaluation (downstream loss) where one was asked for."""
+    return svc.sae_summary(sae_id)
+
+
+@router.get("/{sae_id}/feature-list")
+def feature_list(
+    sae_id: str,
+    sort: Literal["index", "density", "max"] = "density",
+    order: Literal["ascending", "descending"] = "descending",
+    q: str = Query("", max_length=100, description="Only features whose top examples' tokens contain this."),
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+    svc: Services = Depends(services),
+) -> FeatureList:
+    return svc.features.feature_list(sae_id, sort, order == "descending", q, offset, limit)
 
 
 @router.get("/{sae_id}/features")

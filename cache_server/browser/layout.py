@@ -1,0 +1,54 @@
+"""The frame every browser page shares: one inline style sheet, no script, no CDN, so the pages
+render offline and in any browser. Every string from the vocabulary or a request is untrusted
+text: callers pass it through ``html.escape`` (``token`` does for vocabulary strings)."""
+
+from html import escape
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 60em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+.figures span { margin-right: 1.5em; } .figures b { font-variant-numeric: tabular-nums; }
+.example { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: .15em 0; }
+.example .value { display: inline-block; width: 5.5em; color: #666; }
+.tok { border-radius: 2px; } .tok.centre { outline: 1px solid #c33; }
+.special { color: #888; font-style: italic; }
+.hist { display: flex; align-items: flex-end; height: 80px; gap: 1px; }
+.hist div { background: #4a7bd0; flex: 1; min-height: 1px; }
+.axis { display: flex; justify-content: space-between; color: #666; font-size: .85em; }
+nav a { margin-right: 1em; }
+table { border-collapse: collapse; } td, th { padding: .15em .8em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.lens { display: flex; gap: 3em; } .note { color: #666; }
+"""
+SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>")
+
+
+def page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>{STYLE}</style></head><body>
+{body}
+</body></html>"""
+
+
+def shown(text: str) -> str:
+    """A vocabulary string as the text it stands for (GPT-2's space and newline marks, WordPiece's
+    ## continuation), escaped."""
+    readable = text.replace("Ġ", " ").replace("Ċ", "⏎")
+    if readable.startswith("##"):
+        readable = readable[2:]
+    elif not readable.startswith(" ") and text not in SPECIAL:
+        readable = " " + readable
+    return escape(readable)
+
+
+def bars(counts: list[int], labels: list[str]) -> str:
+    """A histogram as flex bars, each label its hover title."""
+    top = max(counts, default=0) or 1
+    return '<div class="hist">' + "".join(f'<div style="height: {100 * c / top:.1f}%" title="{escape(label)}: {c}">'
+                                          "</div>" for c, label in zip(counts, labels)) + "</div>"
+
+
+def error_page(status: int, message: str) -> str:
+    return page(f"{status}: {message}", f'<nav><a href="/saes/">SAEs</a></nav><h1>{status}</h1>'
+                                        f'<p id="error">{escape(message)}</p>')
