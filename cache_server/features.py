@@ -111,6 +111,10 @@ class FeatureJobs(JobQueue):
     def _vocabulary(self, dataset_id: str) -> list[str]:
         return self.models.get(self.store.manifest(dataset_id).model.name).vocabulary()
 
+    def byte_level(self, dataset_id: str) -> bool:
+        """Whether the dataset's vocabulary is byte-level BPE (GPT-2's Ġ space marks)."""
+        return any(t.startswith("Ġ") for t in self._vocabulary(dataset_id))
+
     def summary(self, sae_id: str) -> SaeSummary:
         data, sae, job = self._completed(sae_id), self.saes.info(sae_id), self.get(sae_id)
         stats = data.stats
@@ -305,5 +309,6 @@ def _spell(vocabulary: list[str], token: int) -> str:
 
 
 def _shown(token: str) -> str:
-    """A vocabulary string as text: GPT-2's space and newline marks and WordPiece's ## undone."""
-    return token.replace("Ġ", " ").replace("Ċ", "\n").removeprefix("##")
+    """A vocabulary string as the pages show it (layout.shown): GPT-2's space mark and WordPiece's ##
+    undone, a newline as ⏎, so a search finds what a person reads."""
+    return token.replace("Ġ", " ").replace("Ċ", "⏎").removeprefix("##")

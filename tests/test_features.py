@@ -167,3 +167,10 @@ def test_the_feature_page_escapes_every_token_string():
     assert 'title="&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;: 2"' in html  # the value on hover
     assert 'class="tok special"' in html  # [CLS] shown as a special token
     assert 'href="/saes/aaaaaaaaaaaaaaaaaaaaaaaa/features/2">previous' in html and "features/4\">next" in html
+    # no word cut: byte-level BPE continues a word unless Ġ marks a space; WordPiece unless ## continues
+    words = example.model_copy(update={"tokens": ["Ġthe", "re", "Ġend"]})
+    byte_level = render(detail.model_copy(update={"top": [words], "intervals": []}), d_sae=8, byte_level=True)
+    assert ">there<" not in byte_level and '> the</span><span' in byte_level and ">re</span>" in byte_level
+    pieces = example.model_copy(update={"tokens": ["the", "##re", "end"]})
+    wordpiece = render(detail.model_copy(update={"top": [pieces], "intervals": []}), d_sae=8)
+    assert "> the</span>" in wordpiece and ">re</span>" in wordpiece and "> end</span>" in wordpiece

@@ -1,9 +1,21 @@
 """The README's main job, small: harvest the shipped causal LM, train the default sweep, evaluate each SAE
-spliced into the model, print the table, write the report."""
+spliced into the model, print the table, write the report, serve the feature browser."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import warnings
+
+import httpx
+import torch
+from safetensors.torch import load_file
+
+from shared.codec import decode_chunk, to_torch
+from shared.schemas import DatasetManifest
+from tests.browser import browser_available, chromium, screenshot
 
 
 def run_pipeline(out) -> subprocess.CompletedProcess:
@@ -13,9 +25,88 @@ def run_pipeline(out) -> subprocess.CompletedProcess:
                                                                                 "HF_HUB_OFFLINE": "1"})
 
 
-def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
-    first = run_pipeline(tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+def serve_pipeline(out) -> tuple[str, str]:
+    """sae-pipeline --serve: its stdout up to the line that says the browser is served, and then
+    the rest after Ctrl-C, which must end it cleanly."""
+    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
+            "--downstream-tokens", "2048", "--serve"]
+    with (out.parent / f"{out.name}-stderr.txt").open("w+") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving the feature browser at"):
+                break
+        try:
+            assert process.poll() is None, (process.returncode, stderr.seek(0) or stderr.read()[-2000:])
+            yield "".join(lines)
+        finally:
+            process.send_signal(signal.SIGINT)
+            rest, _ = process.communicate(timeout=120)
+        assert process.returncode == 0 and "Traceback" not in (stderr.seek(0) or stderr.read())
+        yield rest
+
+
+def check_the_feature_browser(stdout: str, out) -> None:
+    """In headless Chromium, as a person would: the k=32 TopK SAE's page, its figures against what this
+    test computes from the held-out rows with the exported file, a search, a feature's panels, a random
+    feature; screenshots kept in test-artifacts/."""
+    pages = dict(re.findall(r"^  (\S+) \S+: (http://\S+/saes/[0-9a-f]{24}/)$", stdout, re.M))
+    assert len(pages) == 6, stdout
+    name = next(n for n in pages if "-k32-" in n)
+    url = pages[name]
+    base, sae_id = url.split("/saes/")[0], url.split("/saes/")[1].strip("/")
+    with httpx.Client(base_url=base, timeout=60) as api:
+        summary = api.get(f"/v1/saes/{sae_id}/summary").json()
+        manifest = DatasetManifest.model_validate(api.get(f"/v1/datasets/{summary['sae']['dataset_id']}").json())
+        hook = manifest.hook(summary["sae"]["hook"])
+        rows = torch.cat([to_torch(decode_chunk(api.get(f"/v1/datasets/{manifest.dataset_id}/hooks/{hook.name}/chunks/{i}")
+                                                .content, hook, manifest.chunk_rows, manifest.rows_in_chunk(i)),
+                                   manifest.dtype).float() for i in summary["chunk_ids"]])
+        t = load_file(out / "train" / "saes" / name / "sae_weights.safetensors")
+        top = ((rows - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).topk(32, dim=-1)
+        acts = torch.zeros(rows.shape[0], t["W_enc"].shape[1]).scatter_(1, top.indices, top.values.relu())
+        fired = (acts > 0).sum(0)
+        with chromium() as driver:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.common.keys import Keys
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            driver.get(url)
+            assert abs(float(driver.find_element(By.ID, "l0").text) - (acts > 0).sum().item() / rows.shape[0]) < 0.06
+            dead = int(driver.find_element(By.ID, "dead").text.split(" of ")[0].replace(",", ""))
+            assert abs(dead - int((fired == 0).sum())) <= 2 and driver.find_element(By.ID, "ce-score").text
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#features tr")) == 101  # a header and 100 features
+            assert screenshot(driver, "feature-browser-sae.png").stat().st_size > 20_000
+            word = driver.find_element(By.CSS_SELECTOR, "#features tr:nth-child(2) code").text.strip()
+            driver.find_element(By.ID, "search").send_keys(word, Keys.ENTER)
+            WebDriverWait(driver, 30).until(lambda d: "q=" in d.current_url)
+            expected = api.get(f"/v1/saes/{sae_id}/feature-list", params={"q": word}).json()["total"]
+            assert 0 < expected == int(driver.find_element(By.ID, "matches").text.replace(",", ""))
+            driver.find_element(By.CSS_SELECTOR, "#features tr:nth-child(2) a").click()
+            WebDriverWait(driver, 30).until(lambda d: "/features/" in d.current_url)
+            index = int(driver.current_url.rsplit("/", 1)[1])
+            assert abs(float(driver.find_element(By.ID, "density").text.rstrip("%")) - 100 * fired[index].item() / rows.shape[0]) < 0.02
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#top .example")) == min(20, int(fired[index]))
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#promoted tr")) == 10  # a causal LM: a logit lens
+            assert screenshot(driver, "feature-browser-feature.png").stat().st_size > 20_000
+            driver.get(url)
+            driver.find_element(By.ID, "random").click()
+            WebDriverWait(driver, 30).until(lambda d: "/features/" in d.current_url)
+            assert driver.find_element(By.ID, "density").text != "0.0000%"
+
+
+def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_is_a_cache_hit(tmp_path):
+    out = tmp_path / "run"
+    served = serve_pipeline(out)
+    stdout = next(served)
+    if browser_available():
+        check_the_feature_browser(stdout, out)
+    else:  # a machine without Debian's chromium: the rest of the run is still checked
+        warnings.warn("chromium / chromedriver not installed (.ci/run installs them): browser checks skipped")
+    stdout += next(served)
+    first = subprocess.CompletedProcess([], 0, stdout, "")
     table = first.stdout.split("sae ")[-1].splitlines()
     rows = [line.split() for line in table if line.startswith(("relu-", "topk-"))]
     assert len(rows) == 6 and "CE score" in first.stdout
@@ -23,8 +114,10 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     for row in rows:  # sae, L0, FVU, dead %, CE score, KL: every SAE scored downstream
         score, kl = float(row[4]), float(row[5])
         assert 0 < score < 1.05 and kl > 0, row
+    tmp_path = out
     assert (tmp_path / "train" / "eval.json").exists() and (tmp_path / "train" / "curves.png").exists()
     report = (tmp_path / "report" / "report.md").read_text()
+    assert report.count("Every feature of it in the feature browser: http://127.0.0.1:") == 6
     assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "trained together on every batch" in report and "### Feature" in report and "«" in report
     assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
     cfg = json.loads(next((tmp_path / "train" / "saes").glob("topk-*/cfg.json")).read_text())
@@ -35,6 +128,7 @@ def test_pipeline_runs_end_to_end_and_the_second_run_is_a_cache_hit(tmp_path):
     second = run_pipeline(tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cache hit" in second.stdout
+    assert f"once `python -m cache_server --store {out / 'store'}` serves it" in second.stdout  # no --serve
 
 
 def test_ctrl_c_stops_the_server_it_started(tmp_path):

@@ -201,6 +201,14 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
         with CacheClient(server.url) as client:
             sae = client.request("GET", f"/v1/saes/{down['sae_id']}").json()
         assert sae["dataset_id"] == dataset.dataset_id and sae["hook"] == HOOKS[1]
+        # and its feature browser covers the held-out chunks: the same rows as eval.json's figures
+        page = r["browser"][HOOKS[1]]
+        assert page["sae_id"] == down["sae_id"] and page["path"] == f"/saes/{down['sae_id']}/"
+        with CacheClient(server.url) as client:
+            summary = client.request("GET", f"/v1/saes/{page['sae_id']}/summary").json()
+            assert client.request("GET", page["path"]).status_code == 200
+        assert summary["n_rows"] == page["n_rows"] == r["eval_rows"]
+        assert summary["l0"] == pytest.approx(r["l0"], rel=0.02) and summary["fvu"] == pytest.approx(r["fvu"], abs=0.01)
     for folder in (out / "saes").iterdir():
         assert {p.name for p in folder.iterdir()} >= {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
                                                       "eval.json", "histograms.png"}
@@ -465,10 +473,11 @@ def test_a_multi_hook_sae_is_spliced_in_hook_by_hook(server, dataset, tmp_path, 
     code = sae_train(["--cache-url", server.url, "--token", server.token, "--dataset", dataset.dataset_id,
                       "--hook", HOOKS[0], "--hook", HOOKS[1], "--tokens", "4096", "--batch-size", "512",
                       "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "512", "--no-progress",
-                      "--out", str(tmp_path / "run")])
+                      "--no-browser", "--out", str(tmp_path / "run")])
     assert code == 0, capsys.readouterr().err
     (result,) = json.loads((tmp_path / "run" / "eval.json").read_text())
     down = result["downstream"]
+    assert "browser" not in result  # --no-browser
     assert sorted(down) == sorted(HOOKS) and down[HOOKS[0]]["sae_id"] != down[HOOKS[1]]["sae_id"]
     for hook in HOOKS:  # each component spliced alone, at its own hook
         assert down[hook]["l0"] == pytest.approx(8, abs=0.5) and down[hook]["ce_loss_score"] is not None

@@ -23,6 +23,7 @@ from shared.schemas import Packing
 from trainer.config import ConfigError, load_sweep
 from trainer.data.client import CacheClient, CacheError, StoreReader
 from trainer.evaluation.downstream import downstream_columns, evaluate_downstream
+from trainer.evaluation.feature_browser import browse_features, page_lines
 from trainer.outputs.sinks import SinkError, TensorboardSink, WandbSink, require
 from trainer.training.distributed import World, exit_process
 from trainer.training.interrupt import stop_on_ctrl_c
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "answered before and went away, before checkpointing and stopping (default: %(default)s)")
     parser.add_argument("--downstream-tokens", type=whole_number, default=16_384, help="held-out tokens on which the "
                         "server splices each SAE into the model for CE loss score and KL (0: skip; default: %(default)s)")
+    parser.add_argument("--no-browser", action="store_true", help="skip the feature browser: registering each SAE "
+                        "with the server and computing its feature statistics over the held-out chunks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             results = trainer.evaluate_and_export()
             if args.downstream_tokens > 0:
                 results = evaluate_downstream(client, manifest, args.hooks, args.out, results, args.downstream_tokens)
+            if not args.no_browser:
+                results = browse_features(client, manifest, trainer.hooks, args.out, results,
+                                          trainer.stream.eval_chunk_ids)
     except (CacheError, ConfigError, RunError, SinkError) as exc:
         print(f"sae-train: error: {exc}", file=sys.stderr)
         return 1
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         world.close()
     print(json.dumps(results, indent=1) if args.no_progress else _table(results))
+    if not args.no_progress and (lines := page_lines(results, args.cache_url.rstrip("/"))):
+        print("feature browser:", *lines, sep="\n")
     return 0
 
 

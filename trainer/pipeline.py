@@ -4,14 +4,17 @@ Starts a cache server on 127.0.0.1, harvests shakespeare-gpt (the small causal L
 the repo; a residual stream and an MLP output) on the first part of the built-in corpus, trains a
 small sweep on the residual stream from the cache URL (TopK at k = 16, 32, 64, 128 and ReLU + L1
 at two coefficients: an L0 frontier), has the server splice each SAE into the model on the rest of
-the corpus (CE loss score, KL), prints a results table, writes a report, and stops the server
-(also on Ctrl-C). A second run is a cache hit for the harvest and resumes (or reuses) the training.
+the corpus (CE loss score, KL) and compute each SAE's feature statistics over the held-out chunks
+(the feature browser, /saes/<id>/), prints a results table and the browser's addresses, writes a
+report, and stops the server (also on Ctrl-C; --serve keeps it up for the browser). A second run
+is a cache hit for the harvest and resumes (or reuses) the training.
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +24,14 @@ from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
 from trainer.evaluation.downstream import evaluate_downstream
+from trainer.evaluation.feature_browser import browse_features, page_lines
 from trainer.report import write_report
 from trainer.training.interrupt import stop_on_ctrl_c
 from trainer.training.train import RunError, Trainer
 
 DEFAULT_MODEL = "shakespeare-gpt"
 DEFAULT_HOOKS = ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]
+DEFAULT_PORT = 8000  # python -m cache_server's
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training tokens per SAE (default: %(default)s; at least one batch of 1024)")
     parser.add_argument("--downstream-tokens", type=positive_int, default=16_384,
                         help="held-out tokens for each SAE's CE loss score and KL (default: %(default)s)")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="skip the feature browser (each SAE registered with the server and its feature "
+                             "statistics computed over the held-out chunks)")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the run, keep the cache server up for the feature browser until Ctrl-C")
     return parser.parse_args(argv)
 
 
@@ -123,19 +133,48 @@ def main(argv: list[str] | None = None) -> int:
                 return 130
             results = trainer.evaluate_and_export()
             results = evaluate_downstream(client, manifest, trainer.hooks, train_dir, results, args.downstream_tokens)
+            if not args.no_browser:
+                results = browse_features(client, manifest, trainer.hooks, train_dir, results,
+                                          trainer.stream.eval_chunk_ids)
             rates = _rates(train_dir)
-            report = write_report(trainer, results, rates, args.out / "report")
+            live = bool(args.cache_url or args.serve)
+            browser_url = url if live else f"http://127.0.0.1:{DEFAULT_PORT}"
+            report = write_report(trainer, results, rates, args.out / "report", browser_url)
+            _print_outcome(args, results, rates, train_dir, report, browser_url, live)
+            if args.serve:
+                return _serve(url)
     except KeyboardInterrupt:
         print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
     except (CacheError, ConfigError, RunError, RuntimeError) as exc:
         print(f"sae-pipeline: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_outcome(args, results: list[dict], rates: dict[str, float], train_dir: Path, report: Path,
+                   browser_url: str, live: bool) -> None:
     print()
     print(_table(results, rates))
     print(f"\nSAEs (SAELens layout), eval.json and plots: {train_dir}")
     print(f"report: {report / 'report.html'} (and report.md)")
-    return 0
+    lines = page_lines(results, browser_url)
+    if lines:
+        how = "" if live else (f" (once `python -m cache_server --store {args.out / 'store'}` serves it; "
+                               "or run with --serve)")
+        print(f"feature browser{how}:", *lines, sep="\n")
+    sys.stdout.flush()
+
+
+def _serve(url: str) -> int:
+    """Keep the started server up for the browser until Ctrl-C (then it is stopped on the way out)."""
+    print(f"serving the feature browser at {url}/saes/ until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("sae-pipeline: stopped serving", file=sys.stderr)
+        return 0
 
 if __name__ == "__main__":
     sys.exit(main())

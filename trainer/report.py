@@ -4,6 +4,7 @@ as Markdown and HTML."""
 
 import html
 import re
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,10 @@ def top_contexts(trainer: Trainer, sae_index: int, text: _Text, n_features: int 
     return out
 
 
-def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float], folder: Path) -> Path:
+def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float], folder: Path,
+                 browser_url: str | None = None) -> Path:
+    """report.md and report.html; with ``browser_url`` (the cache server's address) each SAE links
+    to its feature browser page there."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(trainer.out / "curves.png", folder / "curves.png")
     for r in results:
@@ -159,6 +163,8 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
            "held-out text; the activating token is marked «like this».", ""]
     for index, r in enumerate(results):
         md += [f"## {r['sae']}", ""]
+        pages = [f"{browser_url}{entry['path']}" for entry in r.get("browser", {}).values() if "path" in entry]
+        md += [f"Every feature of it in the feature browser: {page}" for page in pages if browser_url] + [""] * bool(pages)
         for feature, freq, examples in top_contexts(trainer, index, text, per_sae):
             md.append(f"### Feature {feature} (fires on {100 * freq:.2f}% of tokens)")
             md += [f"- {e.value:.2f}: …{e.before}«{e.token}»{e.after}…" for e in examples]
@@ -196,7 +202,7 @@ def _html(markdown: list[str]) -> str:
             body.append(f"<p class=ex>{text}</p>")
         elif line:
             text = html.escape(line).replace("`", "").replace("«", "<mark>").replace("»", "</mark>")
-            body.append(f"<p>{text}</p>")
+            body.append("<p>" + re.sub(r"(https?://[^\s<]+)", r'<a href="\1">\1</a>', text) + "</p>")
     if table:
         body.append("<table>" + "".join(table) + "</table>")
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"

@@ -7,16 +7,16 @@ from cache_server.browser.layout import SPECIAL, bars, page, shown
 from shared.schemas import FeatureDetail, FeatureExample
 
 
-def _token(text: str, value: float, max_value: float, centre: bool) -> str:
+def _token(text: str, value: float, max_value: float, centre: bool, byte_level: bool) -> str:
     """A token shaded by its activation, the value in its title (shown on hover)."""
     alpha = 0 if max_value <= 0 else max(0.0, min(value / max_value, 1.0))
     classes = "tok" + (" centre" if centre else "") + (" special" if text in SPECIAL else "")
     return (f'<span class="{classes}" style="background: rgba(220, 80, 40, {alpha:.3f})" '
-            f'title="{escape(text)}: {value:.4g}">{shown(text)}</span>')
+            f'title="{escape(text)}: {value:.4g}">{shown(text, byte_level)}</span>')
 
 
-def _example(example: FeatureExample, max_value: float) -> str:
-    tokens = "".join(_token(t, v, max_value, i == example.position)
+def _example(example: FeatureExample, max_value: float, byte_level: bool) -> str:
+    tokens = "".join(_token(t, v, max_value, i == example.position, byte_level)
                      for i, (t, v) in enumerate(zip(example.tokens, example.values)))
     return f'<div class="example" data-row="{example.row}"><span class="value">{example.value:.3f}</span>{tokens}</div>'
 
@@ -38,11 +38,12 @@ def _lens(detail: FeatureDetail) -> str:
            f'{column("suppressed", detail.suppressed, "suppressed")}</div>'
 
 
-def render(detail: FeatureDetail, d_sae: int) -> str:
+def render(detail: FeatureDetail, d_sae: int, byte_level: bool = False) -> str:
+    """The page; ``byte_level``: the vocabulary is byte-level BPE (see ``layout.shown``)."""
     base = f"/saes/{detail.sae_id}"
-    top = "".join(_example(e, detail.max_value) for e in detail.top) or "<p>It never fires on these rows.</p>"
+    top = "".join(_example(e, detail.max_value, byte_level) for e in detail.top) or "<p>It never fires on these rows.</p>"
     intervals = "".join(
-        f"<h3>interval {q + 1} of {len(detail.intervals)}</h3>" + "".join(_example(e, detail.max_value) for e in group)
+        f"<h3>interval {q + 1} of {len(detail.intervals)}</h3>" + "".join(_example(e, detail.max_value, byte_level) for e in group)
         for q, group in enumerate(detail.intervals) if group)
     neighbours = "".join(f'<li><a href="{base}/features/{i}">feature {i}</a> cosine {c:.3f}</li>'
                          for i, c in detail.neighbours)

@@ -31,13 +31,14 @@ def page(title: str, body: str) -> str:
 </body></html>"""
 
 
-def shown(text: str) -> str:
-    """A vocabulary string as the text it stands for (GPT-2's space and newline marks, WordPiece's
-    ## continuation), escaped."""
+def shown(text: str, byte_level: bool = False) -> str:
+    """A vocabulary string as the text it stands for, escaped. Byte-level BPE (GPT-2) marks a space
+    with Ġ and continues a word otherwise; WordPiece (BERT) starts a word unless ``##`` continues
+    it: so tokens join into whole words either way."""
     readable = text.replace("Ġ", " ").replace("Ċ", "⏎")
     if readable.startswith("##"):
         readable = readable[2:]
-    elif not readable.startswith(" ") and text not in SPECIAL:
+    elif not byte_level and not readable.startswith(" ") and text not in SPECIAL:
         readable = " " + readable
     return escape(readable)
 

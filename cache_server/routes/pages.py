@@ -44,4 +44,5 @@ def random_feature(sae_id: str, svc: Services = Depends(services)) -> RedirectRe
 def feature(sae_id: str, index: int, svc: Services = Depends(services)) -> HTMLResponse:
     """One feature's page, from the same figures as GET /v1/saes/<id>/features/<index>."""
     detail = svc.features.detail(sae_id, index)
-    return HTMLResponse(feature_page.render(detail, svc.saes.info(sae_id).d_sae))
+    sae = svc.saes.info(sae_id)
+    return HTMLResponse(feature_page.render(detail, sae.d_sae, svc.features.byte_level(sae.dataset_id)))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from shared.codec import decode_chunk
 from shared.schemas import (
-    ArrayInfo, CorpusInfo, DatasetManifest, DatasetSummary, EvaluationJob, EvaluationRequest, HarvestAccepted,
+    ArrayInfo, CorpusInfo, DatasetManifest, DatasetSummary, EvaluationJob, EvaluationRequest, FeatureJob, HarvestAccepted,
     HarvestJob, HarvestRequest, SaeInfo,
 )
 
@@ -162,6 +162,20 @@ class CacheClient:
             job = self.evaluation(job.evaluation_id)
         if job.status != "completed":
             raise CacheError(f"evaluation {job.evaluation_id} {job.status}" + (f": {job.error}" if job.error else ""))
+        return job
+
+    def compute_features(self, sae_id: str, chunk_ids: list[int]) -> FeatureJob:
+        """Ask for an SAE's feature statistics (the browser's data) over these chunks."""
+        params = {"chunks": ",".join(map(str, chunk_ids))}
+        return FeatureJob.model_validate(self.request("POST", f"/v1/saes/{sae_id}/features", params=params).json())
+
+    def wait_features(self, job: FeatureJob, poll: float = 0.25) -> FeatureJob:
+        """Follow a feature statistics job to its end; CacheError when it failed."""
+        while job.status in ("queued", "running"):
+            time.sleep(poll)
+            job = FeatureJob.model_validate(self.request("GET", f"/v1/saes/{job.sae_id}/features").json())
+        if job.status != "completed":
+            raise CacheError(f"feature statistics of SAE {job.sae_id} {job.status}" + (f": {job.error}" if job.error else ""))
         return job
 
     # -- datasets ----------------------------------------------------------------------------
