@@ -1,10 +1,13 @@
 """The feature browser's statistics job (cache_server/feature_stats.py): time and memory for an
 SAE of --d-sae latents over --rows rows, against its baseline, the two encoding passes alone.
 
-    .venv/bin/python bench/feature_stats.py [--rows 65536] [--d-in 768] [--d-sae 24576]
+    .venv/bin/python bench/feature_stats.py [--rows 65536] [--d-in 768] [--d-sae 24576] [--vocab 50257]
 
-Prints seconds (and seconds per million rows), the ratio to two bare encoding passes over the same
-blocks, and the peak RSS over the process' before the job (rows and weights already in memory).
+The job's computation as the server runs it: the two passes with the FVU sums on the first
+(``ReconstructionSums``), then the logit lens through a --vocab unembedding (GPT-2's size). Prints
+seconds (and per million rows), the ratio to two bare encoding passes over the same blocks, the
+logit lens' seconds, and the peak RSS over the process' before the job (rows and weights already
+in memory).
 """
 
 import argparse
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache_server.feature_stats import feature_statistics  # noqa: E402
+from cache_server.feature_stats import ReconstructionSums, feature_statistics, logit_lens  # noqa: E402
 
 
 def peak_mb() -> float:
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=768)
     parser.add_argument("--d-sae", type=int, default=24_576)
     parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=50_257)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, ids = torch.randn(args.rows, args.d_in), torch.arange(args.rows)
@@ -45,12 +49,17 @@ def main() -> None:
         bare = time.perf_counter() - t0
         before = peak_mb()
         t0 = time.perf_counter()
-        stats = feature_statistics(encode, chunks, args.d_sae)
+        sums = ReconstructionSums(W.T.contiguous(), torch.zeros(args.d_in))
+        stats = feature_statistics(encode, chunks, args.d_sae, observe=sums.observe)
         seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logit_lens(W.T.contiguous(), torch.randn(args.d_in, args.vocab))
+        lens = time.perf_counter() - t0
     per_million = seconds * 1e6 / args.rows
     print(f"statistics of d_sae {args.d_sae:,} over {args.rows:,} rows (d_in {args.d_in}): {seconds:.1f} s "
           f"({per_million / 60:.1f} min per 1M rows), {seconds / bare:.2f}x two bare encoding passes ({bare:.1f} s); "
-          f"peak RSS +{max(0.0, peak_mb() - before):.0f} MB; {int((stats.fired == 0).sum())} dead")
+          f"logit lens over {args.vocab:,} tokens {lens:.1f} s; peak RSS +{max(0.0, peak_mb() - before):.0f} MB; "
+          f"{int((stats.fired == 0).sum())} dead, FVU {sums.squared_error / sums.total_variance:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ of lowest hash of their row id among those in the interval: uniform, the same wh
 order, and mergeable across chunks (a bottom-k sketch).
 """
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")  # CSR @ dense is all we use
 _MIX = 0x2545F4914F6CDD1D  # xorshift*'s multiplier: row ids to well-spread priorities
 
 
@@ -143,3 +145,44 @@ def feature_statistics(encode: Callable[[Tensor], Tensor], chunks: Callable[[], 
                         top_rows=top_rows, histogram=histogram.view(d_sae, bins),
                         interval_rows=interval_rows.view(per_interval, d_sae, intervals).permute(2, 0, 1),
                         interval_values=interval_values.view(per_interval, d_sae, intervals).permute(2, 0, 1))
+
+
+class ReconstructionSums:
+    """Running float64 sums for an SAE's FVU over rows seen a block at a time: ``observe`` fits
+    ``feature_statistics``' hook, so the reconstruction costs a sparse decode, not a second encoding."""
+
+    def __init__(self, W_dec: Tensor, b_dec: Tensor):
+        self.W_dec, self.b_dec = W_dec, b_dec
+        self.n = 0
+        self.sums = torch.zeros(3, W_dec.shape[1], dtype=torch.float64)  # squared error, sum x, sum x^2
+
+    def observe(self, rows: Tensor, acts: Tensor) -> None:
+        recon = acts.to_sparse_csr() @ self.W_dec + self.b_dec  # acts are mostly zeros
+        self.n += rows.shape[0]
+        self.sums[0] += (recon - rows).double().pow(2).sum(0)
+        self.sums[1] += rows.double().sum(0)
+        self.sums[2] += rows.double().pow(2).sum(0)
+
+    @property
+    def squared_error(self) -> float:
+        return float(self.sums[0].sum())
+
+    @property
+    def total_variance(self) -> float:
+        """sum |x - mean x|^2."""
+        return float((self.sums[2] - self.sums[1].pow(2) / max(self.n, 1)).sum())
+
+
+def logit_lens(W_dec: Tensor, W_U: Tensor, k: int = 10, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """Each decoder direction ``W_dec [d_sae, d_model]`` through the unembedding ``W_U [d_model, vocab]``:
+    ``(promoted, suppressed)``, each ``[2, k, d_sae]`` (token ids as floats, then logits), the ``k``
+    tokens it raises and lowers most; a block of features at a time, so memory is a [block, vocab]
+    product whatever d_sae."""
+    k = min(k, W_U.shape[1])
+    up, down = torch.zeros(2, k, W_dec.shape[0]), torch.zeros(2, k, W_dec.shape[0])
+    for lo in range(0, W_dec.shape[0], block):
+        logits = W_dec[lo : lo + block] @ W_U
+        for table, best in ((up, logits.topk(k, dim=1)), (down, logits.topk(k, dim=1, largest=False))):
+            table[0, :, lo : lo + block] = best.indices.T.float()
+            table[1, :, lo : lo + block] = best.values.T
+    return up, down

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from cache_server.downstream import not_causal_reason
 from cache_server.errors import ServiceError
-from cache_server.feature_stats import FeatureStats, feature_statistics
+from cache_server.feature_stats import FeatureStats, ReconstructionSums, feature_statistics, logit_lens
 from cache_server.files import atomic_write
 from cache_server.job_queue import JobQueue
 from cache_server.models import ModelRegistry
@@ -84,7 +84,7 @@ class FeatureJobs(JobQueue):
             chunk_ids = sorted(set(chunk_ids))
         with self._lock:
             job = self._jobs.get(sae_id)
-            if job is not None and (job.status in ACTIVE_STATUSES or job.status == "completed"):
+            if job is not None and (job.status in ACTIVE_STATUSES or (job.status == "completed" and self._current(sae_id))):
                 return job
             now = _now()
             n_rows = (sum(manifest.rows_in_chunk(i) for i in chunk_ids) if chunk_ids is not None
@@ -206,8 +206,17 @@ class FeatureJobs(JobQueue):
             neighbours=[(int(i), round(float(c), 6)) for i, c in zip(best.indices, best.values)],
             promoted=lens(data.promoted), suppressed=lens(data.suppressed), logit_lens_note=data.logit_lens_note)
 
+    def _current(self, sae_id: str) -> bool:
+        """Whether the stored statistics hold what this version reads (older ones lack the search's
+        top tokens, the FVU sums and the logit lens; asking again recomputes them)."""
+        with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
+            return "top_tokens" in f.keys()
+
     def _load(self, sae_id: str) -> BrowserData:
         if sae_id not in self._stats:
+            if not self._current(sae_id):
+                raise FeatureError(f"the feature statistics of SAE '{sae_id}' predate this server's browser: "
+                                   f"POST /v1/saes/{sae_id}/features to compute them again", 409)
             with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
                 t, note = {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("logit_lens_note") or None
             stats = FeatureStats(n_rows=int(t["n_rows"]), **{k: t[k] for k in _FIELDS})
@@ -236,7 +245,7 @@ class FeatureJobs(JobQueue):
         spans = _spans(job, manifest)
         done, passes = [0], [0]
         covered, tokens = [], []
-        sums = torch.zeros(3, sae.d_in, dtype=torch.float64)  # squared error, sum x, sum x^2
+        sums = ReconstructionSums(weights.W_dec, weights.b_dec)
 
         def chunks():
             passes[0] += 1
@@ -248,32 +257,24 @@ class FeatureJobs(JobQueue):
                 done[0] += hi - lo
                 self._set(self._jobs[job.sae_id], rows_done=done[0])
 
-        def observe(rows: torch.Tensor, acts: torch.Tensor) -> None:
-            recon = acts.to_sparse_csr() @ weights.W_dec + weights.b_dec  # acts are mostly zeros
-            sums[0] += (recon - rows).double().pow(2).sum(0)
-            sums[1] += rows.double().sum(0)
-            sums[2] += rows.double().pow(2).sum(0)
-
         with torch.inference_mode():
-            stats = feature_statistics(weights.encode, chunks, sae.d_sae, observe=observe)
+            stats = feature_statistics(weights.encode, chunks, sae.d_sae, observe=sums.observe)
             rows, ids = torch.cat(covered), torch.cat(tokens)
             top = stats.top_rows
             place = torch.searchsorted(rows, top.clamp_min(0)).clamp(max=len(rows) - 1)
             top_tokens = torch.where(top >= 0, ids[place], -1)
             lens, note = self._logit_lens(weights, manifest)
-        n = max(stats.n_rows, 1)
-        variance = float((sums[2] - sums[1].pow(2) / n).sum())
         tensors = {k: getattr(stats, k).contiguous() for k in _FIELDS}
         tensors |= {"n_rows": torch.tensor(stats.n_rows), "top_tokens": top_tokens.contiguous(),
-                    "squared_error": sums[0].sum(), "total_variance": torch.tensor(variance, dtype=torch.float64)}
+                    "squared_error": torch.tensor(sums.squared_error, dtype=torch.float64),
+                    "total_variance": torch.tensor(sums.total_variance, dtype=torch.float64)}
         if lens is not None:
             tensors |= {"promoted": lens[0].contiguous(), "suppressed": lens[1].contiguous()}
         save_file(tensors, self.folder / f"{job.sae_id}.features.safetensors", metadata={"logit_lens_note": note or ""})
         self._stats.pop(job.sae_id, None)
 
-    def _logit_lens(self, weights, manifest: DatasetManifest, block: int = 1024):
-        """Each decoder direction through the unembedding: the ``LENS`` tokens it raises and lowers
-        most, a block of features at a time (a [block, vocab] product, whatever d_sae)."""
+    def _logit_lens(self, weights, manifest: DatasetManifest):
+        """The logit lens tables, or None and why there are none."""
         model = self.models.get(manifest.model.name)
         if not_causal_reason(model) is not None:
             return None, (f"none: '{manifest.model.name}' is not a causal LM; its unembedding (an untrained "
@@ -281,14 +282,7 @@ class FeatureJobs(JobQueue):
         W_U = model.bridge.W_U.detach().float().cpu()
         if W_U.shape[0] != weights.W_dec.shape[1]:
             return None, f"none: the hook's width {weights.W_dec.shape[1]} is not the residual stream's {W_U.shape[0]}"
-        k = min(LENS, W_U.shape[1])
-        up, down = torch.zeros(2, k, weights.W_dec.shape[0]), torch.zeros(2, k, weights.W_dec.shape[0])
-        for lo in range(0, weights.W_dec.shape[0], block):
-            logits = weights.W_dec[lo : lo + block] @ W_U
-            for table, best in ((up, logits.topk(k, dim=1)), (down, logits.topk(k, dim=1, largest=False))):
-                table[0, :, lo : lo + block] = best.indices.T.float()
-                table[1, :, lo : lo + block] = best.values.T
-        return (up, down), None
+        return logit_lens(weights.W_dec, W_U, LENS), None
 
     def _set(self, job: FeatureJob, **changes) -> FeatureJob:
         job = job.model_copy(update={**changes, "updated_at": _now()})

@@ -92,6 +92,9 @@ def test_two_ranks_train_what_one_process_trains_and_resume_on_one(server, datas
         for a, b in zip(reference["saes"], other["saes"], strict=True):
             assert torch.equal(a["tokens_since_fired"], b["tokens_since_fired"])
             for name, x in a["model"].items():
-                torch.testing.assert_close(b["model"][name], x, rtol=1e-4, atol=1e-5, msg=name)
+                # Summed half-batch gradients round differently from one batch's; over the run a ReLU's
+                # latents near 0 amplify that to ~2e-4 on some CPUs (seen on one, not on another).
+                # Wrong rows or a missed resample differ by orders of magnitude more.
+                torch.testing.assert_close(b["model"][name], x, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
     exported = tmp_path / "ranks" / "saes"
     assert len(list(exported.glob("*/sae_weights.safetensors"))) == 2  # rank 0 exported both SAEs

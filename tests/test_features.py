@@ -125,7 +125,7 @@ def check_the_sae_page(client, sae, rows, acts, W_dec, b_dec, tokens, vocabulary
     assert_page_refused(client.get(f"/saes/{sae}/", params={"sort": "colour"}), 422, "invalid request")
 
 
-def test_statistics_over_chosen_chunks(client):
+def test_statistics_over_chosen_chunks(client, server):
     """A trainer's held-out chunks: the statistics cover those rows and no others; bad chunk ids get 422."""
     request = {"model": TINY, "hooks": [HOOK], "n_tokens": 1600, "context_size": 32, "dtype": "float32"}
     dataset_id = wait_job(client, client.post("/v1/harvests", json=request).json()["job_id"])["dataset_id"]
@@ -148,6 +148,13 @@ def test_statistics_over_chosen_chunks(client):
     for index in range(4):
         for example in client.get(f"/v1/saes/{sae}/features/{index}").json()["top"]:
             assert lo <= example["row"] < hi
+    # statistics an older server stored (no top tokens for the search): asking again recomputes them
+    from safetensors.torch import load_file, save_file
+
+    (path,) = server.store.parent.rglob(f"{sae}.features.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if k != "top_tokens"}, path)
+    assert client.post(f"/v1/saes/{sae}/features", params={"chunks": "1,2"}).json()["status"] in ("queued", "running")
+    assert wait_features(client, sae)["status"] == "completed" and "top_tokens" in load_file(path)
 
 
 def test_the_feature_page_escapes_every_token_string():

@@ -64,13 +64,15 @@ def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x:
     alive_acts = acts[:, alive]
     active = alive_acts > 0
     n = x.shape[0]
-    rate = float(active.float().mean())
     mean_act = alive_acts.sum() / active.sum().clamp_min(1)
-    stay_below = min(max(n - round(rate * n), 1), n - 1)  # the new latent fires on the other rows
-    projection = (x - sae.b_dec[c]) @ directions.T  # [n, dead]
-    cut = projection.kthvalue(stay_below, dim=0).values
-    above = projection > cut
-    mean_above = (projection * above).sum(0) / above.sum(0).clamp_min(1)
+    # The new latent fires on its m best rows: m is fractional and the cut and the mean above it are
+    # interpolated between order statistics, so a rate one firing off (float noise between a
+    # data-parallel and a one-process run) moves them a hair, not to the next row.
+    m = min(max(float(active.float().mean()) * n, 1.0), n - 2.0)
+    whole, part = int(m), m - int(m)
+    top = ((x - sae.b_dec[c]) @ directions.T).topk(whole + 2, dim=0).values  # [whole + 2, dead], descending
+    cut = (1 - part) * top[whole] + part * top[whole + 1]
+    mean_above = (top[:whole].sum(0) + part * top[whole]) / m
     gate = {"relu": torch.zeros(()), "batchtopk": sae.threshold[c]}.get(sae.cfg.activation)
     if gate is None:  # jumprelu
         gate = sae.log_threshold[c, ids].exp()
