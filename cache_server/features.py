@@ -138,7 +138,7 @@ class FeatureJobs(JobQueue):
         order = key.argsort(descending=descending, stable=True)
         if query:
             needle = query.casefold()
-            matching = torch.tensor([needle in _shown(t).casefold() for t in vocabulary] + [False])
+            matching = torch.tensor([needle in token_text(t).casefold() for t in vocabulary] + [False])
             hits = matching[data.top_tokens].sum(0)  # -1 (no example) indexes the trailing False
             order = order[hits[order].argsort(descending=True, stable=True)]
             order = order[hits[order] > 0]
@@ -214,10 +214,10 @@ class FeatureJobs(JobQueue):
 
     def _load(self, sae_id: str) -> BrowserData:
         if sae_id not in self._stats:
-            if not self._current(sae_id):
-                raise FeatureError(f"the feature statistics of SAE '{sae_id}' predate this server's browser: "
-                                   f"POST /v1/saes/{sae_id}/features to compute them again", 409)
             with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
+                if "top_tokens" not in f.keys():  # what _current checks, on the file already open
+                    raise FeatureError(f"the feature statistics of SAE '{sae_id}' predate this server's browser: "
+                                       f"POST /v1/saes/{sae_id}/features to compute them again", 409)
                 t, note = {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("logit_lens_note") or None
             stats = FeatureStats(n_rows=int(t["n_rows"]), **{k: t[k] for k in _FIELDS})
             self._stats[sae_id] = BrowserData(stats, t["top_tokens"], float(t["squared_error"]),
@@ -302,7 +302,7 @@ def _spell(vocabulary: list[str], token: int) -> str:
     return vocabulary[token] if 0 <= token < len(vocabulary) else f"<{token}>"
 
 
-def _shown(token: str) -> str:
-    """A vocabulary string as the pages show it (layout.shown): GPT-2's space mark and WordPiece's ##
-    undone, a newline as ⏎, so a search finds what a person reads."""
+def token_text(token: str) -> str:
+    """A vocabulary string as the pages show it (``browser.layout.shown`` builds on it): GPT-2's
+    space mark and WordPiece's ## undone, a newline as ⏎, so a search finds what a person reads."""
     return token.replace("Ġ", " ").replace("Ċ", "⏎").removeprefix("##")

@@ -106,26 +106,24 @@ def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_
     else:  # a machine without Debian's chromium: the rest of the run is still checked
         warnings.warn("chromium / chromedriver not installed (.ci/run installs them): browser checks skipped")
     stdout += next(served)
-    first = subprocess.CompletedProcess([], 0, stdout, "")
-    table = first.stdout.split("sae ")[-1].splitlines()
+    table = stdout.split("sae ")[-1].splitlines()
     rows = [line.split() for line in table if line.startswith(("relu-", "topk-"))]
-    assert len(rows) == 6 and "CE score" in first.stdout
-    assert "training: 6 SAE(s) together at" in first.stdout  # one rate: they share every batch
+    assert len(rows) == 6 and "CE score" in stdout
+    assert "training: 6 SAE(s) together at" in stdout  # one rate: they share every batch
     for row in rows:  # sae, L0, FVU, dead %, CE score, KL: every SAE scored downstream
         score, kl = float(row[4]), float(row[5])
         assert 0 < score < 1.05 and kl > 0, row
-    tmp_path = out
-    assert (tmp_path / "train" / "eval.json").exists() and (tmp_path / "train" / "curves.png").exists()
-    report = (tmp_path / "report" / "report.md").read_text()
+    assert (out / "train" / "eval.json").exists() and (out / "train" / "curves.png").exists()
+    report = (out / "report" / "report.md").read_text()
     assert report.count("Every feature of it in the feature browser: http://127.0.0.1:") == 6
     assert "| SAE | L0 | FVU | dead % | CE loss score | KL |" in report and "trained together on every batch" in report and "### Feature" in report and "«" in report
-    assert (tmp_path / "report" / "frontier.png").stat().st_size > 1000
-    cfg = json.loads(next((tmp_path / "train" / "saes").glob("topk-*/cfg.json")).read_text())
+    assert (out / "report" / "frontier.png").stat().st_size > 1000
+    cfg = json.loads(next((out / "train" / "saes").glob("topk-*/cfg.json")).read_text())
     # the pipeline's own server is gone after the run: its port is not written as the dataset's place
     assert cfg["metadata"]["dataset_path"] is None and len(cfg["metadata"]["dataset_id"]) == 24
-    html = (tmp_path / "report" / "report.html").read_text()
-    assert "<table>" in html and "<mark>" in html and (tmp_path / "report" / "curves.png").exists()
-    second = run_pipeline(tmp_path)
+    html = (out / "report" / "report.html").read_text()
+    assert "<table>" in html and "<mark>" in html and (out / "report" / "curves.png").exists()
+    second = run_pipeline(out)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cache hit" in second.stdout
     assert f"once `python -m cache_server --store {out / 'store'}` serves it" in second.stdout  # no --serve

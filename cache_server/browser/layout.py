@@ -4,6 +4,8 @@ text: callers pass it through ``html.escape`` (``token`` does for vocabulary str
 
 from html import escape
 
+from cache_server.features import token_text
+
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 60em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
@@ -35,10 +37,8 @@ def shown(text: str, byte_level: bool = False) -> str:
     """A vocabulary string as the text it stands for, escaped. Byte-level BPE (GPT-2) marks a space
     with Ġ and continues a word otherwise; WordPiece (BERT) starts a word unless ``##`` continues
     it: so tokens join into whole words either way."""
-    readable = text.replace("Ġ", " ").replace("Ċ", "⏎")
-    if readable.startswith("##"):
-        readable = readable[2:]
-    elif not byte_level and not readable.startswith(" ") and text not in SPECIAL:
+    readable = token_text(text)
+    if not (byte_level or text.startswith("##") or readable.startswith(" ") or text in SPECIAL):
         readable = " " + readable
     return escape(readable)
 

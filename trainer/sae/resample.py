@@ -4,8 +4,7 @@ inputs and reset their optimizer state, so Adam's moments don't drag them back."
 import torch
 from torch import Tensor
 
-from trainer.sae.autoencoder import SparseAutoencoder
-
+from trainer.sae.autoencoder import SparseAutoencoder, Weights
 
 
 @torch.no_grad()
@@ -47,7 +46,7 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
 
 def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x: Tensor, acts: Tensor,
-             alive: Tensor, w) -> tuple[Tensor, Tensor]:
+             alive: Tensor, w: Weights) -> tuple[Tensor, Tensor]:
     """A resampled latent's computing encoder norm and bias.
 
     TopK: the alive latents' mean encoder norm and no bias (a latent fires by outbidding the others).
@@ -73,8 +72,11 @@ def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x:
     top = ((x - sae.b_dec[c]) @ directions.T).topk(whole + 2, dim=0).values  # [whole + 2, dead], descending
     cut = (1 - part) * top[whole] + part * top[whole + 1]
     mean_above = (top[:whole].sum(0) + part * top[whole]) / m
-    gate = {"relu": torch.zeros(()), "batchtopk": sae.threshold[c]}.get(sae.cfg.activation)
-    if gate is None:  # jumprelu
+    if sae.cfg.activation == "relu":
+        gate = torch.zeros((), device=x.device)
+    elif sae.cfg.activation == "jumprelu":
         gate = sae.log_threshold[c, ids].exp()
+    else:  # batchtopk's inference threshold
+        gate = sae.threshold[c]
     scale = ((mean_act - gate) / (mean_above - cut).clamp_min(1e-6)).clamp_min(1e-6)
     return scale, gate - scale * cut
