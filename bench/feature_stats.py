@@ -6,8 +6,8 @@ SAE of --d-sae latents over --rows rows, against its baseline, the two encoding 
 The job's computation as the server runs it: the two passes with the FVU sums on the first
 (``ReconstructionSums``), then the logit lens through a --vocab unembedding (GPT-2's size). Prints
 seconds (and per million rows), the ratio to two bare encoding passes over the same blocks, the
-logit lens' seconds, and the peak RSS over the process' before the job (rows and weights already
-in memory).
+logit lens' seconds, and the peak RSS over the process' before the job (the weights already in
+memory; the rows are made a chunk at a time, as the server reads them from the store).
 """
 
 import argparse
@@ -35,11 +35,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50_257)
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows, ids = torch.randn(args.rows, args.d_in), torch.arange(args.rows)
+    # Rows made a chunk at a time (seeded by the chunk, the same each pass), as the server reads them
+    # from the store: the process holds no dataset, so its peak RSS is the job's.
+    def chunk_rows(lo: int) -> torch.Tensor:
+        return torch.randn(min(args.chunk, args.rows - lo), args.d_in, generator=torch.Generator().manual_seed(lo))
     W = torch.randn(args.d_in, args.d_sae) / args.d_in**0.5
     bias = -2.5 * torch.ones(args.d_sae)  # ~0.6% density, as a trained SAE's typical latent
     encode = lambda x: torch.relu(torch.addmm(bias, x, W))  # noqa: E731
-    chunks = lambda: ((rows[lo:lo + args.chunk], ids[lo:lo + args.chunk]) for lo in range(0, args.rows, args.chunk))  # noqa: E731
+    chunks = lambda: ((chunk_rows(lo), torch.arange(lo, min(lo + args.chunk, args.rows)))  # noqa: E731
+                      for lo in range(0, args.rows, args.chunk))
     with torch.inference_mode():
         t0 = time.perf_counter()
         for _ in range(2):

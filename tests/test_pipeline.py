@@ -28,9 +28,14 @@ def run_pipeline(out) -> subprocess.CompletedProcess:
 def serve_pipeline(out) -> tuple[str, str]:
     """sae-pipeline --serve: its stdout up to the line that says the browser is served, and then
     the rest after Ctrl-C, which must end it cleanly."""
-    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
-            "--downstream-tokens", "2048", "--serve"]
-    with (out.parent / f"{out.name}-stderr.txt").open("w+") as stderr:
+    return served(["trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
+                   "--downstream-tokens", "2048", "--serve"], out.parent / f"{out.name}-stderr.txt")
+
+
+def served(module_args: list[str], stderr_file) -> tuple[str, str]:
+    """A command that serves the browser until Ctrl-C (``python -m ...``): see serve_pipeline."""
+    args = [sys.executable, "-m", *module_args]
+    with stderr_file.open("w+") as stderr:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
         lines = []
@@ -127,6 +132,18 @@ def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cache hit" in second.stdout
     assert f"once `python -m cache_server --store {out / 'store'}` serves it" in second.stdout  # no --serve
+
+    # sae-browse pointed at the folder afterwards: a server over its store, the same SAEs' pages
+    # (registered and computed already: cache hits), until Ctrl-C.
+    browse = served(["trainer.browse", str(out)], tmp_path / "browse-stderr.txt")
+    listing = next(browse)
+    pages = dict(re.findall(r"^  (\S+) \S+: (http://\S+/saes/[0-9a-f]{24}/)$", listing, re.M))
+    results = {r["sae"]: r for r in json.loads((out / "train" / "eval.json").read_text())}
+    assert sorted(pages) == sorted(results), listing
+    for name, url in pages.items():
+        (entry,) = results[name]["browser"].values()
+        assert url.endswith(entry["path"]) and httpx.get(url, timeout=60).status_code == 200
+    assert "stopped serving" not in next(browse)
 
 
 def test_ctrl_c_stops_the_server_it_started(tmp_path):

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import torch
 
 from shared.codec import to_torch
 from tests.conftest import TINY
+from trainer.browse import main as sae_browse
 from trainer.cli import main as sae_train
 from trainer.config import load_sweep
 from trainer.data.client import CacheClient, CacheError
@@ -481,6 +483,43 @@ def test_a_multi_hook_sae_is_spliced_in_hook_by_hook(server, dataset, tmp_path, 
     assert sorted(down) == sorted(HOOKS) and down[HOOKS[0]]["sae_id"] != down[HOOKS[1]]["sae_id"]
     for hook in HOOKS:  # each component spliced alone, at its own hook
         assert down[hook]["l0"] == pytest.approx(8, abs=0.5) and down[hook]["ce_loss_score"] is not None
+
+    # Pointed at the run folder afterwards, sae-browse gives each hook's SAE its browser pages over
+    # the run's held-out chunks (the rows of eval.json's figures); a second time is a cache hit.
+    for attempt in range(2):
+        code = sae_browse([str(tmp_path / "run"), "--cache-url", server.url, "--token", server.token])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        pages = dict(re.findall(r"^  \S+ (\S+): (http://\S+/saes/[0-9a-f]{24}/)$", out, re.M))
+        assert sorted(pages) == sorted(HOOKS), out
+        (result,) = json.loads((tmp_path / "run" / "eval.json").read_text())
+        with CacheClient(server.url) as client:
+            for hook in HOOKS:
+                assert pages[hook] == f"{server.url}/saes/{down[hook]['sae_id']}/"  # the same file, the same SAE
+                summary = client.request("GET", f"/v1/saes/{down[hook]['sae_id']}/summary").json()
+                assert summary["n_rows"] == result["eval_rows"] == result["browser"][hook]["n_rows"]
+                assert summary["l0"] == pytest.approx(down[hook]["l0"], abs=0.5)
+                assert client.request("GET", result["browser"][hook]["path"]).status_code == 200
+
+
+def test_sae_browse_refuses_what_it_cannot_browse(server, tmp_path, capsys):
+    """Each bad run folder or server gets one line on stderr and exit 1, nothing written."""
+    def refused(*args: str) -> str:
+        assert sae_browse(list(args)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("sae-browse: error: ") and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "holds no sae-train or sae-pipeline run" in refused(str(tmp_path / "nowhere"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"dataset_id": "0" * 24, "hooks": HOOKS, "run": {"seed": 0, "eval_chunks": 1}}))
+    assert "has not finished (no eval.json)" in refused(str(run), "--cache-url", server.url)
+    (run / "eval.json").write_text("[]")
+    assert "sae-train folder: name the cache server" in refused(str(run))
+    assert "--store" in refused(str(run), "--store", str(tmp_path / "no-store"))
+    assert "unknown dataset" in refused(str(run), "--cache-url", server.url)
+    assert sorted(p.name for p in run.iterdir()) == ["eval.json", "run.json"]
 
 
 def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume(tmp_path):

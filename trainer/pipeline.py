@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
 from trainer.evaluation.downstream import evaluate_downstream
-from trainer.evaluation.feature_browser import browse_features, page_lines
+from trainer.evaluation.feature_browser import browse_features, page_lines, serve_pages
 from trainer.report import write_report
 from trainer.training.interrupt import stop_on_ctrl_c
 from trainer.training.train import RunError, Trainer
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             report = write_report(trainer, results, rates, args.out / "report", browser_url)
             _print_outcome(args, results, rates, train_dir, report, browser_url, live)
             if args.serve:
-                return _serve(url)
+                return serve_pages(url, "sae-pipeline")
     except KeyboardInterrupt:
         print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
@@ -165,16 +164,6 @@ def _print_outcome(args, results: list[dict], rates: dict[str, float], train_dir
         print(f"feature browser{how}:", *lines, sep="\n")
     sys.stdout.flush()
 
-
-def _serve(url: str) -> int:
-    """Keep the started server up for the browser until Ctrl-C (then it is stopped on the way out)."""
-    print(f"serving the feature browser at {url}/saes/ until Ctrl-C", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("sae-pipeline: stopped serving", file=sys.stderr)
-        return 0
 
 if __name__ == "__main__":
     sys.exit(main())

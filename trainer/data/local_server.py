@@ -44,6 +44,7 @@ class LocalServer:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "LocalServer":
+        self._check_port_free()  # else /health could be answered by whatever holds it
         self.log.parent.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "cache_server", "--store", str(self.store), "--host", self.host,
                 "--port", str(self.port), *self.extra_args]
@@ -54,6 +55,13 @@ class LocalServer:
                                             preexec_fn=self._in_child, start_new_session=True)
         self._wait_healthy(timeout=180)
         return self
+
+    def _check_port_free(self) -> None:
+        with socket.socket() as sock:
+            try:
+                sock.bind((self.host, self.port))
+            except OSError:
+                raise RuntimeError(f"port {self.port} on {self.host} is in use; pick another one") from None
 
     def _in_child(self) -> None:
         _die_with_parent()

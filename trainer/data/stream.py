@@ -164,6 +164,13 @@ def shuffled_on_device(stored: Float[Tensor, "component rows d"], order: Int[Ten
     return (picked.float() if out is None else out.copy_(picked)).mul_(scales.view(-1, 1))
 
 
+def chunk_split(n_chunks: int, seed: int, eval_chunks: int) -> tuple[list[int], list[int]]:
+    """The run's held-out chunk ids (``eval_chunks`` of them, seeded) and its training chunk ids:
+    what a run folder's seed and ``eval_chunks`` name again later (the feature browser's rows)."""
+    order = permutation(n_chunks, seed_of(seed, 2**31))
+    return sorted(int(i) for i in order[:eval_chunks]), sorted(int(i) for i in order[eval_chunks:])
+
+
 class ChunkStream:
     def __init__(self, client: CacheClient, manifest: DatasetManifest, hooks: list[str], batch_size: int,
                  window_rows: int, seed: int = 0, device: torch.device = torch.device("cpu"),
@@ -184,15 +191,13 @@ class ChunkStream:
         self.prefetch_windows, self.fetch_threads = prefetch_windows, fetch_threads
         self.scales = torch.tensor(scales or [1.0] * len(hooks), dtype=torch.float32, device=device)
         self._scale_values = [np.float32(s) for s in self.scales.tolist()]
-        held_out = permutation(manifest.n_chunks_total, seed_of(seed, 2**31))
         if eval_chunks >= manifest.n_chunks_total:
             n, rows = manifest.n_chunks_total, manifest.chunk_rows
             fewer = f", or set eval_chunks = {n - 1} in the sweep's [run]" if n > 1 else ""
             raise CacheError(f"the dataset has {n} chunk{'s' if n > 1 else ''} of {rows:,} rows and eval_chunks="
                              f"{eval_chunks} holds {eval_chunks} out, leaving none to train on: harvest at least "
                              f"{(eval_chunks + 1) * rows:,} tokens ({eval_chunks + 1} chunks){fewer}")
-        self.eval_chunk_ids = sorted(int(i) for i in held_out[:eval_chunks])
-        self.train_chunk_ids = sorted(int(i) for i in held_out[eval_chunks:])
+        self.eval_chunk_ids, self.train_chunk_ids = chunk_split(manifest.n_chunks_total, seed, eval_chunks)
         self.bytes_fetched = 0
         # Windows alive at once: queued, being built or handed over, the current one, and the last
         # one's carry and batch.

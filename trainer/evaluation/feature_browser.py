@@ -7,6 +7,8 @@ recorded in eval.json and printed instead of the page's address.
 """
 
 import json
+import sys
+import time
 from pathlib import Path
 
 from shared.schemas import DatasetManifest
@@ -43,3 +45,15 @@ def page_lines(results: list[dict], url: str) -> list[str]:
             where = f"{url}{entry['path']}" if "path" in entry else f"none ({entry['unavailable']})"
             lines.append(f"  {result['sae']} {hook}: {where}")
     return lines
+
+
+def serve_pages(url: str, prog: str) -> int:
+    """Keep a server this command started up for the browser until Ctrl-C (the caller stops it on
+    the way out)."""
+    print(f"serving the feature browser at {url}/saes/ until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped serving", file=sys.stderr)
+        return 0
