@@ -89,13 +89,15 @@ class SAEConfig:
     """Dictionary prefix sizes for matryoshka; default d_sae/8, d_sae/4, d_sae/2, d_sae."""
     aux_k: int = 256
     aux_coefficient: float = 1 / 32
-    dead_after: float = 0.1
+    dead_after: float = 0.05
     """A latent that has not fired for this long counts as dead (AuxK, resampling): a fraction of
-    the run's tokens (a float), or tokens (an int)."""
-    resample_every: float = 0.1
+    the run's tokens (a float), or tokens (an int). 0.05, not 0.1: latents caught sooner leave fewer
+    dead at the end (measured at 100 steps, held-out never-fired: BatchTopK 0.4% not 1.8%, JumpReLU
+    at coefficient 3 1.2% not 3.9%, at the same or lower FVU); 0.03 churns Matryoshka (FVU 0.29, not 0.22)."""
+    resample_every: float = 0.05
     """Resample dead latents this often (fraction of the run's steps, or steps; 0: never): point
     them at badly reconstructed rows (sparse_autoencoder's method), so that a short run ends with
-    almost none dead (measured, TopK k=32 at 100 steps: 0% dead, not 12%, at the same FVU)."""
+    almost none dead (measured, TopK k=32 at 100 steps: 0.2% dead, not 12%, at the same FVU)."""
     seed: int = 0
 
     def schedule_steps(self, total_steps: int) -> dict[str, int]:
