@@ -104,13 +104,13 @@ def check_the_feature_browser(stdout: str, out) -> None:
 
 def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_is_a_cache_hit(tmp_path):
     out = tmp_path / "run"
-    served = serve_pipeline(out)
-    stdout = next(served)
+    pipeline = serve_pipeline(out)
+    stdout = next(pipeline)
     if browser_available():
         check_the_feature_browser(stdout, out)
     else:  # a machine without Debian's chromium: the rest of the run is still checked
         warnings.warn("chromium / chromedriver not installed (.ci/run installs them): browser checks skipped")
-    stdout += next(served)
+    stdout += next(pipeline)
     table = stdout.split("sae ")[-1].splitlines()
     rows = [line.split() for line in table if line.startswith(("relu-", "topk-"))]
     assert len(rows) == 6 and "CE score" in stdout
