@@ -24,7 +24,7 @@ class SAEConfig:
     """One SAE. Defaults are the measured recipe (bench/quality.py): TopK k=32 at x8; the tied bias
     at the data's mean (TopK family) or zero, decoder rows from it towards random training rows, at
     norm 0.3 (TopK family) or 0.1, the encoder as their transpose; Adam with gradient-norm clipping; dead latents resampled every
-    tenth of the run until the LR decays to 0 over its last fifth.
+    twentieth of the run until the LR decays to 0 over its last fifth.
 
     Schedules (``lr_warmup``, ``lr_decay``, ``sparsity_warmup``, ``resample_every``) are relative
     to the run: a float is a fraction of its steps, an int a number of steps."""
