@@ -32,6 +32,8 @@ from shared.schemas import ACTIVE_STATUSES, DatasetManifest, FeatureDetail, Feat
 
 log = logging.getLogger("cache_server.features")
 BEFORE, AFTER = 8, 4  # tokens of context shown around an example
+WORD_SLACK = 6
+"""Tokens read beyond that context on each side, so a word cut by its edge is shown whole."""
 _FIELDS = ("fired", "sum_values", "max_values", "top_values", "top_rows", "histogram", "interval_rows", "interval_values")
 LENS = 10  # tokens shown each way by the logit lens
 DENSE = 0.1  # a feature firing on more than this fraction of rows counts as dense
@@ -171,17 +173,24 @@ class FeatureJobs(JobQueue):
         group = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")
         vocabulary = self._vocabulary(sae.dataset_id)
 
+        byte_level = self.byte_level(sae.dataset_id)
+
         def example(row: int, value: float) -> FeatureExample:
             token, window, position = (int(v) for v in group[TOKENS_ARRAY][row])
-            lo = row - min(position, BEFORE)
-            hi = min(row + min(AFTER, manifest.context_size - 1 - position) + 1, manifest.n_items)
+            first = row - position  # the window's first row: context never crosses into another window
+            lo, hi = max(first, row - BEFORE - WORD_SLACK), min(row + AFTER + 1 + WORD_SLACK, first + manifest.context_size,
+                                                                manifest.n_items)
             around = group[TOKENS_ARRAY][lo:hi]
-            hi = lo + int((around[:, 1] == window).sum())  # a window may be shorter (one document each)
-            ids = [int(t) for t in around[: hi - lo, 0]]
-            rows = to_torch(group[sae.hook][lo:hi], manifest.dtype).float()
+            same = torch.from_numpy(around[:, 1] == window)  # a window may be shorter (one document each)
+            offset, count = int(same.int().argmax()), int(same.sum())
+            spelled = [_spell(vocabulary, int(t)) for t in around[offset:offset + count, 0]]
+            lo += offset
+            start, end = whole_words(spelled, max(row - BEFORE, lo) - lo, min(row + AFTER + 1, lo + len(spelled)) - lo,
+                                     byte_level)
+            rows = to_torch(group[sae.hook][lo + start:lo + end], manifest.dtype).float()
             acts = weights.encode(rows)[:, index]
-            return FeatureExample(row=row, value=value, tokens=[_spell(vocabulary, t) for t in ids],
-                                  values=[round(float(a), 6) for a in acts], position=row - lo)
+            return FeatureExample(row=row, value=value, tokens=spelled[start:end],
+                                  values=[round(float(a), 6) for a in acts], position=row - lo - start)
 
         def lens(table: torch.Tensor | None) -> list[tuple[str, float]]:
             if table is None:
@@ -300,6 +309,25 @@ def _spans(job: FeatureJob, manifest: DatasetManifest) -> list[tuple[int, int]]:
 
 def _spell(vocabulary: list[str], token: int) -> str:
     return vocabulary[token] if 0 <= token < len(vocabulary) else f"<{token}>"
+
+
+def continues_word(previous: str, token: str, byte_level: bool) -> bool:
+    """Whether ``token`` goes on the word ``previous`` ends. WordPiece marks it (``##``); byte-level
+    BPE marks a space (Ġ) or newline (Ċ) instead, so there a token goes on a word when it starts with
+    a letter or digit right after one."""
+    if not byte_level:
+        return token.startswith("##")
+    return token_text(token)[:1].isalnum() and token_text(previous)[-1:].isalnum()
+
+
+def whole_words(tokens: list[str], start: int, end: int, byte_level: bool) -> tuple[int, int]:
+    """``[start, end)`` of ``tokens`` widened so that no word is cut at either edge (as far as
+    ``tokens`` reaches: a caller reads ``WORD_SLACK`` more on each side)."""
+    while start > 0 and continues_word(tokens[start - 1], tokens[start], byte_level):
+        start -= 1
+    while end < len(tokens) and continues_word(tokens[end - 1], tokens[end], byte_level):
+        end += 1
+    return start, end
 
 
 def token_text(token: str) -> str:

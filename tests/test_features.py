@@ -179,5 +179,11 @@ def test_the_feature_page_escapes_every_token_string():
     byte_level = render(detail.model_copy(update={"top": [words], "intervals": []}), d_sae=8, byte_level=True)
     assert ">there<" not in byte_level and '> the</span><span' in byte_level and ">re</span>" in byte_level
     pieces = example.model_copy(update={"tokens": ["the", "##re", "end"]})
+    # an example's window is widened to whole words at its edges (the server reads a few tokens more)
+    from cache_server.features import whole_words
+    gpt2 = ["Ġthey", "Ġcall", "Ġit", "Ġinter", "l", "ude", ".", "Ċ", "VAL", "ERIA", ":", "Ġsome", "t", "imes", "Ġso"]
+    assert whole_words(gpt2, 5, 13, byte_level=True) == (3, 14)  # "interlude" and "sometimes" whole
+    assert whole_words(gpt2, 6, 11, byte_level=True) == (6, 11)  # "." and ":" cut no word
+    assert whole_words(["a", "##b", "##c", "d"], 1, 2, byte_level=False) == (0, 3)
     wordpiece = render(detail.model_copy(update={"top": [pieces], "intervals": []}), d_sae=8)
     assert "> the</span>" in wordpiece and ">re</span>" in wordpiece and "> end</span>" in wordpiece
