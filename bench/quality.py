@@ -12,7 +12,12 @@ virtual environment, see bench/saelens_reference.py) trains on the same training
 and is evaluated on the same held-out rows. Both use batch 4096, d_sae 3072 (x8) and the given lr
 with no warmup or decay; every other setting is each library's default.
 
-Prints one row per SAE (L0, FVU, dead %, training tokens/s, each side) and writes
+Dead latents are counted as the field does, over the data the SAE is for: a latent is dead when the
+final weights never fire it on any of the corpus's rows (training and held-out, 290,944); "silent" is
+the stricter share that never fires on the 20,480 held-out rows alone, which also counts latents
+that are only rare (a latent firing once in 10^5 rows is silent there a fifth of the time).
+
+Prints one row per SAE (L0, FVU, dead %, silent %, training tokens/s, each side) and writes
 ``frontier-lr<lr>-<tokens>.png`` (FVU against L0, log axes; marker = architecture, colour =
 library) and ``quality-lr<lr>-<tokens>.json`` into --out.
 """
@@ -67,9 +72,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dict, torch.Tensor, Trainer]:
+def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Train each SAE through the real trainer (one run each, so each has its own tokens/s);
-    held-out figures from the exported files, on the model's own units."""
+    figures from the exported files, on the model's own units. Returns the (normalised) held-out
+    and training rows too, for the reference side."""
+    train_rows = None
     common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0)
     run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
@@ -81,28 +88,30 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
         trainer.train()
         trainer.evaluate_and_export()
         rows, _ = trainer.stream.evaluation_rows()
+        if train_rows is None:
+            with ThreadPoolExecutor(trainer.stream.fetch_threads) as pool:
+                train_rows, _ = trainer.stream.load_rows(trainer.stream.train_chunk_ids, pool)
         rate = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["tokens_per_second"]
         sae, _ = load_saelens(out / "saes" / trainer.saes[0].name)
-        m = evaluate(sae, rows / trainer.scales[0])
-        results[label] = {"l0": m.l0, "fvu": m.fvu, "dead_pct": 100 * m.n_dead / sae.d_sae, "tokens_per_second": rate}
+        held_out = evaluate(sae, rows / trainer.scales[0])
+        fired_in_training = evaluate(sae, train_rows / trainer.scales[0]).freqs > 0
+        dead = int(((held_out.freqs == 0) & ~fired_in_training).sum())
+        results[label] = {"l0": held_out.l0, "fvu": held_out.fvu, "dead_pct": 100 * dead / sae.d_sae,
+                          "silent_pct": 100 * held_out.n_dead / sae.d_sae, "tokens_per_second": rate}
         print(f"ours {label}: {results[label]}", file=sys.stderr)
-    return results, rows, trainer
+    return results, rows, train_rows
 
 
-def saelens(args, picked, trainer: Trainer, eval_rows: torch.Tensor) -> dict:
+def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> dict:
     python = Path(args.saelens_python)
     if not python.exists():
         print(f"(no SAELens venv at {python}: reference column skipped)", file=sys.stderr)
         return {}
-    stream = trainer.stream
-    with ThreadPoolExecutor(stream.fetch_threads) as pool:
-        train_rows, _ = stream.load_rows(stream.train_chunk_ids, pool)
     order = torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(0))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/train.npy", train_rows[order].numpy())
         np.save(f"{tmp}/eval.npy", eval_rows.numpy())
-        del train_rows
         for label, _, (arch, flags) in picked:
             command = [str(python), str(Path(__file__).with_name("saelens_reference.py")), "--train", f"{tmp}/train.npy",
                        "--eval", f"{tmp}/eval.npy", "--arch", arch, *flags, "--tokens", str(args.tokens),
@@ -147,17 +156,21 @@ def main() -> None:
     shutil.rmtree(run_folder, ignore_errors=True)  # a fresh run each time
     with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server, CacheClient(server.url) as client:
         manifest = client.wait(client.harvest(HARVEST), progress=False)
-        mine, scaled_eval, trainer = ours(client, manifest, args, picked, run_folder)
-        reference = saelens(args, picked, trainer, scaled_eval)
+        mine, scaled_eval, scaled_train = ours(client, manifest, args, picked, run_folder)
+    reference = saelens(args, picked, scaled_eval, scaled_train)
     table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {})}
              for label, _, _ in picked]
     print(f"MiniLM {HOOK}: {manifest.n_items:,} rows, {args.tokens:,} training tokens, lr {args.lr:g}, "
           f"{scaled_eval.shape[0]:,} held-out rows")
-    print(f"{'SAE':26} {'L0':>7} {'FVU':>7} {'dead%':>6} {'tok/s':>7} | {'SAELens L0':>10} {'FVU':>7} {'dead%':>6} {'tok/s':>7}")
+    head = f"{'L0':>7} {'FVU':>7} {'dead%':>6} {'silent%':>7} {'tok/s':>7}"
+    print(f"{'SAE':26} {head} | SAELens {head}")
+
+    def cells(r: dict) -> str:
+        return (f"{r['l0']:7.1f} {r['fvu']:7.3f} {r['dead_pct']:6.2f} {r.get('silent_pct', math.nan):7.2f} "
+                f"{r['tokens_per_second']:7.0f}")
+
     for row in table:
-        o, r = row["ours"], row.get("saelens")
-        ref = f"{r['l0']:10.1f} {r['fvu']:7.3f} {r['dead_pct']:6.1f} {r['tokens_per_second']:7.0f}" if r else f"{'-':>10}"
-        print(f"{row['label']:26} {o['l0']:7.1f} {o['fvu']:7.3f} {o['dead_pct']:6.1f} {o['tokens_per_second']:7.0f} | {ref}")
+        print(f"{row['label']:26} {cells(row['ours'])} | {cells(row['saelens']) if 'saelens' in row else '-'}")
     tag = f"lr{args.lr:g}-{args.tokens}"
     (args.out / f"quality-{tag}.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
     frontier(table, args.out / f"frontier-{tag}.png")

@@ -1,5 +1,6 @@
 """Reference figures from SAELens: train one SAELens SAE on activation rows from .npy files, then
-print its held-out L0 / FVU / dead-latent share as one JSON line (all other logging on stderr).
+print its held-out L0 / FVU, its dead share (never fired on any training or held-out row) and
+silent share (never fired on the held-out rows) as one JSON line (all other logging on stderr).
 
 It runs in its own virtual environment, never the project's .venv (the CPU torch wheel first, so
 that sae-lens does not pull a CUDA build):
@@ -89,6 +90,14 @@ def cycling_batches(rows: np.ndarray, batch_size: int):
 
 
 @torch.no_grad()
+def fired_on(sae, rows: np.ndarray, batch_size: int) -> torch.Tensor:
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for i in range(0, len(rows), batch_size):
+        fired |= (sae.encode(torch.from_numpy(np.array(rows[i:i + batch_size], dtype=np.float32))) != 0).any(0)
+    return fired
+
+
+@torch.no_grad()
 def held_out(sae, rows: np.ndarray, batch_size: int) -> dict:
     mean = torch.zeros(rows.shape[1], dtype=torch.float64)
     for i in range(0, len(rows), batch_size):
@@ -106,7 +115,7 @@ def held_out(sae, rows: np.ndarray, batch_size: int) -> dict:
         sq_err += (xhat.double() - x.double()).pow(2).sum().item()
         total_var += (x.double() - mean).pow(2).sum().item()
     return {"l0": active / len(rows), "fvu": sq_err / total_var,
-            "dead_pct": 100.0 * (~fired).sum().item() / sae.cfg.d_sae}
+            "silent_pct": 100.0 * (~fired).sum().item() / sae.cfg.d_sae, "fired": fired}
 
 
 def main() -> None:
@@ -146,6 +155,9 @@ def main() -> None:
     inference_sae.eval()
     log(f"evaluating as {type(inference_sae).__name__} on {len(eval_rows)} held-out rows")
     figures = held_out(inference_sae, eval_rows, args.batch_size)
+    # dead: never fired on any row, training or held-out (bench/quality.py counts this project's alike)
+    fired = figures.pop("fired") | fired_on(inference_sae, train_rows, args.batch_size)
+    figures["dead_pct"] = 100.0 * (~fired).sum().item() / sae.cfg.d_sae
 
     coefficient = None
     if args.arch in COEFFICIENT_FIELD:
