@@ -166,7 +166,7 @@ def main() -> None:
     print(f"{'SAE':26} {head} | SAELens {head}")
 
     def cells(r: dict) -> str:
-        return (f"{r['l0']:7.1f} {r['fvu']:7.3f} {r['dead_pct']:6.2f} {r.get('silent_pct', math.nan):7.2f} "
+        return (f"{r['l0']:7.1f} {r['fvu']:7.3f} {r['dead_pct']:6.2f} {r['silent_pct']:7.2f} "
                 f"{r['tokens_per_second']:7.0f}")
 
     for row in table:

@@ -48,7 +48,7 @@ def trained(server, tmp_path_factory):
         trainer.train()
         trainer.evaluate_and_export()
         rows, _ = trainer.stream.evaluation_rows()
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(trainer.stream.fetch_threads) as pool:
             train_rows, _ = trainer.stream.load_rows(trainer.stream.train_chunk_ids, pool)
     return trainer, rows / trainer.scales[0], train_rows / trainer.scales[0]
 
