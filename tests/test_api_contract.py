@@ -4,7 +4,7 @@ and stateful phases) and checks every answer: no 5xx, a status the document list
 operation, the body and headers (Allow included) it describes. Bounded: 40 examples an operation,
 a fixed seed, seconds. A request may take up to two minutes (both the client's timeout and the
 max_response_time check that "--checks all" runs): the first harvest of a model loads it before it
-answers (8-20 s on a busy 2-core machine), past schemathesis' default of 10 s for either.
+answers (8-21 s on a busy 2-core machine), past schemathesis' default of 10 s for either.
 
 Left out: schemathesis' "schema-valid request rejected", since a harvest of a model or a hook that
 is not there, or a JSONL upload with no "text", is valid JSON Schema and still a 422 here."""
