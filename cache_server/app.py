@@ -34,13 +34,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.jobs.start()
-        services.evaluations.start()
-        services.features.start()
+        services.start()
         yield
-        services.features.stop()
-        services.evaluations.stop()
-        services.jobs.stop()
+        services.stop()
 
     # FastAPIOffline: /docs and /redoc serve Swagger UI's and ReDoc's assets from the package, so the
     # docs work with no internet (FastAPI's own pages load them from a CDN).

@@ -22,6 +22,7 @@ from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens, check_t
 from cache_server.dataset_corpora import DatasetTokens, check_column, corpus_id_of, locate
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
+from cache_server.quarantine import Quarantine
 from shared.ids import bytes_id, is_valid_id
 from shared.schemas import CorpusInfo, DatasetRef
 
@@ -38,13 +39,16 @@ def _builtin_text() -> bytes:
 
 
 class CorpusStore:
-    def __init__(self, folder: Path, max_bytes: int, corpora_dir: Path | None = None, allow_hub: bool = False):
+    def __init__(self, folder: Path, max_bytes: int, corpora_dir: Path | None = None, allow_hub: bool = False,
+                 quarantine: Quarantine | None = None):
         self.folder = folder
         self.max_bytes = max_bytes
+        self.quarantine = quarantine or Quarantine(folder.parent)
         self.corpora_dir = corpora_dir.resolve() if corpora_dir else None
         self.allow_hub = allow_hub
         self._hashes: dict = {}  # dataset files' hashes by (path, size, mtime)
         folder.mkdir(parents=True, exist_ok=True)
+        self.list()  # quarantines what cannot be read, the built-in's record included (written again next)
         self._ensure_builtin()
         self._streams: dict[tuple[str, str, int | None], CorpusTokens] = {}
         self._lock = threading.Lock()  # only around the dict: tokenising holds the stream's own lock
@@ -61,8 +65,26 @@ class CorpusStore:
         atomic_write(self.folder / f"{corpus_id}.json", info.model_dump_json().encode())
 
     def list(self) -> list[CorpusInfo]:
-        infos = [CorpusInfo.model_validate_json(p.read_bytes()) for p in sorted(self.folder.glob("*.json"))]
-        return sorted(infos, key=lambda c: (not c.builtin, c.name))
+        infos = [self._info(p) for p in sorted(self.folder.glob("*.json"))]
+        return sorted((i for i in infos if i is not None), key=lambda c: (not c.builtin, c.name))
+
+    def _info(self, path: Path) -> CorpusInfo | None:
+        """A corpus' record, or None once a bad one (or one whose text is gone) is quarantined."""
+        def read(data: bytes) -> CorpusInfo:
+            info = CorpusInfo.model_validate_json(data)
+            if info.corpus_id != path.stem:
+                raise ValueError(f"it names corpus {info.corpus_id!r}, not {path.stem!r}")
+            stored = self.folder / f"{info.corpus_id}.data"
+            if info.format != "dataset" and (not stored.exists() or stored.stat().st_size != info.n_bytes):
+                raise ValueError(f"its data file {stored.name} is missing or not {info.n_bytes} bytes")
+            return info
+
+        info = self.quarantine.load(path, "corpus", read)
+        if info is None:
+            data = self.folder / f"{path.stem}.data"
+            if data.exists():
+                self.quarantine.put(data, "corpus", "its record could not be read")
+        return info
 
     def resolve(self, ref: "str | DatasetRef") -> CorpusInfo:
         """'default', a corpus_id, the name of exactly one corpus, or a Hugging Face dataset."""
@@ -70,7 +92,10 @@ class CorpusStore:
             return self._dataset(ref)
         corpus_id = self.builtin_id if ref == DEFAULT_NAME else ref
         if is_valid_id(corpus_id) and (self.folder / f"{corpus_id}.json").exists():
-            return CorpusInfo.model_validate_json((self.folder / f"{corpus_id}.json").read_bytes())
+            info = self._info(self.folder / f"{corpus_id}.json")
+            if info is None:
+                raise CorpusError(f"corpus '{ref}' could not be read; it was moved to quarantine/ (see /health)", 404)
+            return info
         named = [c for c in self.list() if c.name == ref]
         if len(named) == 1:
             return named[0]
@@ -85,8 +110,8 @@ class CorpusStore:
         source = locate(ref.hf, self.corpora_dir, self.allow_hub, self._hashes)
         corpus_id = corpus_id_of(source)
         path = self.folder / f"{corpus_id}.json"
-        if path.exists():
-            return CorpusInfo.model_validate_json(path.read_bytes())
+        if path.exists() and (info := self._info(path)) is not None:
+            return info
         check_column(source)
         n_bytes = sum(Path(f).stat().st_size for f in source.get("files", []))
         info = CorpusInfo(corpus_id=corpus_id, name=ref.hf.path, format="dataset", n_bytes=n_bytes, source=source)

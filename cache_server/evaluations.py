@@ -10,6 +10,7 @@ windows reached (``stream_end``); evaluation windows are cut from the stream aft
 """
 
 import logging
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from cache_server.harvester import TokenWindows, token_windows
 from cache_server.job_queue import JobQueue
+from cache_server.quarantine import Quarantine
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.saes import SaeStore
 from cache_server.store import DatasetStore
@@ -40,12 +42,23 @@ def _now() -> datetime:
 
 
 
+def _non_finite(figures: dict, prefix: str = "") -> list[str]:
+    """Names of the NaN or infinite numbers in a nested dict."""
+    bad = []
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            bad += _non_finite(value, f"{prefix}{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad.append(prefix + name)
+    return bad
+
+
 class EvaluationManager(JobQueue):
-    job_model, id_field, worker_name = EvaluationJob, "evaluation_id", "evaluation-worker"
+    job_model, id_field, worker_name, kind = EvaluationJob, "evaluation_id", "evaluation-worker", "evaluation"
 
     def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, corpora: CorpusStore,
-                 models: ModelRegistry):
-        super().__init__(folder)
+                 models: ModelRegistry, quarantine: Quarantine):
+        super().__init__(folder, quarantine)
         self.saes, self.store, self.corpora, self.models = saes, store, corpora, models
 
     # -- requests ----------------------------------------------------------------------------
@@ -151,12 +164,18 @@ class EvaluationManager(JobQueue):
         done = evaluate(model, sae_info.hook, self.saes.weights(sae_info.sae_id), windows, mean,
                         job.request.batch_size, causal=reason is None,
                         progress=lambda n: self._set(self._jobs[job.evaluation_id], tokens_done=n))
-        return EvaluationResult(n_tokens=done.n_tokens, corpus_id=corpus_id, first_token=first, l0=done.l0,
-                                explained_variance=done.explained_variance, l2_ratio=done.l2_ratio,
-                                downstream=done.downstream, downstream_unavailable=reason)
+        result = EvaluationResult(n_tokens=done.n_tokens, corpus_id=corpus_id, first_token=first, l0=done.l0,
+                                  explained_variance=done.explained_variance, l2_ratio=done.l2_ratio,
+                                  downstream=done.downstream, downstream_unavailable=reason)
+        bad = _non_finite(result.model_dump())
+        if bad:  # JSON has no NaN: stored, it would read back as null where a number must be
+            raise ValueError(f"the figures {', '.join(bad)} are not finite (the SAE's reconstruction overflows "
+                             "or is NaN on this text)")
+        return result
 
     def _set(self, job: EvaluationJob, **changes) -> EvaluationJob:
         with_time = job.model_copy(update={**changes, "updated_at": _now()})
-        self._jobs[job.evaluation_id] = with_time
+        # Saved first: a job that could not be saved (a full disk) is not kept, nor reported, as queued.
         atomic_write(self.folder / f"{job.evaluation_id}.json", with_time.model_dump_json(indent=1).encode())
+        self._jobs[job.evaluation_id] = with_time
         return with_time

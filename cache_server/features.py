@@ -7,6 +7,7 @@ a feature's page is then answered from it, plus a few rows of tokens read for it
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from cache_server.errors import ServiceError
 from cache_server.feature_stats import FeatureStats, ReconstructionSums, feature_statistics, logit_lens
 from cache_server.files import atomic_write
 from cache_server.job_queue import JobQueue
+from cache_server.quarantine import Quarantine, reason_of
 from cache_server.models import ModelRegistry
 from cache_server.saes import SaeStore
 from cache_server.store import TOKENS_ARRAY, DatasetStore
@@ -64,10 +66,10 @@ def _now() -> datetime:
 
 
 class FeatureJobs(JobQueue):
-    job_model, id_field, pattern, worker_name = FeatureJob, "sae_id", "*.job.json", "feature-worker"
+    job_model, id_field, pattern, worker_name, kind = FeatureJob, "sae_id", "*.job.json", "feature-worker", "feature-job"
 
-    def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, models: ModelRegistry):
-        super().__init__(folder)
+    def __init__(self, folder: Path, saes: SaeStore, store: DatasetStore, models: ModelRegistry, quarantine: Quarantine):
+        super().__init__(folder, quarantine)
         self.saes, self.store, self.models = saes, store, models
         self._stats: dict[str, FeatureStats] = {}
 
@@ -96,6 +98,17 @@ class FeatureJobs(JobQueue):
         self._queue.put(sae_id)
         return job
 
+    def job(self, sae_id: str) -> FeatureJob | None:
+        return self._jobs.get(sae_id)
+
+    def forget(self, sae_id: str) -> None:
+        """Drop an SAE's statistics and their job (the SAE is being deleted)."""
+        with self._lock:
+            self._jobs.pop(sae_id, None)
+            self._stats.pop(sae_id, None)
+            for path in (self.folder / f"{sae_id}.job.json", self._stats_path(sae_id)):
+                path.unlink(missing_ok=True)
+
     def get(self, sae_id: str) -> FeatureJob:
         job = self._jobs.get(sae_id) if is_valid_id(sae_id) else None
         if job is None:
@@ -107,7 +120,8 @@ class FeatureJobs(JobQueue):
     def _completed(self, sae_id: str) -> BrowserData:
         job = self.get(sae_id)
         if job.status != "completed":
-            raise FeatureError(f"the feature statistics of SAE '{sae_id}' are {job.status}", 409)
+            raise FeatureError(f"the feature statistics of SAE '{sae_id}' are {job.status}"
+                               + (f": {job.error}" if job.error else ""), 409)
         return self._load(sae_id)
 
     def _vocabulary(self, dataset_id: str) -> list[str]:
@@ -215,23 +229,61 @@ class FeatureJobs(JobQueue):
             neighbours=[(int(i), round(float(c), 6)) for i, c in zip(best.indices, best.values)],
             promoted=lens(data.promoted), suppressed=lens(data.suppressed), logit_lens_note=data.logit_lens_note)
 
+    def start(self) -> None:
+        """Load the jobs; a completed one whose statistics file cannot be read fails (the file quarantined)."""
+        super().start()
+        for sae_id, job in list(self._jobs.items()):
+            if job.status == "completed":
+                self._current(sae_id)
+
     def _current(self, sae_id: str) -> bool:
         """Whether the stored statistics hold what this version reads (older ones lack the search's
         top tokens, the FVU sums and the logit lens; asking again recomputes them)."""
-        with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
-            return "top_tokens" in f.keys()
+        try:
+            with safe_open(self._stats_path(sae_id), "pt") as f:
+                return "top_tokens" in f.keys()
+        except Exception as exc:  # truncated, garbled or gone: not current, and the job says why
+            self._unreadable(sae_id, exc)
+            return False
+
+    def _stats_path(self, sae_id: str) -> Path:
+        return self.folder / f"{sae_id}.features.safetensors"
+
+    def _unreadable(self, sae_id: str, exc: Exception) -> None:
+        reason = reason_of(exc)
+        self.quarantine.put(self._stats_path(sae_id), "feature-stats", reason)
+        self._stats.pop(sae_id, None)
+        changes = {"status": "failed", "error": f"its stored statistics could not be read ({reason}); "
+                   f"POST /v1/saes/{sae_id}/features to compute them again"}
+        try:
+            self._set(self._jobs[sae_id], **changes)
+        except OSError:  # a full disk: failed in memory (a start must not stop on it)
+            self._jobs[sae_id] = self._jobs[sae_id].model_copy(update=changes)
 
     def _load(self, sae_id: str) -> BrowserData:
         if sae_id not in self._stats:
-            with safe_open(self.folder / f"{sae_id}.features.safetensors", "pt") as f:
-                if "top_tokens" not in f.keys():  # what _current checks, on the file already open
-                    raise FeatureError(f"the feature statistics of SAE '{sae_id}' predate this server's browser: "
-                                       f"POST /v1/saes/{sae_id}/features to compute them again", 409)
-                t, note = {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("logit_lens_note") or None
-            stats = FeatureStats(n_rows=int(t["n_rows"]), **{k: t[k] for k in _FIELDS})
-            self._stats[sae_id] = BrowserData(stats, t["top_tokens"], float(t["squared_error"]),
-                                              float(t["total_variance"]), t.get("promoted"), t.get("suppressed"), note)
+            try:
+                self._stats[sae_id] = self._read(sae_id)
+            except FeatureError:
+                raise
+            except Exception as exc:
+                self._unreadable(sae_id, exc)
+                raise FeatureError(f"the feature statistics of SAE '{sae_id}' could not be read ({reason_of(exc)}): "
+                                   f"POST /v1/saes/{sae_id}/features to compute them again", 409) from None
         return self._stats[sae_id]
+
+    def _read(self, sae_id: str) -> BrowserData:
+        with safe_open(self._stats_path(sae_id), "pt") as f:
+            if "top_tokens" not in f.keys():  # what _current checks, on the file already open
+                raise FeatureError(f"the feature statistics of SAE '{sae_id}' predate this server's browser: "
+                                   f"POST /v1/saes/{sae_id}/features to compute them again", 409)
+            t, note = {k: f.get_tensor(k) for k in f.keys()}, f.metadata().get("logit_lens_note") or None
+        stats = FeatureStats(n_rows=int(t["n_rows"]), **{k: t[k] for k in _FIELDS})
+        d_sae = self.saes.info(sae_id).d_sae
+        if t["fired"].shape != (d_sae,) or t["histogram"].shape[0] != d_sae or t["top_rows"].shape[-1] != d_sae:
+            raise ValueError(f"it holds {t['fired'].shape[-1]} features' statistics; the SAE has {d_sae}")
+        return BrowserData(stats, t["top_tokens"], float(t["squared_error"]), float(t["total_variance"]),
+                           t.get("promoted"), t.get("suppressed"), note)
 
     # -- the worker --------------------------------------------------------------------------
     def _work(self) -> None:
@@ -279,7 +331,9 @@ class FeatureJobs(JobQueue):
                     "total_variance": torch.tensor(sums.total_variance, dtype=torch.float64)}
         if lens is not None:
             tensors |= {"promoted": lens[0].contiguous(), "suppressed": lens[1].contiguous()}
-        save_file(tensors, self.folder / f"{job.sae_id}.features.safetensors", metadata={"logit_lens_note": note or ""})
+        partial = self._stats_path(job.sae_id).with_suffix(".partial")  # replaced whole: a kill leaves no half file
+        save_file(tensors, partial, metadata={"logit_lens_note": note or ""})
+        os.replace(partial, self._stats_path(job.sae_id))
         self._stats.pop(job.sae_id, None)
 
     def _logit_lens(self, weights, manifest: DatasetManifest):
@@ -295,8 +349,9 @@ class FeatureJobs(JobQueue):
 
     def _set(self, job: FeatureJob, **changes) -> FeatureJob:
         job = job.model_copy(update={**changes, "updated_at": _now()})
-        self._jobs[job.sae_id] = job
+        # Saved first: a job that could not be saved (a full disk) is not kept, nor reported, as queued.
         atomic_write(self.folder / f"{job.sae_id}.job.json", job.model_dump_json(indent=1).encode())
+        self._jobs[job.sae_id] = job
         return job
 
 

@@ -1,13 +1,17 @@
 """One worker thread over a queue of persisted jobs: the lifecycle the evaluation and feature
 managers share (harvests have their own, with cancellation and replicas)."""
 
+import logging
 import queue
 import threading
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from cache_server.quarantine import Quarantine
 from shared.schemas import ACTIVE_STATUSES
+
+log = logging.getLogger("cache_server.jobs")
 
 
 class JobQueue:
@@ -18,9 +22,11 @@ class JobQueue:
     id_field: str
     pattern = "*.json"
     worker_name = "worker"
+    kind = "job"
+    """What a file holds, as quarantine and /health name it."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, quarantine: Quarantine):
+        self.folder, self.quarantine = folder, quarantine
         folder.mkdir(parents=True, exist_ok=True)
         self._jobs: dict[str, BaseModel] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -28,13 +34,20 @@ class JobQueue:
         self._worker: threading.Thread | None = None
 
     def start(self) -> None:
-        """Load the saved jobs; ones queued or running when the server stopped are queued again."""
+        """Load the saved jobs (a file that cannot be read is quarantined); ones queued or running
+        when the server stopped are queued again."""
         for path in sorted(self.folder.glob(self.pattern)):
-            job = self.job_model.model_validate_json(path.read_bytes())
+            job = self.quarantine.load(path, self.kind, self.job_model.model_validate_json)
+            if job is None:
+                continue
             job_id = getattr(job, self.id_field)
             self._jobs[job_id] = job
             if job.status in ACTIVE_STATUSES:
-                self._set(job, status="queued")
+                try:
+                    self._set(job, status="queued")
+                except OSError:  # a full disk must not stop the start: the job is queued in memory
+                    log.exception("could not save %s %s as queued", self.kind, job_id)
+                    self._jobs[job_id] = job.model_copy(update={"status": "queued"})
                 self._queue.put(job_id)
         self._worker = threading.Thread(target=self._work, name=self.worker_name, daemon=True)
         self._worker.start()

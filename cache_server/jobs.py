@@ -22,6 +22,7 @@ from cache_server.files import atomic_write, disk_full_message, free_bytes, is_d
 from cache_server.harvester import (CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state,
                                    token_windows)
 from cache_server.metrics import ServerMetrics
+from cache_server.quarantine import Quarantine
 from cache_server.models import ModelRegistry, SourceModel
 from cache_server.shared_harvest import SharedHarvest, ledger_key, new_ledger
 from cache_server.store import TOKENS_ARRAY, DatasetStore
@@ -65,10 +66,11 @@ class _Plan:
 
 class JobManager:
     def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
-                 metrics: ServerMetrics, max_tokens: int, chunk_bytes: int, replica: str | None = None,
+                 metrics: ServerMetrics, quarantine: Quarantine, max_tokens: int, chunk_bytes: int,
+                 replica: str | None = None,
                  lease_seconds: float = 60.0, min_free_bytes: int = 0,
                  corpus_check_bytes: int = 8 << 20):
-        self.folder = folder
+        self.folder, self.quarantine = folder, quarantine
         self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
@@ -84,11 +86,16 @@ class JobManager:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         for path in sorted(self.folder.glob("*.json")):
-            job = HarvestJob.model_validate_json(path.read_bytes())
-            self._jobs[job.job_id] = job
+            job = self.quarantine.load(path, "harvest-job", HarvestJob.model_validate_json)
+            if job is not None:
+                self._jobs[job.job_id] = job
         for job in sorted(self._jobs.values(), key=lambda j: j.created_at):
             if job.status in ACTIVE_STATUSES:
-                self._set(job, status="queued")
+                try:
+                    self._set(job, status="queued")
+                except OSError:  # a full disk must not stop the start: the job is queued in memory
+                    log.exception("could not save harvest job %s as queued", job.job_id)
+                    self._jobs[job.job_id] = job.model_copy(update={"status": "queued"})
                 self._enqueue(job)
         self._worker = threading.Thread(target=self._work, name="harvest-worker", daemon=True)
         self._worker.start()
@@ -128,8 +135,8 @@ class JobManager:
             job = HarvestJob(job_id=secrets.token_hex(12), dataset_id=plan.dataset_id, status="queued",
                              request=request, tokens_done=manifest.n_items, tokens_total=manifest.n_items_total,
                              created_at=now, updated_at=now)
+            self._persist(job)  # first: a job that could not be saved is not reported, nor kept, as queued
             self._jobs[job.job_id] = job
-            self._persist(job)
             self._enqueue(job)
             return HarvestAccepted(job_id=job.job_id, dataset_id=job.dataset_id, status="queued"), True
 
@@ -324,8 +331,8 @@ class JobManager:
     def _set(self, job: HarvestJob, **changes) -> HarvestJob:
         with self._lock:
             job = job.model_copy(update={**changes, "updated_at": _now()})
+            self._persist(job)  # first: what memory says is what a restart will read
             self._jobs[job.job_id] = job
-            self._persist(job)
             self.metrics.set_job_counts(self._jobs.values())
             return job
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
+from cache_server.quarantine import Quarantine, reason_of
 from shared.ids import content_id, is_valid_id
 from shared.schemas import DatasetManifest, SaeInfo
 
@@ -92,10 +93,16 @@ def parse_sae(body: bytes) -> tuple[dict, SaeWeights]:
     if t["W_enc"].dim() != 2:
         raise SaeError(f"W_enc must be [d_in, d_sae], got {list(t['W_enc'].shape)}")
     d_in, d_sae = t["W_enc"].shape
+    if d_in == 0 or d_sae == 0:
+        raise SaeError(f"W_enc is [{d_in}, {d_sae}]: an SAE needs at least one input and one latent")
     expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
     for name, shape in expected.items():
         if name in t and tuple(t[name].shape) != shape:
             raise SaeError(f"{name} has shape {list(t[name].shape)}; W_enc [{d_in}, {d_sae}] needs {list(shape)}")
+    for name, value in t.items():  # a NaN or inf weight would make every figure and page NaN
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise SaeError(f"tensor {name} holds {bad:,} NaN or infinite value(s): only finite weights are accepted")
     k = cfg.get("k")
     if architecture == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
         raise SaeError(f"a topk SAE needs cfg k, a whole number from 1 to d_sae={d_sae}; got {k!r}")
@@ -107,10 +114,29 @@ def parse_sae(body: bytes) -> tuple[dict, SaeWeights]:
 class SaeStore:
     """``<root>/saes/<sae_id>.safetensors`` plus ``<sae_id>.json`` (its SaeInfo)."""
 
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int, quarantine: Quarantine):
         self.folder = folder
         self.max_bytes = max_bytes
+        self.quarantine = quarantine
         folder.mkdir(parents=True, exist_ok=True)
+
+    def check(self) -> None:
+        """At start: an SAE whose record or weights file cannot be read is quarantined, both files."""
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                info = SaeInfo.model_validate_json(path.read_bytes())
+                if info.sae_id != path.stem:
+                    raise ValueError(f"it names SAE {info.sae_id!r}, not {path.stem!r}")
+                with safe_open(self.folder / f"{info.sae_id}.safetensors", "pt") as f:
+                    shape = f.get_slice("W_enc").get_shape()
+                if list(shape) != [info.d_in, info.d_sae]:
+                    raise ValueError(f"its W_enc is {shape}, its record says [{info.d_in}, {info.d_sae}]")
+            except Exception as exc:
+                self._quarantine(path.stem, reason_of(exc))
+
+    def _quarantine(self, sae_id: str, reason: str) -> None:
+        for suffix in (".json", ".safetensors"):
+            self.quarantine.put(self.folder / f"{sae_id}{suffix}", "sae", reason)
 
     async def upload(self, chunks: AsyncIterator[bytes], manifest: DatasetManifest, hook: str) -> SaeInfo:
         info = manifest.hook(hook)
@@ -146,14 +172,23 @@ class SaeStore:
         path = self.folder / f"{sae_id}.json"
         if not is_valid_id(sae_id) or not path.exists():
             raise SaeError(f"unknown SAE '{sae_id}': register it with POST /v1/saes", 404)
-        return SaeInfo.model_validate_json(path.read_bytes())
+        info = self.quarantine.load(path, "sae", SaeInfo.model_validate_json)
+        if info is None:
+            raise SaeError(f"SAE '{sae_id}' could not be read; it was moved to quarantine/ (see /health)", 404)
+        return info
 
     def list(self) -> list[SaeInfo]:
-        return [SaeInfo.model_validate_json(p.read_bytes()) for p in sorted(self.folder.glob("*.json"))]
+        infos = (self.quarantine.load(p, "sae", SaeInfo.model_validate_json) for p in sorted(self.folder.glob("*.json")))
+        return [info for info in infos if info is not None]
 
     def weights(self, sae_id: str) -> SaeWeights:
         self.info(sae_id)
-        return parse_sae((self.folder / f"{sae_id}.safetensors").read_bytes())[1]
+        try:
+            return parse_sae((self.folder / f"{sae_id}.safetensors").read_bytes())[1]
+        except (SaeError, OSError) as exc:  # changed or removed on disk since it was registered
+            self._quarantine(sae_id, reason_of(exc))
+            raise SaeError(f"SAE '{sae_id}''s weights could not be read ({reason_of(exc)}); it was moved to "
+                           "quarantine/ (see /health)", 409) from None
 
     def delete(self, sae_id: str) -> None:
         self.info(sae_id)

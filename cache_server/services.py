@@ -4,15 +4,17 @@ evaluations, built from settings."""
 from dataclasses import dataclass
 
 from cache_server.corpora import CorpusStore
+from cache_server.errors import ServiceError
 from cache_server.evaluations import EvaluationManager
 from cache_server.features import FeatureJobs
 from cache_server.jobs import JobManager
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, pick_device
+from cache_server.quarantine import Quarantine
 from cache_server.saes import SaeStore
 from cache_server.settings import Settings
-from cache_server.store import DatasetStore
-from shared.schemas import SaeSummary
+from cache_server.store import DatasetStore, DatasetUnreadable
+from shared.schemas import ACTIVE_STATUSES, SaeSummary
 
 
 @dataclass
@@ -25,6 +27,47 @@ class Services:
     evaluations: EvaluationManager
     features: FeatureJobs
     metrics: ServerMetrics
+    quarantine: Quarantine
+
+    def start(self) -> None:
+        """Check what is stored (what cannot be read is set aside and listed), then start the workers."""
+        self.saes.check()
+        self.store.list()
+        self.jobs.start()
+        self.evaluations.start()
+        self.features.start()
+
+    def stop(self) -> None:
+        self.features.stop()
+        self.evaluations.stop()
+        self.jobs.stop()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        try:
+            if self.store.manifest(dataset_id) is None:
+                raise ServiceError(f"unknown dataset '{dataset_id}'", 404)
+        except DatasetUnreadable:
+            pass  # it can still be deleted
+        if self.jobs.dataset_busy(dataset_id):
+            raise ServiceError(f"dataset '{dataset_id}' is being harvested; cancel its job first", 409)
+        dependents = [s.sae_id for s in self.saes.list() if s.dataset_id == dataset_id]
+        if dependents:
+            raise ServiceError(f"dataset '{dataset_id}' has {len(dependents)} registered SAE(s) whose statistics, "
+                               f"pages and evaluations read its rows: DELETE /v1/saes/<id> for each of "
+                               f"{', '.join(dependents[:20])}{' ...' if len(dependents) > 20 else ''} first", 409)
+        self.store.delete(dataset_id)
+
+    def delete_sae(self, sae_id: str) -> None:
+        self.saes.info(sae_id)
+        statistics = self.features.job(sae_id)
+        busy = [what for what, running in (
+            ("its feature statistics job", statistics is not None and statistics.status in ACTIVE_STATUSES),
+            ("an evaluation", any(e.request.sae_id == sae_id and e.status in ACTIVE_STATUSES
+                                  for e in self.evaluations.list()))) if running]
+        if busy:
+            raise ServiceError(f"SAE '{sae_id}' is in use by {' and '.join(busy)}; wait for it to end", 409)
+        self.features.forget(sae_id)
+        self.saes.delete(sae_id)
 
     def sae_summary(self, sae_id: str) -> SaeSummary:
         """The feature statistics' summary with the SAE's latest completed evaluation."""
@@ -38,17 +81,20 @@ def build_services(settings: Settings) -> Services:
     root = settings.local_root
     root.mkdir(parents=True, exist_ok=True)
     metrics = ServerMetrics()
+    quarantine = Quarantine(root)
     store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets",
-                         shared=settings.replica is not None)
-    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes, settings.corpora_dir, settings.allow_hub)
+                         shared=settings.replica is not None, quarantine=quarantine)
+    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes, settings.corpora_dir, settings.allow_hub,
+                               quarantine)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
     # Replicas sharing a store folder keep their own job files (a job is one server's part).
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
-    jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, settings.max_tokens, settings.chunk_bytes,
+    jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, quarantine, settings.max_tokens,
+                      settings.chunk_bytes,
                       replica=settings.replica, lease_seconds=settings.lease_seconds,
                       min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes)
-    saes = SaeStore(root / "saes", settings.max_sae_bytes)
-    evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models)
-    features = FeatureJobs(root / "features", saes, store, models)
+    saes = SaeStore(root / "saes", settings.max_sae_bytes, quarantine)
+    evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models, quarantine)
+    features = FeatureJobs(root / "features", saes, store, models, quarantine)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,
-                    evaluations=evaluations, features=features, metrics=metrics)
+                    evaluations=evaluations, features=features, metrics=metrics, quarantine=quarantine)

@@ -32,6 +32,8 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cache_server.chunk_reads import read_local_chunk
+from cache_server.errors import ServiceError
+from cache_server.quarantine import Quarantine, reason_of
 from cache_server.files import atomic_write
 from shared.codec import zarr_compressors
 from shared.ids import is_valid_id
@@ -117,9 +119,15 @@ class Conditional:
             return True
 
 
+class DatasetUnreadable(ServiceError):
+    """A dataset is stored but its manifest cannot be read (409): left in place, listed in /health."""
+
+
 class DatasetStore:
-    def __init__(self, location: str | Path, shared: bool = False):
+    def __init__(self, location: str | Path, shared: bool = False, quarantine: Quarantine | None = None):
         self.location = str(location)
+        self.quarantine = quarantine or Quarantine(Path(location).parent if not self.location.startswith("s3://")
+                                                   else Path("."))
         self.shared = shared
         """Replicas write it too: a bucket's cached manifests are re-read after ``BUCKET_RECHECK_SECONDS``."""
         self.root = None if self.location.startswith("s3://") else Path(location)
@@ -174,10 +182,19 @@ class DatasetStore:
         if meta is None:
             self._manifests.pop(dataset_id, None)
             return None
-        attrs = json.loads(meta).get("attributes", {})
-        if "manifest" not in attrs:
-            return None
-        manifest = DatasetManifest.model_validate(attrs["manifest"])
+        try:
+            attrs = json.loads(meta).get("attributes", {})
+            if "manifest" not in attrs:
+                return None
+            manifest = DatasetManifest.model_validate(attrs["manifest"])
+            if manifest.dataset_id != dataset_id:
+                raise ValueError(f"it names dataset {manifest.dataset_id!r}")
+        except Exception as exc:  # garbled by hand or by a disk: one dataset, not the server
+            reason = reason_of(exc)
+            self.quarantine.note(f"datasets/{dataset_id}/zarr.json", "dataset", reason)
+            raise DatasetUnreadable(f"dataset '{dataset_id}' is stored but its manifest cannot be read ({reason}): "
+                                    f"repair its zarr.json, or DELETE /v1/datasets/{dataset_id} and harvest again",
+                                    409) from None
         self._manifests[dataset_id] = (manifest, stamp)
         return manifest
 
@@ -207,7 +224,10 @@ class DatasetStore:
 
         out = []
         for name in sorted(sync(names())):
-            manifest = self.manifest(name)
+            try:
+                manifest = self.manifest(name)
+            except DatasetUnreadable:  # listed in /health instead
+                continue
             if manifest is not None:
                 out.append(DatasetSummary(
                     dataset_id=manifest.dataset_id, model=manifest.model.name,
@@ -293,8 +313,12 @@ class DatasetStore:
         return len(orphans)
 
     def delete(self, dataset_id: str) -> bool:
-        if self.manifest(dataset_id) is None:
-            return False
+        """Remove a dataset (one whose manifest cannot be read too); False for an unknown id."""
+        try:
+            if self.manifest(dataset_id) is None:
+                return False
+        except DatasetUnreadable:
+            pass
         self._manifests.pop(dataset_id, None)
         for prefix in (dataset_id, f"{COORDINATION}/{dataset_id}"):
             sync(self.zarr_store.delete_dir(prefix))

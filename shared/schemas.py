@@ -238,6 +238,21 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class SkippedFile(BaseModel):
+    """A stored file the server could not read at start (or later), so left out of what it serves."""
+
+    path: str = Field(description="Where it was, relative to the store's folder (or a dataset id).")
+    kind: str = Field(description="What it held: harvest-job, evaluation, feature-job, feature-stats, sae, "
+                      "corpus or dataset.")
+    reason: str
+    moved_to: str | None = Field(None, description="Where it lies now (under quarantine/); None: left in place.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    skipped: list[SkippedFile] = Field(description="Stored files the server could not read and left out.")
+
+
 # -- SAEs and their downstream evaluation -----------------------------------------------------
 
 class SaeInfo(BaseModel):

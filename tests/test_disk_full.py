@@ -33,7 +33,7 @@ def test_a_full_disk_fails_the_jobs_with_its_reason_and_the_worker_survives(tmp_
                 failed = wait_job(client, job_id, timeout=120, until=("failed", "completed"))
                 assert failed["status"] == "failed" and failed["error"].startswith("the disk is full ("), failed
                 assert "free some space" in failed["error"] and "this harvest needs about" in failed["error"]
-            assert client.get("/health").json() == {"status": "ok"}
+            assert client.get("/health").json() == {"status": "ok", "skipped": []}
             upload = client.post("/v1/corpora", params={"name": "notes"}, content=b"some text " * 100)
             assert upload.status_code == 507 and upload.json()["detail"].startswith("the disk is full")
 
@@ -60,5 +60,31 @@ def test_a_harvest_larger_than_the_free_space_is_refused_up_front(tmp_path):
             # rows x (two hooks x 64 floats x 4 bytes + the tokens' 12 bytes)
             assert detail.startswith(f"the harvest needs about {1_000 * (2 * 64 * 4 + 12):,} bytes and the store's disk has 0 free")
             assert client.get("/v1/datasets").json() == []  # nothing created
+    finally:
+        server.stop()
+
+
+def test_a_job_refused_on_a_full_disk_is_not_left_queued(tmp_path):
+    """507 means no job: after room is freed the same POST starts one, and it runs (was: 202 naming
+    a job stuck 'queued' in memory, never on the worker's queue)."""
+    from tests.test_evaluations import HOOK, identity_body, wait_evaluation
+    from tests.test_features import wait_features
+
+    server = ServerProcess(store=tmp_path / "store", port=free_port()).start(preexec_fn=_ignore_sigxfsz)
+    try:
+        with server.client() as client:
+            harvest = {"model": TINY, "hooks": [HOOK], "n_tokens": 1024, "context_size": 32}
+            dataset = wait_job(client, client.post("/v1/harvests", json=harvest).json()["job_id"])["dataset_id"]
+            sae = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK}, content=identity_body()).json()
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+            posts = {"features": lambda: client.post(f"/v1/saes/{sae['sae_id']}/features", params={"max_rows": 256}),
+                     "evaluation": lambda: client.post("/v1/evaluations", json={"sae_id": sae["sae_id"], "n_tokens": 256}),
+                     "harvest": lambda: client.post("/v1/harvests", json={**harvest, "n_tokens": 512})}
+            for name, post in posts.items():
+                assert post().status_code == 507, name
+            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, UNLIMITED)
+            assert wait_features(client, posts["features"]().json()["sae_id"])["status"] == "completed"
+            assert wait_evaluation(client, posts["evaluation"]().json()["evaluation_id"])["status"] == "completed"
+            assert wait_job(client, posts["harvest"]().json()["job_id"])["status"] == "completed"
     finally:
         server.stop()

@@ -34,10 +34,9 @@ def get_dataset(dataset_id: str, svc: Services = Depends(services)) -> DatasetMa
 
 @router.delete("/{dataset_id}", status_code=204, dependencies=[Depends(require_token)], responses=MUTATING)
 def delete_dataset(dataset_id: str, svc: Services = Depends(services)) -> Response:
-    _manifest(svc, dataset_id)
-    if svc.jobs.dataset_busy(dataset_id):
-        raise HTTPException(409, f"dataset '{dataset_id}' is being harvested; cancel its job first")
-    svc.store.delete(dataset_id)
+    """Remove a dataset (also one whose manifest cannot be read). Refused (409) while it is being
+    harvested or while SAEs registered on it remain: their pages and evaluations read its rows."""
+    svc.delete_dataset(dataset_id)
     return Response(status_code=204)
 
 

@@ -38,7 +38,9 @@ def get_sae(sae_id: str, svc: Services = Depends(services)) -> SaeInfo:
 
 @router.delete("/{sae_id}", status_code=204, dependencies=[Depends(require_token)], responses=MUTATING)
 def delete_sae(sae_id: str, svc: Services = Depends(services)) -> Response:
-    svc.saes.delete(sae_id)
+    """Remove an SAE and its feature statistics (409 while a job of its runs); its finished
+    evaluations stay listed."""
+    svc.delete_sae(sae_id)
     return Response(status_code=204)
 
 
