@@ -27,6 +27,8 @@ from shared.ids import bytes_id, is_valid_id
 from shared.schemas import CorpusInfo, DatasetRef
 
 DEFAULT_NAME = "default"
+MAX_JSONL_LINE = 16 << 20
+"""Characters in one JSONL line (one document): a line is parsed whole, at upload and by the harvest."""
 _BUILTIN_FILE = "tiny_shakespeare.txt.gz"
 
 
@@ -36,6 +38,13 @@ class CorpusError(ServiceError):
 
 def _builtin_text() -> bytes:
     return gzip.decompress(resources.files("cache_server").joinpath("data", _BUILTIN_FILE).read_bytes())
+
+
+def check_vocabulary(corpus: CorpusInfo, label: str, model: str, vocabulary: int) -> None:
+    """Refuse (422) a pre-tokenized corpus holding ids the model's vocabulary does not have."""
+    if corpus.max_token_id is not None and corpus.max_token_id >= vocabulary:
+        raise CorpusError(f"corpus '{label}' holds token id {corpus.max_token_id}, outside model '{model}''s "
+                          f"vocabulary of {vocabulary} ids (0..{vocabulary - 1}): were they made with another tokenizer?")
 
 
 class CorpusStore:
@@ -201,15 +210,23 @@ class _JsonlChecker:
         self.line_no = 0
 
     def feed(self, text: str) -> None:
-        self.buffer += text
-        *lines, self.buffer = self.buffer.split("\n")
-        for line in lines:
-            self._check(line)
+        if "\n" not in text:  # a long line: no re-splitting of what is buffered
+            self.buffer += text
+        else:
+            *lines, rest = (self.buffer + text).split("\n")
+            for line in lines:
+                self._check(line)
+            self.buffer = rest
+        if len(self.buffer) > MAX_JSONL_LINE:
+            raise CorpusError(f"JSONL line {self.line_no + 1} is longer than {MAX_JSONL_LINE:,} characters: split the "
+                              "document over several lines (each a document), or upload it as format=text")
 
     def finish(self) -> None:
         self._check(self.buffer)
 
     def _check(self, line: str) -> None:
+        """Whatever passes is harvestable: valid JSON, not nested past the parser's depth, a string
+        "text" that is text (JSON can escape a lone surrogate, which no tokenizer takes)."""
         self.line_no += 1
         if not line.strip():
             return
@@ -217,5 +234,12 @@ class _JsonlChecker:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CorpusError(f"JSONL line {self.line_no} is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise CorpusError(f"JSONL line {self.line_no} is nested too deeply to read") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise CorpusError(f'JSONL line {self.line_no} must be an object with a string "text" field')
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CorpusError(f'JSONL line {self.line_no}: "text" holds {exc.object[exc.start:exc.end]!a} at character '
+                              f"{exc.start}, a lone surrogate escape, which is not text") from None

@@ -21,6 +21,7 @@ import copy
 import fcntl
 import itertools
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +72,10 @@ class CorpusTokens:
             with self._extending() as state:
                 if state.complete or (n is not None and state.n_tokens >= n) or (max_bytes is not None and read >= max_bytes):
                     return state.n_tokens, state.complete
-                read += self._extend(state)
+                used = self._extend(state, None if max_bytes is None else max(max_bytes - read, READ_BYTES))
+                if not used:  # the next line is longer than max_bytes allows
+                    return state.n_tokens, state.complete
+                read += used
 
     def array(self, n: int) -> np.ndarray:
         """The first ``n`` tokens (at most what ``ensure`` put on disk), memory-mapped read-only."""
@@ -105,9 +109,10 @@ class CorpusTokens:
                     f.truncate(length)
             yield state
 
-    def _extend(self, state: _State) -> int:
-        """Tokenise about ``READ_BYTES`` more of the corpus (more when one line is longer), append,
-        save the state; returns the bytes read."""
+    def _extend(self, state: _State, limit: int | None = None) -> int:
+        """Tokenise about ``READ_BYTES`` more of the corpus (a JSONL line longer than that whole, up
+        to ``limit`` bytes), append, save the state; returns the bytes read (0: the line is longer
+        than ``limit``, nothing read)."""
         size = READ_BYTES
         while True:
             with self.data.open("rb") as f:
@@ -117,6 +122,8 @@ class CorpusTokens:
             pieces, used, docs = (self._text_blocks if self.fmt == "text" else self._jsonl_documents)(raw, at_end, state)
             if used or at_end:
                 break
+            if limit is not None and size >= limit:
+                return 0
             size *= 2
         self._save(state, pieces, used, docs, at_end)
         return used
@@ -160,8 +167,11 @@ class CorpusTokens:
         if at_end:
             lines = raw.decode("utf-8").splitlines(keepends=True)
         else:  # the last line may go on (or be a "\r" whose "\n" comes next): left for the next read
-            lines = _decode_prefix(raw).splitlines(keepends=True)[:-1]
-            lines = lines[: len(lines) // LINES_PER_BLOCK * LINES_PER_BLOCK]
+            prefix = _decode_prefix(raw)
+            lines = prefix.splitlines(keepends=True)[:-1]
+            # Fewer whole lines than a block: those lines; none: a cut in the long line, so a read
+            # stays READ_BYTES whatever the text's shape (a corpus with no line breaks included).
+            lines = lines[: len(lines) // LINES_PER_BLOCK * LINES_PER_BLOCK] or lines or [_cut(prefix)]
         blocks = ["".join(lines[i : i + LINES_PER_BLOCK]) for i in range(0, len(lines), LINES_PER_BLOCK)]
         used = len(raw) if at_end else sum(len(b.encode("utf-8")) for b in blocks)
         pieces = self._encode(blocks)
@@ -202,6 +212,14 @@ class CorpusTokens:
         return pieces, docs
 
 
+def _cut(text: str) -> str:
+    """The longest prefix of a piece of one line that ends right before a whitespace run (where
+    tokenizers split words anyway, so the tokens are those of the whole line); the whole piece
+    when it has no such place (one 'word' longer than a read)."""
+    last = re.search(r"\S\s+\S*\Z", text)
+    return text[: last.start() + 1] if last else text
+
+
 def _decode_prefix(raw: bytes) -> str:
     """The longest prefix of ``raw`` that is whole UTF-8 characters (a read may end mid-character)."""
     return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
@@ -239,6 +257,8 @@ def check_token_ids(path: Path, block: int = 1 << 24) -> tuple[int, int]:
         raise ValueError(f"not a NumPy .npy array of token ids ({type(exc).__name__}: {exc})") from None
     if ids.dtype.kind not in "iu" or ids.dtype.itemsize not in (4, 8) or ids.ndim not in (1, 2):
         raise ValueError(f"token ids must be a 1-D or 2-D int32 or int64 array, not {ids.ndim}-D {ids.dtype}")
+    if not ids.flags.c_contiguous:  # read row after row, it would be copied whole into memory on every read
+        raise ValueError("the array is in Fortran (column-major) order: save np.ascontiguousarray(ids) instead")
     flat = ids.reshape(-1)
     if flat.size == 0:
         raise ValueError("the array holds no token ids")

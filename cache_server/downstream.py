@@ -24,6 +24,8 @@ from cache_server.saes import SaeWeights
 from shared.schemas import DownstreamMetrics
 
 _VARIANTS = ("clean", "sae", "zero", "mean")
+MAX_LOGITS = 1 << 24
+"""Logits of one forward pass (64 MB in float32); four tensors of that size live at once at most."""
 
 
 def not_causal_reason(model: SourceModel) -> str | None:
@@ -79,14 +81,21 @@ def evaluate(model: SourceModel, hook: str, sae: SaeWeights, windows: np.ndarray
     mean = mean.to(model.device, torch.float32)
     special = [t for t in {model.bos_token_id, model.separator_token_id} if t is not None]
     sums = _Sums()
-    for start in range(0, len(windows), batch_size):
-        tokens = torch.from_numpy(windows[start : start + batch_size]).long().to(model.device)
+    step = windows_per_forward(batch_size, windows.shape[1], model.bridge.cfg.d_vocab)
+    for start in range(0, len(windows), step):
+        tokens = torch.from_numpy(windows[start : start + step]).long().to(model.device)
         keep = ~torch.isin(tokens, torch.tensor(special, device=model.device))
         _batch(model, hook, sae, mean, tokens, keep, causal, sums)
-        progress(min(start + batch_size, len(windows)) * windows.shape[1])
+        progress(min(start + step, len(windows)) * windows.shape[1])
     downstream = _downstream(sums) if causal else None
     return Evaluation(n_tokens=sums.n, l0=sums.l0 / sums.n, explained_variance=sums.explained_variance(),
                       l2_ratio=sums.l2_ratio / sums.n, downstream=downstream)
+
+
+def windows_per_forward(batch_size: int, context: int, vocabulary: int) -> int:
+    """``batch_size``, or fewer windows where their logits would pass ``MAX_LOGITS`` floats, so the
+    peak memory is the same whatever batch size a request asks for."""
+    return max(1, min(batch_size, MAX_LOGITS // (context * vocabulary)))
 
 
 def _replace(keep: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
@@ -114,21 +123,18 @@ def _batch(model: SourceModel, hook: str, sae: SaeWeights, mean: torch.Tensor, t
         if not causal:
             model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, spliced))])
             return
-        logits = {"clean": model.bridge(tokens)}
-        for name, make in makers.items():
-            logits[name] = model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, make))])
-    log_probs = {name: F.log_softmax(value.float(), dim=-1) for name, value in logits.items()}
-    targets = tokens[:, 1:]
-    predicted = keep[:, :-1]
-    for name, lp in log_probs.items():
-        ce = -lp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
-        sums.ce[name] += float(ce[predicted].sum())
-    sums.n_ce += int(predicted.sum())
-    clean = log_probs["clean"]
-    p_clean = clean.exp()
-    for name in makers:
-        kl = (p_clean * (clean - log_probs[name])).sum(-1)
-        sums.kl[name] += float(kl[keep].sum())
+        # One variant's logits at a time beside the clean run's: the peak is four logit tensors.
+        clean = F.log_softmax(model.bridge(tokens).float(), dim=-1)
+        p_clean = clean.exp()
+        targets, predicted = tokens[:, 1:, None], keep[:, :-1]
+        sums.n_ce += int(predicted.sum())
+        for name, make in {"clean": None, **makers}.items():
+            lp = clean if make is None else F.log_softmax(
+                model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, make))]).float(), dim=-1)
+            sums.ce[name] += float(-lp[:, :-1].gather(-1, targets).squeeze(-1)[predicted].sum())
+            if make is not None:
+                sums.kl[name] += float((p_clean * (clean - lp)).sum(-1)[keep].sum())
+            del lp
 
 
 def _downstream(sums: _Sums) -> DownstreamMetrics:

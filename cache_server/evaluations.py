@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_server.corpora import CorpusStore
+from cache_server.corpora import CorpusStore, check_vocabulary
 from cache_server.downstream import evaluate, not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
@@ -103,6 +103,7 @@ class EvaluationManager(JobQueue):
                  model: SourceModel) -> tuple[str, int, int]:
         """(corpus id, first token, number of windows) of the text to evaluate on."""
         corpus = self.corpora.resolve(request.corpus or manifest.corpus_id)
+        check_vocabulary(corpus, request.corpus or corpus.corpus_id, manifest.model.name, model.bridge.cfg.d_vocab)
         first = self._harvested_tokens(manifest, model) if request.corpus is None else 0
         body = manifest.context_size - manifest.prepend_bos
         wanted = -(-request.n_tokens // manifest.context_size)

@@ -125,7 +125,7 @@ class FeatureJobs(JobQueue):
         return self._load(sae_id)
 
     def _vocabulary(self, dataset_id: str) -> list[str]:
-        return self.models.get(self.store.manifest(dataset_id).model.name).vocabulary()
+        return self.models.get(self.store.manifest(dataset_id).model.name, ask_hub=False).vocabulary()
 
     def byte_level(self, dataset_id: str) -> bool:
         """Whether the dataset's vocabulary is byte-level BPE (GPT-2's Ġ space marks)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cache_server.corpora import CorpusStore
+from cache_server.corpora import CorpusStore, check_vocabulary
 from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
@@ -192,10 +192,7 @@ class JobManager:
         ``corpus_check_bytes`` more of it (the job reads the rest)."""
         corpus, vocabulary = plan.corpus, plan.model.bridge.cfg.d_vocab
         label = request.corpus if isinstance(request.corpus, str) else corpus.corpus_id
-        if corpus.max_token_id is not None and corpus.max_token_id >= vocabulary:
-            raise JobError(f"corpus '{label}' holds token id {corpus.max_token_id}, outside model "
-                           f"'{request.model}''s vocabulary of {vocabulary} ids (0..{vocabulary - 1}): were they "
-                           "made with another tokenizer?")
+        check_vocabulary(corpus, label, request.model, vocabulary)
         bos = plan.model.bos_token_id if request.prepend_bos else None
         windows = token_windows(request.packing, self._corpus_stream(plan.corpus, plan.model), request.context_size, bos)
         rows, complete = windows.check(request.n_tokens, self.corpus_check_bytes)

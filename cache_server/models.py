@@ -27,7 +27,7 @@ import xxhash
 from cache_server.errors import ServiceError
 from shared.devices import resolve_device
 from shared.ids import content_id
-from shared.schemas import HookSpec, ModelInfo
+from shared.schemas import HookSpec, ModelInfo, ModelList
 
 TINY_RANDOM = "tiny-random-gpt"
 SHAKESPEARE_GPT = "shakespeare-gpt"
@@ -171,16 +171,18 @@ HUB_TIMEOUT = 10.0
 after transformers' own retries (~25 s, a request thread held all along)."""
 
 
-def _resolve_on_hub(name: str) -> str:
+def _resolve_on_hub(name: str, ask_hub: bool = True) -> str:
     """What to load: a name in the local hub cache loads from its snapshot folder, with no hub;
-    any other must be a model the hub knows, and loads by name."""
+    any other must be a model the hub knows, and loads by name (not when ``ask_hub`` is off)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # not cached (or the cache is incomplete): ask the hub
-        pass
+        if not ask_hub:
+            raise ModelError(f"model '{name}' is not in the local hub cache, and a read does not download: "
+                             "a harvest of it (with the token) fetches it") from None
     try:
         HfApi().model_info(name, timeout=HUB_TIMEOUT)
     except (RepositoryNotFoundError, GatedRepoError) as exc:
@@ -238,9 +240,24 @@ class ModelRegistry:
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> SourceModel:
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    def available(self) -> ModelList:
+        local = []
+        if self.models_dir is not None:
+            local = sorted({str(p.parent.relative_to(self.models_dir))
+                            for pattern in ("*/config.json", "*/*/config.json") for p in self.models_dir.glob(pattern)})
+        with self._lock:
+            loaded = [m.info for m in self._loaded.values()]
+        return ModelList(builtin=[SHAKESPEARE_GPT, TINY_RANDOM, *MINILM_NAMES], models_dir=local, loaded=loaded,
+                         hub=self.allow_hub)
+
+    def get(self, name: str, ask_hub: bool = True) -> SourceModel:
         """The loaded model; loading one holds only that name's lock, so requests for models
-        already loaded (and reads) never wait behind a slow load or hub lookup."""
+        already loaded (and reads) never wait behind a slow load or hub lookup. Reads pass
+        ``ask_hub=False``: they load what is on disk, and never contact or download from a hub."""
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
@@ -251,7 +268,7 @@ class ModelRegistry:
                 if name in self._loaded:  # loaded by the request we waited for
                     return self._loaded[name]
             try:
-                model = self._load(name)
+                model = self._load(name, ask_hub)
             except BaseException:
                 with self._lock:
                     self._loading.pop(name, None)
@@ -263,9 +280,9 @@ class ModelRegistry:
                     self._loaded.popitem(last=False)
             return model
 
-    def _load(self, name: str) -> SourceModel:
+    def _load(self, name: str, ask_hub: bool) -> SourceModel:
         try:
-            bridge, tokenizer, fingerprint = self._boot(name)
+            bridge, tokenizer, fingerprint = self._boot(name, ask_hub)
         except ModelError:
             raise
         except Exception as exc:  # a hub miss, a corrupt folder: say which and why
@@ -279,7 +296,7 @@ class ModelRegistry:
         hook_names = frozenset(bridge.hook_dict) | frozenset(aliases)
         return SourceModel(info=info, bridge=bridge, tokenizer=tokenizer, device=self.device, hook_names=hook_names)
 
-    def _boot(self, name: str):
+    def _boot(self, name: str, ask_hub: bool):
         if name == TINY_RANDOM:
             return _boot_tiny_random(self.device)
         if name == SHAKESPEARE_GPT:
@@ -301,7 +318,7 @@ class ModelRegistry:
         if Path(name).exists():  # transformers would load a folder of that name before asking the hub
             raise ModelError(f"unknown model '{name}': a hub name must not name a folder (one by that name is in "
                              "the server's working directory); put local models in --models-dir")
-        bridge, tokenizer, _ = _boot_pretrained(_resolve_on_hub(name), self.device, "")
+        bridge, tokenizer, _ = _boot_pretrained(_resolve_on_hub(name, ask_hub), self.device, "")
         return bridge, tokenizer, _hub_fingerprint(name)
 
     def _local_folder(self, name: str) -> Path | None:

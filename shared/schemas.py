@@ -188,6 +188,15 @@ class ModelInfo(BaseModel):
     n_ctx: int
 
 
+class ModelList(BaseModel):
+    """``GET /v1/models``: what a harvest may name without asking a hub."""
+
+    builtin: list[str] = Field(description="Built into the server (MiniLM under each of its names).")
+    models_dir: list[str] = Field(description="Folders in the server's --models-dir (Hugging Face layout).")
+    loaded: list[ModelInfo] = Field(description="Loaded now (the most recently used are kept).")
+    hub: bool = Field(description="Whether other names are looked up on the Hugging Face hub.")
+
+
 class DatasetManifest(BaseModel):
     """Everything a reader needs to stream a dataset: shapes, codec, progress, statistics."""
 
@@ -280,7 +289,9 @@ class EvaluationRequest(BaseModel):
     corpus: Annotated[str | None, Field(min_length=1, max_length=100)] = Field(
         None, description="A corpus_id (or 'default') to take the text from, from its start. None: the "
         "dataset's own corpus after the last token the harvest read (text the SAE never saw).")
-    batch_size: Annotated[int, Field(ge=1, le=1024, strict=True)] = 16
+    batch_size: Annotated[int, Field(ge=1, le=1024, strict=True)] = Field(16, description=(
+        "Windows per forward pass; fewer where their logits would pass 2^24 floats (the server's memory "
+        "is bounded whatever is asked). The figures do not depend on it."))
 
 
 class DownstreamMetrics(BaseModel):

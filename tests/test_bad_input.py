@@ -90,6 +90,15 @@ def test_corpus_uploads_over_the_limit_or_not_utf8(server, client, tmp_path):
     assert_refused(client.post("/v1/corpora", content=b"ok \xe2\x82"), 415, "not UTF-8")
     assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"text": "a"}\nnot json\n'), 422, "line 2")
     assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"txt": "a"}\n'), 422, '"text"')
+    # JSON the parser takes and a tokenizer cannot: refused at upload, naming the line (issue 37)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"text": "a"}\n' + deep), 422, "line 2",
+                   "nested too deeply")
+    assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"text": "a"}\n{"text": "ok \\ud800"}\n'), 422,
+                   "line 2", "lone surrogate", "\\ud800")
+    long_line = b'{"text": "' + b"word " * ((16 << 20) // 5 + 1) + b'"}'
+    assert_refused(client.post("/v1/corpora?format=jsonl", content=b'{"text": "a"}\n' + long_line), 422, "line 2",
+                   "format=text")
     assert_refused(client.post("/v1/corpora", content=b""), 422, "empty")
     assert_refused(client.post("/v1/corpora?format=pdf", content=b"x"), 422, "format")
     names_before = {c["corpus_id"] for c in client.get("/v1/corpora").json()}
@@ -111,6 +120,18 @@ def test_mutating_endpoints_need_the_token(server, method, path, token):
         r = anonymous.request(method, path, json=GOOD if path == "/v1/harvests" else None)
     assert_refused(r, 401, "bearer token")
     assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_read_that_would_load_a_model_needs_the_token(server, client):
+    """Reads stay open, but one that loads a model (or would ask a hub) does not (issue 37)."""
+    with server.client(token=None) as anonymous:
+        assert_refused(anonymous.get("/v1/models/no-such-model/hooks"), 401, "not loaded", "bearer token")
+        assert_refused(client.get("/v1/models/no-such-model/hooks"), 404, "unknown model")
+        assert client.get(f"/v1/models/{TINY}/hooks").status_code == 200  # loads it, with the token
+        assert "blocks.0.hook_resid_post" in anonymous.get(f"/v1/models/{TINY}/hooks").json()  # loaded: open
+        models = anonymous.get("/v1/models").json()
+        assert {"shakespeare-gpt", TINY, "all-MiniLM-L6-v2"} <= set(models["builtin"]) and models["hub"] is False
+        assert TINY in [m["name"] for m in models["loaded"]]
 
 
 def test_reads_need_no_token(server):

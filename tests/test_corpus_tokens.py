@@ -105,3 +105,43 @@ def test_two_servers_extending_one_stream_at_once_agree(tokenizer, corpora, tmp_
         t.join()
     expected = whole_corpus_tokens(tokenizer, corpora["text"], "text")
     assert np.array_equal(streams[0].array(streams[1].ensure(None)[0]), expected)
+
+
+@pytest.mark.parametrize("which", ["wordpiece", "byte-level BPE"])
+def test_a_corpus_with_no_line_breaks_is_read_a_block_at_a_time_into_the_same_tokens(tokenizer, which, tmp_path,
+                                                                                     monkeypatch):
+    """One 'line' far longer than a read (issue 37: a 50 MB single line was tokenised whole inside
+    the submit): it is cut before a whitespace run, where tokens end anyway, so the stream is the
+    whole text's tokens and no read goes past READ_BYTES."""
+    from transformers import AutoTokenizer
+
+    from cache_server.models import _shakespeare_gpt_path
+
+    if which != "wordpiece":
+        tokenizer = AutoTokenizer.from_pretrained(_shakespeare_gpt_path())
+    monkeypatch.setattr(corpus_tokens, "READ_BYTES", 2048)
+    words = _builtin_text().decode()[:60_000].split()
+    text = "".join(w + ("  " if i % 7 == 0 else " ") for i, w in enumerate(words)) + "x" * 5000 + " tail"
+    data = tmp_path / "corpus.data"
+    data.write_bytes(text.encode())
+    stream = CorpusTokens(data, "text", tmp_path / "tokens", "k", tokenizer, SEPARATOR)
+    stream.ensure(100)
+    assert json.loads((tmp_path / "tokens" / "k.json").read_text())["byte_offset"] <= 2048
+    have, complete = stream.ensure(None)
+    ids = np.asarray(stream.array(have))
+    whole = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"][:have] if which != "wordpiece" else
+                       whole_corpus_tokens(tokenizer, text, "text"))
+    # Only the 5,000-character 'word' (no place to cut) may tokenise otherwise at its cuts.
+    word_start = len(tokenizer(text[: text.index("xxx")], add_special_tokens=False)["input_ids"])
+    assert word_start > 10_000 and complete and np.array_equal(ids[:word_start], whole[:word_start])
+
+
+def test_a_check_with_a_byte_budget_stops_before_a_longer_jsonl_line(tokenizer, tmp_path, monkeypatch):
+    """A submit's check reads at most its budget: a JSONL line longer than that is left to the job."""
+    monkeypatch.setattr(corpus_tokens, "READ_BYTES", 1024)
+    data = tmp_path / "corpus.data"
+    data.write_text(json.dumps({"text": "short one"}) + "\n" + json.dumps({"text": "word " * 3000}) + "\n")
+    stream = CorpusTokens(data, "jsonl", tmp_path / "tokens", "k", tokenizer, SEPARATOR)
+    assert stream.ensure(10**6, max_bytes=2048) == (2, False)  # the first line's tokens; the long line unread
+    assert json.loads((tmp_path / "tokens" / "k.json").read_text())["byte_offset"] < 100
+    assert stream.ensure(None) == (2 + 1 + 3000 + 1, True)  # the job reads it whole

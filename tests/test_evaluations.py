@@ -154,3 +154,18 @@ def test_bad_saes_and_evaluations_get_a_4xx_that_names_the_problem(server, clien
     assert client.post("/v1/evaluations", json={"sae_id": sae_id, "corpus": "nope"}).status_code == 404
     assert client.get("/v1/evaluations/" + "0" * 24).status_code == 404
     assert client.get("/v1/saes/" + "0" * 24).status_code == 404
+
+
+def test_the_batch_size_asked_for_does_not_set_the_memory_nor_the_figures(client, dataset_id, small_corpus):
+    """Four logit tensors of a forward live at once, and a forward holds at most 2^24 logits, so
+    batch_size 1024 costs what 16 does (issue 37: it grew to GBs); the figures are the same."""
+    from cache_server.downstream import MAX_LOGITS, windows_per_forward
+
+    assert windows_per_forward(1024, 128, 50_257) == 2 and windows_per_forward(16, 32, 100) == 16
+    assert windows_per_forward(1024, 100_000, 1_000) == 1 and MAX_LOGITS == 1 << 24
+    eye, order = torch.eye(D), torch.randperm(2 * D, generator=torch.Generator().manual_seed(0))
+    permuted = sae_body(torch.cat([eye, -eye], 1)[:, order], torch.zeros(2 * D), torch.cat([eye, -eye], 0)[order],
+                        torch.zeros(D), {"architecture": "standard"})  # the identity again, as another file
+    results = [register_and_evaluate(client, dataset_id, body, n_tokens=4 * 32, corpus=small_corpus,
+                                     batch_size=size)["result"] for body, size in ((identity_body(), 1), (permuted, 1024))]
+    assert results[0]["downstream"] == pytest.approx(results[1]["downstream"], rel=1e-5)

@@ -52,6 +52,13 @@ def test_ids_outside_the_vocabulary_or_too_few_are_refused_at_submit(client):
     corpus_id = upload(client, ids).json()["corpus_id"]
     assert_refused(client.post("/v1/harvests", json={**REQUEST, "corpus": corpus_id}), 422,
                    f"token id {VOCABULARY + 5}", f"vocabulary of {VOCABULARY} ids")
+    # An evaluation checks its text as a harvest does (was: 202, then the job died on an IndexError).
+    from tests.test_evaluations import HOOK, identity_body
+
+    dataset = wait_job(client, client.post("/v1/harvests", json={**REQUEST, "hooks": [HOOK]}).json()["job_id"])["dataset_id"]
+    sae = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK}, content=identity_body()).json()["sae_id"]
+    assert_refused(client.post("/v1/evaluations", json={"sae_id": sae, "corpus": corpus_id, "n_tokens": 64}), 422,
+                   f"token id {VOCABULARY + 5}", f"vocabulary of {VOCABULARY} ids")
     short = upload(client, np.arange(600, dtype=np.int32)).json()["corpus_id"]
     assert_refused(client.post("/v1/harvests", json={**REQUEST, "corpus": short}), 422, "fills at most 576 rows")
 
@@ -63,6 +70,7 @@ def test_ids_outside_the_vocabulary_or_too_few_are_refused_at_submit(client):
     (npy(np.zeros(0, dtype=np.int32)), "holds no token ids"),
     (b"just some text, not an array", "not a NumPy .npy array"),
     (npy(np.zeros(10, dtype=np.int32))[:-8], "not a NumPy .npy array"),  # truncated
+    (npy(np.asfortranarray(np.zeros((20, 30), dtype=np.int32))), "Fortran (column-major) order"),
 ])
 def test_an_upload_that_is_not_token_ids_is_refused(client, server, body, phrase):
     assert_refused(client.post("/v1/corpora?format=npy", content=body), 422, "format=npy", phrase)

@@ -54,7 +54,7 @@ def get_hook_mean(dataset_id: str, hook: str, svc: Services = Depends(services))
 def get_vocabulary(dataset_id: str, svc: Services = Depends(services)) -> list[str]:
     """The source model's tokens by id, to render the stored token ids as text."""
     manifest = _manifest(svc, dataset_id)
-    return svc.jobs.models.get(manifest.model.name).vocabulary()
+    return svc.jobs.models.get(manifest.model.name, ask_hub=False).vocabulary()
 
 
 _CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},

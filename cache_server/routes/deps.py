@@ -25,10 +25,18 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """The request carries the server's token, or the server has none."""
     expected = services(request).settings.token
-    if expected is None:
-        return
     given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    return expected is None or hmac.compare_digest(given.encode(), expected.encode())
+
+
+def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    if not authorized(request, credentials):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> HTTPAuthorizationCredentials | None:
+    """The request's bearer credentials, for reads that need the token only for some answers."""
+    return credentials
