@@ -215,8 +215,7 @@ class FeatureJobs(JobQueue):
         intervals = [[example(int(r), float(v)) for r, v in zip(stats.interval_rows[q, :, index],
                                                                 stats.interval_values[q, :, index]) if r >= 0]
                      for q in range(stats.interval_rows.shape[0])]
-        directions = torch.nn.functional.normalize(weights.W_dec, dim=1)
-        cosine = directions @ directions[index]
+        cosine = weights.directions @ weights.directions[index]
         cosine[index] = -math.inf
         best = cosine.topk(min(10, sae.d_sae - 1))
         fired, peak = int(stats.fired[index]), float(stats.max_values[index])

@@ -272,7 +272,7 @@ class JobManager:
         still ends failed (in memory) so the worker moves on to the next one."""
         job = self._jobs[job_id]
         if is_disk_full(exc):
-            self.store.remove_partial_writes(job.dataset_id)
+            self.store.remove_partial_writes(job.dataset_id, older_than=self.lease_seconds if self.replica else 0.0)
             error = disk_full_message(exc, self.folder)
             if (manifest := self.store.manifest(job.dataset_id)) is not None:
                 error += f"; this harvest needs about {_stored_bytes(manifest):,} bytes in all"
@@ -299,7 +299,8 @@ class JobManager:
         manifest = self.store.manifest(job.dataset_id)
         if manifest is None:
             raise RuntimeError(f"dataset {job.dataset_id} was deleted")
-        self.store.remove_partial_writes(job.dataset_id)
+        # A replica leaves the files other replicas may be writing now (younger than a lease) alone.
+        self.store.remove_partial_writes(job.dataset_id, older_than=self.lease_seconds if self.replica else 0.0)
         model = self.models.get(manifest.model.name)
         corpus = self._corpus_stream(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items

@@ -6,17 +6,20 @@ An upload is one safetensors file (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [
 (``SaeWeights.reconstruct``) and never imports the trainer.
 """
 
+import asyncio
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load
+from safetensors import safe_open
 
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
@@ -25,6 +28,8 @@ from shared.ids import content_id, is_valid_id
 from shared.schemas import DatasetManifest, SaeInfo
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
+WEIGHTS_CACHE_BYTES = 2 << 30
+"""SAE weights kept in memory for the pages and jobs (the most recently used; the latest always)."""
 
 
 class SaeError(ServiceError):
@@ -43,6 +48,16 @@ class SaeWeights:
     threshold: torch.Tensor | None
     k: int | None
     apply_b_dec_to_input: bool
+
+    @property
+    def n_bytes(self) -> int:
+        tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec] + ([self.threshold] if self.threshold is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @functools.cached_property
+    def directions(self) -> torch.Tensor:
+        """Unit decoder rows ``[d_sae, d_in]`` (a feature page's nearest neighbours), computed once."""
+        return torch.nn.functional.normalize(self.W_dec, dim=1)
 
     def to(self, device: torch.device) -> "SaeWeights":
         moved = {name: getattr(self, name).to(device) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
@@ -65,50 +80,130 @@ class SaeWeights:
         return acts @ self.W_dec + self.b_dec, acts
 
 
-def parse_sae(body: bytes) -> tuple[dict, SaeWeights]:
-    """The cfg and weights of an upload, checked for consistency; SaeError (422) names what is wrong."""
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def read_sae(path: Path) -> tuple[dict, SaeWeights]:
+    """The cfg and float32 weights of a stored or uploaded SAE file, checked (its header before
+    any tensor is read, then each tensor once); SaeError (422) names what is wrong. Tensors are
+    read straight into their own memory: the peak is the weights in float32, not the body too."""
     try:
-        tensors = load(body)
-        metadata = json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
-        raise SaeError(f"the body is not a safetensors file: {exc}") from None
+        with safe_open(path, "pt") as f:  # checks the header: offsets, sizes and dtypes agree with the file
+            metadata, keys = f.metadata() or {}, list(f.keys())
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in keys}
+            dtypes = {name: f.get_slice(name).get_dtype() for name in keys}
+    except Exception as exc:  # SafetensorError for a bad header; anything else for a bad body
+        raise SaeError(f"the body is not a safetensors file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    cfg = _check_cfg(metadata)
+    names = _check_shapes(cfg, shapes, dtypes)
+    t = {}
+    for name, value in _read_tensors(path, names, shapes, dtypes):
+        t[name] = value.float()
+        # A NaN or inf weight would make every figure and page NaN. Checked a block at a time:
+        # isfinite makes temporaries the size of its input.
+        bad = sum(int((~torch.isfinite(block)).sum()) for block in t[name].reshape(-1).split(1 << 20))
+        if bad:
+            raise SaeError(f"tensor {name} holds {bad:,} NaN or infinite value(s): only finite weights are accepted")
+    architecture, k = cfg["architecture"], cfg.get("k")
+    return cfg, SaeWeights(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"),
+                           k if architecture == "topk" else None, bool(cfg.get("apply_b_dec_to_input", True)))
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_tensors(path: Path, names: list[str], shapes: dict, dtypes: dict):
+    """``(name, tensor)`` of a file safetensors already checked, each read with plain reads into a
+    tensor of its own (an mmap's pages would count in the server's memory beside the copy)."""
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        for name in names:
+            start, end = header[name]["data_offsets"]
+            raw = torch.empty(end - start, dtype=torch.uint8)
+            f.seek(8 + header_size + start)
+            f.readinto(memoryview(raw.numpy()))
+            yield name, raw.view(_TORCH_DTYPES[dtypes[name]]).reshape(shapes[name])
+
+
+def _check_cfg(metadata: dict) -> dict:
     if "cfg" not in metadata:
         raise SaeError("the safetensors metadata has no 'cfg' entry (the SAELens cfg.json text)")
     try:
         cfg = json.loads(metadata["cfg"])
-    except json.JSONDecodeError as exc:
-        raise SaeError(f"metadata 'cfg' is not valid JSON: {exc.msg}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise SaeError(f"metadata 'cfg' is not valid JSON: {getattr(exc, 'msg', 'nested too deeply')}") from None
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture not in ARCHITECTURES:
         raise SaeError(f"cfg architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
     if cfg.get("normalize_activations", "none") != "none":
         raise SaeError(f"cfg normalize_activations={cfg['normalize_activations']!r}: fold the scaling into "
                        "the weights first (the trainer's exports do)")
-    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in tensors]
-    if architecture == "jumprelu" and "threshold" not in tensors:
-        missing.append("threshold")
+    return cfg
+
+
+def _check_shapes(cfg: dict, shapes: dict[str, tuple], dtypes: dict[str, str]) -> list[str]:
+    """The tensors to read, once their presence, float dtypes and shapes agree with W_enc's."""
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if cfg["architecture"] == "jumprelu" else [])
+    missing = [n for n in names if n not in shapes]
     if missing:
         raise SaeError(f"the file lacks tensor(s) {missing}")
-    t = {name: value.float() for name, value in tensors.items()}
-    if t["W_enc"].dim() != 2:
-        raise SaeError(f"W_enc must be [d_in, d_sae], got {list(t['W_enc'].shape)}")
-    d_in, d_sae = t["W_enc"].shape
+    for name in names:
+        if dtypes[name] not in _FLOATS:
+            raise SaeError(f"tensor {name} is {dtypes[name]}; weights must be floating point (F32, F16, BF16, F64)")
+    if len(shapes["W_enc"]) != 2:
+        raise SaeError(f"W_enc must be [d_in, d_sae], got {list(shapes['W_enc'])}")
+    d_in, d_sae = shapes["W_enc"]
     if d_in == 0 or d_sae == 0:
         raise SaeError(f"W_enc is [{d_in}, {d_sae}]: an SAE needs at least one input and one latent")
     expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
-    for name, shape in expected.items():
-        if name in t and tuple(t[name].shape) != shape:
-            raise SaeError(f"{name} has shape {list(t[name].shape)}; W_enc [{d_in}, {d_sae}] needs {list(shape)}")
-    for name, value in t.items():  # a NaN or inf weight would make every figure and page NaN
-        if not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise SaeError(f"tensor {name} holds {bad:,} NaN or infinite value(s): only finite weights are accepted")
+    for name in names[1:]:
+        if shapes[name] != expected[name]:
+            raise SaeError(f"{name} has shape {list(shapes[name])}; W_enc [{d_in}, {d_sae}] needs {list(expected[name])}")
     k = cfg.get("k")
-    if architecture == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
+    if cfg["architecture"] == "topk" and not (type(k) is int and 0 < k <= d_sae):
         raise SaeError(f"a topk SAE needs cfg k, a whole number from 1 to d_sae={d_sae}; got {k!r}")
-    weights = SaeWeights(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"),
-                         k if architecture == "topk" else None, bool(cfg.get("apply_b_dec_to_input", True)))
-    return cfg, weights
+    return names
+
+
+class WeightsCache:
+    """The most recently used SAEs' weights, up to a byte budget (the latest one always kept);
+    one load per SAE at a time, however many requests want it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, SaeWeights] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, sae_id: str, load: Callable[[str], SaeWeights]) -> SaeWeights:
+        with self._lock:
+            if sae_id in self._kept:
+                self._kept.move_to_end(sae_id)
+                return self._kept[sae_id]
+            loading = self._loading.setdefault(sae_id, threading.Lock())
+        with loading:
+            with self._lock:
+                if sae_id in self._kept:
+                    return self._kept[sae_id]
+            try:
+                weights = load(sae_id)
+                self.put(sae_id, weights)
+            finally:
+                with self._lock:
+                    self._loading.pop(sae_id, None)
+            return weights
+
+    def put(self, sae_id: str, weights: SaeWeights) -> None:
+        with self._lock:
+            self._kept[sae_id] = weights
+            self._kept.move_to_end(sae_id)
+            while len(self._kept) > 1 and sum(w.n_bytes for w in self._kept.values()) > self.max_bytes:
+                self._kept.popitem(last=False)
+
+    def drop(self, sae_id: str) -> None:
+        with self._lock:
+            self._kept.pop(sae_id, None)
 
 
 class SaeStore:
@@ -118,6 +213,7 @@ class SaeStore:
         self.folder = folder
         self.max_bytes = max_bytes
         self.quarantine = quarantine
+        self._weights = WeightsCache(WEIGHTS_CACHE_BYTES)
         folder.mkdir(parents=True, exist_ok=True)
 
     def check(self) -> None:
@@ -135,37 +231,41 @@ class SaeStore:
                 self._quarantine(path.stem, reason_of(exc))
 
     def _quarantine(self, sae_id: str, reason: str) -> None:
+        self._weights.drop(sae_id)
         for suffix in (".json", ".safetensors"):
             self.quarantine.put(self.folder / f"{sae_id}{suffix}", "sae", reason)
 
     async def upload(self, chunks: AsyncIterator[bytes], manifest: DatasetManifest, hook: str) -> SaeInfo:
+        """Stream the body to a temp file while hashing it, check it there (memory-mapped), and
+        keep it under its id: the server holds the weights once, in float32, never the body."""
         info = manifest.hook(hook)
         if info is None:
             raise SaeError(f"dataset {manifest.dataset_id} has no hook '{hook}'; its hooks: "
                            f"{', '.join(h.name for h in manifest.hooks)}")
-        body = bytearray()
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > self.max_bytes:
-                raise SaeError(f"the SAE file is larger than this server's limit of {self.max_bytes} bytes", 413)
-        cfg, weights = parse_sae(bytes(body))
-        d_in, d_sae = weights.W_enc.shape
-        if d_in != info.d:
-            raise SaeError(f"the SAE's d_in is {d_in} but hook '{hook}' of dataset {manifest.dataset_id} "
-                           f"has width {info.d}")
-        sae_id = content_id({"file": hashlib.sha256(body).hexdigest(), "dataset_id": manifest.dataset_id,
-                             "hook": hook})
-        sae = SaeInfo(sae_id=sae_id, dataset_id=manifest.dataset_id, hook=hook, architecture=cfg["architecture"],
-                      d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=len(body))
-        if not (self.folder / f"{sae_id}.json").exists():
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
+        digest, n_bytes = hashlib.sha256(), 0
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    n_bytes += len(chunk)
+                    if n_bytes > self.max_bytes:
+                        raise SaeError(f"the SAE file is larger than this server's limit of {self.max_bytes} bytes", 413)
+                    digest.update(chunk)
+                    f.write(chunk)
+            cfg, weights = await asyncio.to_thread(read_sae, Path(tmp))
+            d_in, d_sae = weights.W_enc.shape
+            if d_in != info.d:
+                raise SaeError(f"the SAE's d_in is {d_in} but hook '{hook}' of dataset {manifest.dataset_id} "
+                               f"has width {info.d}")
+            sae_id = content_id({"file": digest.hexdigest(), "dataset_id": manifest.dataset_id, "hook": hook})
+            sae = SaeInfo(sae_id=sae_id, dataset_id=manifest.dataset_id, hook=hook, architecture=cfg["architecture"],
+                          d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=n_bytes)
+            if not (self.folder / f"{sae_id}.json").exists():
                 os.replace(tmp, self.folder / f"{sae_id}.safetensors")
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            atomic_write(self.folder / f"{sae_id}.json", sae.model_dump_json(indent=1).encode())
+                atomic_write(self.folder / f"{sae_id}.json", sae.model_dump_json(indent=1).encode())
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self._weights.put(sae_id, weights)
         return sae
 
     def info(self, sae_id: str) -> SaeInfo:
@@ -182,9 +282,14 @@ class SaeStore:
         return [info for info in infos if info is not None]
 
     def weights(self, sae_id: str) -> SaeWeights:
+        """The SAE's weights, read from disk once and kept (the most recently used, up to
+        ``WEIGHTS_CACHE_BYTES``): a browser page must not read a large file again per request."""
         self.info(sae_id)
+        return self._weights.get(sae_id, self._read)
+
+    def _read(self, sae_id: str) -> SaeWeights:
         try:
-            return parse_sae((self.folder / f"{sae_id}.safetensors").read_bytes())[1]
+            return read_sae(self.folder / f"{sae_id}.safetensors")[1]
         except (SaeError, OSError) as exc:  # changed or removed on disk since it was registered
             self._quarantine(sae_id, reason_of(exc))
             raise SaeError(f"SAE '{sae_id}''s weights could not be read ({reason_of(exc)}); it was moved to "
@@ -192,5 +297,6 @@ class SaeStore:
 
     def delete(self, sae_id: str) -> None:
         self.info(sae_id)
+        self._weights.drop(sae_id)
         (self.folder / f"{sae_id}.json").unlink(missing_ok=True)
         (self.folder / f"{sae_id}.safetensors").unlink(missing_ok=True)

@@ -302,15 +302,21 @@ class DatasetStore:
     def _published(self, manifest: DatasetManifest) -> None:
         self._remember(manifest)
 
-    def remove_partial_writes(self, dataset_id: str) -> int:
+    def remove_partial_writes(self, dataset_id: str, older_than: float = 0.0) -> int:
         """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``; an
-        object store has none: a PUT lands whole or not at all)."""
+        object store has none: a PUT lands whole or not at all). Replicas sharing the folder pass
+        ``older_than`` (seconds): a file another live replica is writing now is younger than that."""
         if self.root is None:
             return 0
-        orphans = list((self.root / dataset_id).rglob("*.partial"))
-        for path in orphans:
-            path.unlink(missing_ok=True)
-        return len(orphans)
+        now, removed = time.time(), 0
+        for path in (self.root / dataset_id).rglob("*.partial"):
+            try:
+                if now - path.stat().st_mtime >= older_than:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed it meanwhile
+                pass
+        return removed
 
     def delete(self, dataset_id: str) -> bool:
         """Remove a dataset (one whose manifest cannot be read too); False for an unknown id."""

@@ -115,3 +115,23 @@ def test_conditional_writes_let_one_writer_win(where, bucket, tmp_path, monkeypa
     assert cas.write("_harvest/x/ledger.json", b"third", version)
     assert not cas.write("_harvest/x/ledger.json", b"stale", version)  # someone wrote since we read
     assert cas.read("_harvest/x/ledger.json")[0] == b"third"
+
+
+def test_a_replica_starting_a_job_leaves_the_files_another_is_writing(tmp_path):
+    """Issue 37: the second replica starting its job removed the first's in-flight .partial chunk
+    files and failed its rename. Replicas now remove only temp files older than a lease."""
+    import os
+    import time
+
+    from cache_server.store import DatasetStore
+
+    store = DatasetStore(tmp_path / "datasets")
+    folder = tmp_path / "datasets" / "0123456789abcdef01234567" / "blocks.0.hook_resid_post" / "c" / "3"
+    folder.mkdir(parents=True)
+    writing, orphan = folder / "0.1a2b.partial", folder / "0.9f8e.partial"
+    writing.write_bytes(b"in flight")
+    orphan.write_bytes(b"left by a killed writer")
+    os.utime(orphan, (time.time() - 120, time.time() - 120))
+    assert store.remove_partial_writes("0123456789abcdef01234567", older_than=60) == 1
+    assert writing.exists() and not orphan.exists()
+    assert store.remove_partial_writes("0123456789abcdef01234567") == 1 and not writing.exists()  # a lone server: all

@@ -138,3 +138,40 @@ def test_a_dataset_with_registered_saes_is_not_deleted_under_them(client):
         refused(client.get(path), 404, "unknown SAE")
     assert client.delete(f"/v1/datasets/{dataset}").status_code == 204
     refused(client.get(f"/v1/datasets/{dataset}"), 404)
+
+
+def _proc(pid: int, file: str, field: str) -> int:
+    with open(f"/proc/{pid}/{file}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_a_large_sae_costs_its_weights_once_in_memory_and_pages_do_not_read_it_again(tmp_path):
+    """Issue 37: a 512 MB upload peaked at 3x the body (5x for float16), and each feature page read
+    the whole file again. Now the body streams to disk, is checked memory-mapped, and the weights
+    are kept once for the pages."""
+    d_sae = 1 << 17  # 64 MiB of float32 weights at d_in 64
+    body = sae_body(torch.randn(D, d_sae) * 0.1, torch.zeros(d_sae), torch.randn(d_sae, D) * 0.1, torch.zeros(D),
+                    {"architecture": "topk", "k": 8})
+    server = ServerProcess(store=tmp_path / "store", port=free_port(),
+                           env={"CACHE_SERVER_MAX_SAE_BYTES": str(256 << 20)}).start()
+    try:
+        with server.client() as client:
+            dataset = wait_job(client, client.post("/v1/harvests", json=HARVEST).json()["job_id"])["dataset_id"]
+            pid = server.process.pid
+            ready = _proc(pid, "status", "VmRSS")
+            with open(f"/proc/{pid}/clear_refs", "w") as refs:
+                refs.write("5")  # the peak (VmHWM) counts from here
+            sae = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK},
+                              content=iter([body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)]))
+            assert sae.status_code == 201, sae.text
+            grew = (_proc(pid, "status", "VmHWM") - ready) * 1024
+            assert grew < 1.5 * len(body), f"{grew / len(body):.2f}x the body"
+            sae_id = sae.json()["sae_id"]
+            assert client.post(f"/v1/saes/{sae_id}/features", params={"max_rows": 128}).status_code == 202
+            assert wait_features(client, sae_id)["status"] == "completed"
+            read_before = _proc(pid, "io", "rchar")
+            for feature in range(3):
+                assert client.get(f"/v1/saes/{sae_id}/features/{feature}").status_code == 200
+            assert _proc(pid, "io", "rchar") - read_before < len(body) / 4
+    finally:
+        server.stop()
