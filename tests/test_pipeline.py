@@ -178,7 +178,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
     cases = [(["--train-tokens", "0"], "argument --train-tokens: must be positive, got 0"),
              (["--tokens", "-5"], "argument --tokens: must be positive, got -5"),
              (["--train-tokens", "100"], "--train-tokens 100 is less than one batch of 1024"),
-             (["--out", str(sae_run)], "is not a sae-pipeline folder")]
+             (["--out", str(sae_run)], "is not a sae-pipeline folder"),
+             (["--out", str(sae_run / "run.json")], "is a file, not a folder"),  # was a traceback (issue 37)
+             (["--out", str(sae_run / "run.json" / "x")], "lies under a file"),
+             (["--cache-url", "http://[::1"], "is not a URL")]
     for extra, message in cases:
         out = ["--out", str(tmp_path / "new")] if "--out" not in extra else []
         result = subprocess.run([sys.executable, "-m", "trainer.pipeline", *out, *extra], capture_output=True,

@@ -289,7 +289,13 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     bad_sweep.write_text("[[sae]]\nl1_coef = 3\n")
     odd_lanes = tmp_path / "lanes.toml"
     odd_lanes.write_text("[run]\nbatch_size = 256\nlanes = 3\n")
-    sweeps = {name: tmp_path / f"{name}.toml" for name in ("big_k", "prefixes", "schedule", "fraction", "eval")}
+    sweeps = {name: tmp_path / f"{name}.toml" for name in ("big_k", "prefixes", "schedule", "fraction", "eval", "huge",
+                                                           "diverges")}
+    sweeps["huge"].write_text("[[sae]]\nexpansion = 1000000\n")  # was: grew to 22 GB until the kernel killed it
+    sweeps["diverges"].write_text("[run]\ntokens = 2560\nbatch_size = 256\nlog_every = 2\neval_chunks = 1\n"
+                                  "shuffle_buffer_rows = 1024\n[[sae]]\nlr = 1e38\nmax_grad_norm = 0.0\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     sweeps["eval"].write_text("[run]\neval_chunks = 500\n")
     sweeps["big_k"].write_text("[[sae]]\nk = 5000\n")  # d_sae is 8 x 64 = 512
     sweeps["prefixes"].write_text('[[sae]]\nobjective = "matryoshka"\nmatryoshka_prefixes = [64, 1024]\n')
@@ -317,6 +323,11 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
         (["--resume", "--out", str(tmp_path / "nothing-here")], "holds no run to resume"),
         (["--config", str(odd_lanes), "--out", str(tmp_path / "f")], "3 stream lane(s) cannot be shared"),
         (["--from-bucket", "--out", str(tmp_path / "g")], "is not in a bucket; read it through the server"),
+        # issue 37: each was a traceback, an OOM kill or an exit-0 NaN export
+        (["--config", str(sweeps["huge"]), "--out", str(tmp_path / "h")], "the sweep needs about"),
+        (["--out", str(a_file)], f"--out {a_file} is a file"),
+        (["--out", str(a_file / "run")], f"--out {a_file / 'run'} lies under a file"),
+        (["--out", "/proc/sae-run"], "--out /proc/sae-run cannot be written"),
     ]
     for extra, message in cases:
         args = base + extra
@@ -329,12 +340,20 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
               (base + ["--batch-size", "-3"], "argument --batch-size: must be positive, got -3"),
               (["--cache-url", server.url, "--model", TINY, "--hook", HOOKS[0], "--harvest-tokens", "0"],
                "argument --harvest-tokens: must be positive, got 0")]
+    counts += [(base + ["--outage-seconds", "-1"], "must be a finite number of seconds, not negative"),
+               (base + ["--outage-seconds", "nan"], "must be a finite number of seconds"),
+               (["--cache-url", "http://[::1", "--dataset", dataset.dataset_id, "--hook", HOOKS[0]], "is not a URL"),
+               (["--cache-url", "localhost:8000", "--dataset", dataset.dataset_id, "--hook", HOOKS[0]], "http(s) URL")]
     for args, message in counts:
         result = sae_train_here(*args, "--out", str(tmp_path / "counts"))
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "counts").exists()
-    for name in ("k", "m", "s", "fr"):
+    for name in ("k", "m", "s", "fr", "h"):
         assert not (tmp_path / name).exists()
+    diverged = sae_train_here(*base, "--config", str(sweeps["diverges"]), "--out", str(tmp_path / "nan"))
+    assert diverged.returncode == 1 and "Traceback" not in diverged.stderr, diverged.stderr
+    assert re.search(r"sae-train: error: SAE \S+: its (loss is (nan|inf)|weights are not finite) at step", diverged.stderr)
+    assert not list((tmp_path / "nan").glob("*/sae_weights.safetensors")) and not (tmp_path / "nan" / "eval.json").exists()
     shell = run_cli(*base, "--config", str(bad_sweep), "--out", str(tmp_path / "a"))  # the same as its own process
     assert shell.returncode == 1 and shell.stderr.strip().splitlines() == [
         line for line in sae_train_here(*base, "--config", str(bad_sweep), "--out", str(tmp_path / "a")).stderr.splitlines()]
@@ -382,6 +401,13 @@ def test_optional_loggers(server, dataset, tmp_path):
                              env={**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert env_run.returncode == 0, env_run.stderr[-2000:]
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    # No API key (and no tty): one line, not wandb's traceback (issue 37).
+    environment = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
+    no_key = subprocess.run([sys.executable, "-m", "trainer", *base, "--wandb", "sae-test", "--out", str(tmp_path / "nk")],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                            env={**environment, "HOME": str(tmp_path), "WANDB_SILENT": "true"})
+    assert no_key.returncode == 1 and "Traceback" not in no_key.stderr, no_key.stderr[-2000:]
+    assert "sae-train: error: --wandb: UsageError" in no_key.stderr and "--resume" in no_key.stderr
 
 
 def test_misspelt_model_and_incomplete_dataset(server, tmp_path):

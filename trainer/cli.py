@@ -13,7 +13,9 @@ it exists) and followed to its end before training.
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -35,7 +37,7 @@ PACKINGS = get_args(Packing)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache-url", required=True, help="cache server URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--cache-url", required=True, type=cache_url, help="cache server URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", help="bearer token of the cache server (for harvest requests)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="dataset id (GET /v1/datasets)")
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "
                         "bucket (its manifest's store_url; credentials from AWS_* variables), not through the server")
-    parser.add_argument("--outage-seconds", type=float, default=300.0, help="how long to retry a cache server that "
+    parser.add_argument("--outage-seconds", type=seconds, default=300.0, help="how long to retry a cache server that "
                         "answered before and went away, before checkpointing and stopping (default: %(default)s)")
     parser.add_argument("--downstream-tokens", type=whole_number, default=16_384, help="held-out tokens on which the "
                         "server splices each SAE into the model for CE loss score and KL (0: skip; default: %(default)s)")
@@ -67,6 +69,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under --out/tensorboard")
     return parser.parse_args(argv)
+
+
+def cache_url(text: str) -> str:
+    """--cache-url: an http(s) URL with a host."""
+    import httpx
+
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an http(s) URL with a host, e.g. http://127.0.0.1:8000")
+    return text
+
+
+def seconds(text: str) -> float:
+    """A duration: a finite number of seconds, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, not negative; got {text}")
+    return value
+
+
+def out_folder_problem(out: Path) -> str | None:
+    """Why --out cannot be a run folder (a file, under a file, not writable), found before any work
+    and without creating anything."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"--out {out} is a file, not a folder" if existing == out else f"--out {out} lies under a file ({existing})"
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        return f"--out {out} cannot be written: {existing}: {exc.strerror or exc}"
+    return None
 
 
 def whole_number(text: str) -> int:
@@ -143,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     world = World.from_env()
     try:
         sweep = load_sweep(args.config, _overrides(args))
+        if world.main and (problem := out_folder_problem(args.out)):
+            raise RunError(problem)
         with CacheClient(args.cache_url, token=args.token, outage_seconds=args.outage_seconds) as client:
             dataset_id = _dataset_id(client, args, sweep.run.tokens)
             manifest = _wait_complete(client, dataset_id, args.follow, not args.no_progress)
@@ -169,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 results = browse_features(client, manifest, trainer.hooks, args.out, results,
                                           trainer.stream.eval_chunk_ids)
     except (CacheError, ConfigError, RunError, SinkError) as exc:
+        print(f"sae-train: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine's, not the program's: a full disk, a folder made read-only mid-run
         print(f"sae-train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,7 +9,18 @@ import itertools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+# The allowed range of every setting is in its type: checked where a sweep is read (``load_sweep``).
+# strict: 3.5 is no k, true is no 1, "3" is no number.
+Positive = Annotated[int, Field(ge=1, strict=True)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Schedule = Annotated[int, Field(ge=0, strict=True)] | Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+"""Steps (an int), or a fraction of the run (a float from 0 to 1)."""
+Seed = Annotated[int, Field(ge=0, lt=2**63, strict=True)]
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
 _SCHEDULES = ("lr_warmup", "lr_decay", "sparsity_warmup", "resample_every")
@@ -31,28 +42,28 @@ class SAEConfig:
 
     activation: Activation = "topk"
     objective: Objective = "vanilla"
-    expansion: int = 8
+    expansion: Positive = 8
     """d_sae = expansion * d_in (ignored when d_sae is set)."""
-    d_sae: int | None = None
-    k: int = 32
+    d_sae: Positive | None = None
+    k: Positive = 32
     """Active latents per token for topk / batchtopk."""
-    l1_coefficient: float = 5.0
+    l1_coefficient: NonNegativeFloat = 5.0
     """Sparsity coefficient on SAELens' scale (squared error summed over d_in, penalty summed over
     latents, both averaged over rows): L1 of the decoder-norm-weighted activations (relu) or the
     L0 (jumprelu); unused by topk / batchtopk."""
-    lr: float = 1e-3
-    lr_warmup: float = 0.0
+    lr: PositiveFloat = 1e-3
+    lr_warmup: Schedule = 0.0
     """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
-    lr_decay: float = 0.2
+    lr_decay: Schedule = 0.2
     """Linear LR decay to 0 at the end of the run (fraction of the run's steps, or steps)."""
-    sparsity_warmup: float = 0.0
+    sparsity_warmup: Schedule = 0.0
     """Linear warmup of the sparsity coefficient from 0 (fraction of the run's steps, or steps)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegativeFloat = 1.0
     """Clip the gradient's norm to this before each step (0: no clipping), as SAELens does."""
     decoder_init: Literal["data", "random"] = "data"
     """Directions of the decoder rows at initialisation: those of distinct random training rows
     (every latent starts on the data, so fewer die), or random ones (SAELens)."""
-    decoder_init_norm: float | None = None
+    decoder_init_norm: PositiveFloat | None = None
     """Norm of the decoder rows at initialisation (the encoder starts as their transpose). Unset:
     0.3 for topk / batchtopk, 0.1 (SAELens') for relu / jumprelu (measured at lr 4e-4: TopK k=32's
     FVU 0.254 at 0.1, 0.200 at 0.3; a ReLU at 0.3 starts with FVU 26 and in 25 steps ends at 26,
@@ -76,29 +87,29 @@ class SAEConfig:
             return self.b_dec_init
         return "mean" if self.activation in ("topk", "batchtopk") else "zeros"
 
-    jumprelu_threshold: float = 1e-3
+    jumprelu_threshold: NonNegativeFloat = 1e-3
     """JumpReLU's initial threshold (in activation units: what a latent adds to the reconstruction)."""
-    jumprelu_bandwidth: float = 1e-3
+    jumprelu_bandwidth: PositiveFloat = 1e-3
     """Width of the rectangle kernel of the threshold's straight-through gradient."""
     jumprelu_sparsity: Literal["tanh", "step"] = "tanh"
     """JumpReLU's penalty: sum of tanh(jumprelu_tanh_scale * activation) (Anthropic, 2025), whose
     gradient reaches the encoder, or DeepMind's L0 step, whose gradient reaches only the thresholds
     (too slow to sparsify a short run: measured dense)."""
-    jumprelu_tanh_scale: float = 4.0
-    matryoshka_prefixes: tuple[int, ...] = ()
+    jumprelu_tanh_scale: PositiveFloat = 4.0
+    matryoshka_prefixes: tuple[Positive, ...] = ()
     """Dictionary prefix sizes for matryoshka; default d_sae/8, d_sae/4, d_sae/2, d_sae."""
-    aux_k: int = 256
-    aux_coefficient: float = 1 / 32
-    dead_after: float = 0.05
+    aux_k: Positive = 256
+    aux_coefficient: NonNegativeFloat = 1 / 32
+    dead_after: Positive | Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 0.05
     """A latent that has not fired for this long counts as dead (AuxK, resampling): a fraction of
     the run's tokens (a float), or tokens (an int). 0.05, not 0.1: latents caught sooner leave fewer
     dead at the end (measured at 100 steps, held-out never-fired: BatchTopK 0.4% not 1.8%, JumpReLU
     at coefficient 3 1.2% not 3.9%, at the same or lower FVU); 0.03 churns Matryoshka (FVU 0.29, not 0.22)."""
-    resample_every: float = 0.05
+    resample_every: Schedule = 0.05
     """Resample dead latents this often (fraction of the run's steps, or steps; 0: never): point
     them at badly reconstructed rows (sparse_autoencoder's method), so that a short run ends with
     almost none dead (measured, TopK k=32 at 100 steps: 0.2% dead, not 12%, at the same FVU)."""
-    seed: int = 0
+    seed: Seed = 0
 
     def schedule_steps(self, total_steps: int) -> dict[str, int]:
         """``lr_warmup``, ``lr_decay`` and ``sparsity_warmup`` in steps of a run of ``total_steps``."""
@@ -142,23 +153,23 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    batch_size: int = 4096
-    tokens: int = 10_000_000
+    batch_size: Positive = 4096
+    tokens: Positive = 10_000_000
     """Training tokens per SAE (saev's BatchLimiter)."""
-    device: str = "auto"
-    seed: int = 0
+    device: Annotated[str, Field(strict=True)] = "auto"
+    seed: Seed = 0
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     """Scale inputs so their mean norm is sqrt(d_in), using the manifest's statistics."""
-    shuffle_buffer_rows: int = 262_144
-    prefetch_chunks: int = 8
-    fetch_threads: int = 4
-    lanes: int = 0
+    shuffle_buffer_rows: Positive = 262_144
+    prefetch_chunks: Positive = 8
+    fetch_threads: Annotated[int, Field(ge=1, le=256, strict=True)] = 4
+    lanes: Annotated[int, Field(ge=0, strict=True)] = 0
     """Streams an epoch is split into (0: the world size at the start of the run); see
     trainer.training.distributed. A run keeps its lanes when resumed with another world size."""
-    eval_chunks: int = 2
+    eval_chunks: Positive = 2
     """Chunks held out (never trained on) for evaluation."""
-    log_every: int = 50
-    checkpoint_every: int = 500
+    log_every: Positive = 50
+    checkpoint_every: Positive = 500
 
 
 @dataclass(frozen=True)
@@ -204,42 +215,46 @@ def check_for_run(cfg: SAEConfig, d_in: int, total_steps: int, run_tokens: int) 
 
 
 def _build(cls, table: dict, where: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of settings, not {table!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     try:
-        cfg = cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    _check(cfg, where)
+        cfg = TypeAdapter(cls).validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_problems(exc, values)}") from None
     return cfg
 
 
-def _check(cfg, where: str) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        allowed = getattr(f.type, "__args__", None) if getattr(f.type, "__origin__", None) is Literal else None
-        if allowed and value not in allowed:
-            raise ConfigError(f"{where}: {f.name}={value!r} is not one of {list(allowed)}")
-        numeric = f.type in (int, float, "int", "float") or (f.type == float | None and value is not None)
-        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}: {f.name}={value!r} is not a number")
-        if f.name in _RELATIVE and isinstance(value, float) and value > 1:
-            unit = "tokens" if f.name == "dead_after" else "steps"
-            raise ConfigError(f"{where}: {f.name}={value!r}: a float is a fraction of the run (at most 1); "
-                              f"an int counts {unit}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{where}: {f.name}={value!r} must not be negative")
-    for name in ("expansion", "k", "lr", "batch_size", "tokens"):
-        if hasattr(cfg, name) and getattr(cfg, name) == 0:
-            raise ConfigError(f"{where}: {name} must be positive")
+def _problems(exc: ValidationError, values: dict) -> str:
+    """One clause per setting: ``key=value: what is wrong``. Of a union's branches (an int or a
+    float), the one of the value's own type says it."""
+    found: dict[str, str] = {}
+    for error in exc.errors():
+        name, *rest = error["loc"] or ("?",)
+        value = values.get(name, error.get("input"))
+        branch = rest[0].removeprefix("constrained-") if rest and isinstance(rest[0], str) else None
+        if branch in ("int", "float") and branch != (type(value).__name__ if type(value) in (int, float) else "float"):
+            continue  # the other branch's error is the one that speaks to this value
+        index = "".join(f"[{p}]" for p in rest if isinstance(p, int))
+        message = error["msg"].replace("Input should be", "must be")
+        if name in _RELATIVE and "less than or equal to 1" in message:
+            message = f"a float is a fraction of the run (at most 1); an int counts {'tokens' if name == 'dead_after' else 'steps'}"
+        found.setdefault(name, f"{name}{index}={error.get('input') if index else value!r}: {message}")
+    return "; ".join(found.values()) or str(exc)
 
 
-def _expand(table: dict) -> list[dict]:
+def _expand(table: dict, where: str) -> list[dict]:
     """A list value (other than matryoshka_prefixes) is a grid axis."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table of settings ([[sae]]), not {table!r}")
     axes = {k: v for k, v in table.items() if isinstance(v, list) and k != "matryoshka_prefixes"}
+    empty = [k for k, v in axes.items() if not v]
+    if empty:
+        raise ConfigError(f"{where}: {empty[0]} = []: an empty list gives no SAE; give one value or several")
     fixed = {k: v for k, v in table.items() if k not in axes}
     return [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
 
@@ -256,11 +271,17 @@ def load_sweep(path: Path | None, overrides: dict | None = None) -> Sweep:
     unknown = sorted(set(data) - {"run", "sae"})
     if unknown:
         raise ConfigError(f"sweep file: unknown table(s) {unknown}; use [run] and [[sae]]")
-    run = _build(RunConfig, {**data.get("run", {}), **(overrides or {})}, "[run]")
+    run_table = data.get("run", {})
+    if not isinstance(run_table, dict):
+        raise ConfigError(f"[run] must be a table of settings, not {run_table!r}")
+    run = _build(RunConfig, {**run_table, **(overrides or {})}, "[run]")
     tables = data.get("sae", [{}])
     if isinstance(tables, dict):
         tables = [tables]
-    saes = [_build(SAEConfig, t, f"[[sae]] #{i + 1}") for i, table in enumerate(tables) for t in _expand(table)]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"sae must be one or more [[sae]] tables, not {tables!r}")
+    saes = [_build(SAEConfig, t, f"[[sae]] #{i + 1}") for i, table in enumerate(tables)
+            for t in _expand(table, f"[[sae]] #{i + 1}")]
     sae_names(saes)  # refuses a config given twice
     return Sweep(run=run, saes=tuple(saes))
 

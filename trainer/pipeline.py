@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import PACKINGS, _table, corpus_ref, positive_int
+from trainer.cli import PACKINGS, _table, cache_url, corpus_ref, out_folder_problem, positive_int
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/default"), help="folder for the store and outputs")
-    parser.add_argument("--cache-url", help="use this cache server instead of starting one on 127.0.0.1")
+    parser.add_argument("--cache-url", type=cache_url, help="use this cache server instead of starting one on 127.0.0.1")
     parser.add_argument("--token", default=os.environ.get("CACHE_SERVER_TOKEN") or None,
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (all-MiniLM-L6-v2 also ships)")
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                "context_size": args.context_size, "packing": args.packing, "batch_size": 32}
     sweep = default_sweep(args.train_tokens)
     train_dir = args.out / "train"
-    problem = _foreign(args.out) or (None if args.train_tokens >= sweep.run.batch_size else
-                                     f"--train-tokens {args.train_tokens} is less than one batch of "
-                                     f"{sweep.run.batch_size}")
+    problem = out_folder_problem(args.out) or _foreign(args.out) or (
+        None if args.train_tokens >= sweep.run.batch_size else
+        f"--train-tokens {args.train_tokens} is less than one batch of {sweep.run.batch_size}")
     if problem:
         print(f"sae-pipeline: error: {problem}", file=sys.stderr)
         return 2
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-pipeline: interrupted; the server was stopped; run again to continue", file=sys.stderr)
         return 130
-    except (CacheError, ConfigError, RunError, RuntimeError) as exc:
+    except (CacheError, ConfigError, RunError, RuntimeError, OSError) as exc:
         print(f"sae-pipeline: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -54,7 +54,12 @@ class WandbSink:
         require("wandb", "--wandb")
         import wandb
 
-        self.run = wandb.init(project=project, dir=str(folder), config=config)
+        try:
+            self.run = wandb.init(project=project, dir=str(folder), config=config)
+        except Exception as exc:  # no API key, no network, a bad project name: wandb's own errors
+            text = str(exc).strip().splitlines()
+            raise SinkError(f"--wandb: {type(exc).__name__}: {text[0] if text else 'could not start a run'} "
+                            "(log in with `wandb login`, or set WANDB_MODE=offline; then run again with --resume)") from None
 
     def log(self, rows: list[dict]) -> None:
         metrics = {f"{row['sae']}/{k}": v for row in rows for k, v in row.items() if k not in ("sae", "step")}

@@ -31,6 +31,7 @@ from trainer.sae.autoencoder import SparseAutoencoder
 from trainer.sae.objectives import sae_loss
 from trainer.sae.resample import resample_dead_neurons
 from trainer.training.distributed import World
+from trainer.training.memory import memory_problem
 from trainer.training.schedulers import LRSchedule, Warmup
 
 CHECKPOINT = "checkpoint.pt"
@@ -113,6 +114,14 @@ def _progress(groups, saes, rows: list[dict]) -> str:
     return " | ".join(parts)
 
 
+def _stop_if_not_finite(rows: list[dict], step: int, every: int) -> None:
+    """A loss gone NaN or infinite stays so: stop the run (nothing exported) and say which SAE."""
+    for row in rows:
+        if not math.isfinite(row["loss"]):
+            raise RunError(f"SAE {row['sae']}: its loss is {row['loss']} at step {step} (checked every {every} "
+                           "steps); lower its lr (or its coefficients) and start again; nothing was exported")
+
+
 def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
     """One optimizer step of one SAE on this rank's rows ``x`` (gradients averaged over ranks)."""
     lr = s.lr.step()
@@ -150,6 +159,8 @@ class Trainer:
         self.device = pick_device(self.run.device, world)
         self.d_in = manifest.hook(hooks[0]).d
         self.n_components = len(hooks) if len(hooks) > 1 else None
+        if problem := memory_problem(sweep, self.d_in, len(hooks), self.device):
+            raise RunError(problem)
         self.scales = [self._scale(h) for h in hooks]
         self.step, self.tokens = 0, 0
         self.saes: list[SAEState] = []
@@ -275,6 +286,11 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self) -> None:
+        """Checkpoint; never weights gone NaN or infinite (the last good checkpoint stands)."""
+        for s in self.saes:
+            if not all(torch.isfinite(p).all() for p in s.sae.parameters()):
+                raise RunError(f"SAE {s.name}: its weights are not finite at step {self.step}; lower its lr (or its "
+                               "coefficients) and start again; nothing was exported, the last checkpoint stands")
         positions = {lane: dataclasses.asdict(p) for mine in self.world.gather(self.positions)
                      for lane, p in mine.items()}
         if not self.world.main:
@@ -355,6 +371,7 @@ class Trainer:
                             for s, out in zip(self.saes, outputs)]
                     for sink in sinks:
                         sink.log(rows)
+                    _stop_if_not_finite(rows, self.step, run.log_every)
                     bar.set_postfix_str(_progress(groups, self.saes, rows))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
