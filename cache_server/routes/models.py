@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from cache_server.models import ModelError
-from cache_server.routes.deps import authorized, bearer, services
+from cache_server.routes.deps import authorized, services
 from cache_server.services import Services
 from shared.schemas import ModelList
 
@@ -17,12 +17,12 @@ def list_models(svc: Services = Depends(services)) -> ModelList:
 
 @router.get("/{name:path}/hooks", responses={401: {"description": "The model is not loaded, and loading it "
                                                    "needs the bearer token (when the server has one)."}})
-def list_hooks(name: str, request: Request, credentials=Depends(bearer), svc: Services = Depends(services)) -> list[str]:
+def list_hooks(name: str, request: Request, svc: Services = Depends(services)) -> list[str]:
     """Every hook name a harvest of this model may ask for. A model not yet loaded is loaded, which
     (like a harvest) needs the token when the server has one. A name that is no model here is a
     resource not found (404); in a harvest request it is 422."""
     models = svc.jobs.models
-    if not models.is_loaded(name) and not authorized(request, credentials):
+    if not models.is_loaded(name) and not authorized(request):
         raise HTTPException(401, f"model '{name}' is not loaded, and loading it needs the bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
     try:
