@@ -195,8 +195,9 @@ class DatasetTokens(CorpusTokens):
             self._rows, self._at = open_rows(self.source, skip=row), row
         return self._rows
 
-    def _extend(self, state: _State) -> int:
-        """About ``READ_BYTES`` of text (or ids) more, whole rows; returns the bytes read."""
+    def _extend(self, state: _State, limit: int | None = None) -> int:
+        """About ``READ_BYTES`` of text (or ids) more, whole rows (a batch of them: ``limit`` does not
+        apply); returns the bytes read."""
         values, size, at_end = [], 0, False
         batches = self._batches_from(state.byte_offset)
         while size < READ_BYTES:

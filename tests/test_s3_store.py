@@ -71,7 +71,10 @@ def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server,
                                     capture_output=True, text=True, timeout=300, env={**os.environ, **env})
             assert result.returncode == 0, result.stderr[-2000:]
             assert json.loads((out / "eval.json").read_text())[0]["tokens"] == 5120  # trained, evaluated, exported
-            # Deleting a dataset deletes its objects.
+            # Deleting a dataset deletes its objects, once the SAEs the trainer registered on it are gone.
+            assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 409
+            for sae in client.get("/v1/saes").json():
+                assert sae["dataset_id"] != dataset_id or client.delete(f"/v1/saes/{sae['sae_id']}").status_code == 204
             assert client.delete(f"/v1/datasets/{dataset_id}").status_code in (200, 204)
             assert "Contents" not in s3.list_objects_v2(Bucket="acts", Prefix=f"caches/{dataset_id}/")
     finally:
