@@ -15,7 +15,8 @@ class Settings(BaseSettings):
                             description="Corpora and jobs when the store is a bucket (a local folder).")
     host: str = "127.0.0.1"
     port: int = 8000
-    token: str | None = Field(None, description="Bearer token required by mutating endpoints.")
+    token: str | None = Field(None, pattern=r"^[!-~]*$", description=(
+        "Bearer token required by mutating endpoints (visible ASCII: what an HTTP header carries)."))
     models_dir: Path | None = Field(None, description="Folder of local Hugging Face model folders.")
     corpora_dir: Path | None = Field(None, description="Folder of local Hugging Face datasets (save_to_disk "
                                      "folders, or folders of parquet / JSONL / arrow files), named by folder.")

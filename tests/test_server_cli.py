@@ -35,7 +35,8 @@ def test_bad_setting_value(tmp_path):
 
 
 def test_bad_replica_name_or_lease_is_one_line(tmp_path):
-    for args, setting in ((["--replica", "../b"], "replica='../b'"), (["--lease-seconds", "0"], "lease_seconds=0.0")):
+    for args, setting in ((["--replica", "../b"], "replica='../b'"), (["--lease-seconds", "0"], "lease_seconds=0.0"),
+                          (["--token", "clé secrète"], "token='clé secrète'")):  # no HTTP header carries it
         result = run_cli("--store", str(tmp_path), *args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"cache-server: error: bad setting {setting}")

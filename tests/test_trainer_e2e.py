@@ -343,7 +343,8 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(server, dataset, sweep_file
     counts += [(base + ["--outage-seconds", "-1"], "must be a finite number of seconds, not negative"),
                (base + ["--outage-seconds", "nan"], "must be a finite number of seconds"),
                (["--cache-url", "http://[::1", "--dataset", dataset.dataset_id, "--hook", HOOKS[0]], "is not a URL"),
-               (["--cache-url", "localhost:8000", "--dataset", dataset.dataset_id, "--hook", HOOKS[0]], "http(s) URL")]
+               (["--cache-url", "localhost:8000", "--dataset", dataset.dataset_id, "--hook", HOOKS[0]], "http(s) URL"),
+               (base + ["--token", "é"], "a bearer token is visible ASCII")]
     for args, message in counts:
         result = sae_train_here(*args, "--out", str(tmp_path / "counts"))
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer.cli import bearer_token
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
 from trainer.data.stream import chunk_split
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a sae-train or sae-pipeline --out folder")
     parser.add_argument("--cache-url", help="a cache server holding the run's dataset (default: start one over --store)")
-    parser.add_argument("--token", default=os.environ.get("CACHE_SERVER_TOKEN") or None,
+    parser.add_argument("--token", type=bearer_token, default=os.environ.get("CACHE_SERVER_TOKEN") or None,
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--store", type=Path, help="the store a started server serves (default: RUN/store of a "
                         "sae-pipeline folder)")

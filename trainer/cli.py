@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-url", required=True, type=cache_url, help="cache server URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--token", help="bearer token of the cache server (for harvest requests)")
+    parser.add_argument("--token", type=bearer_token, help="bearer token of the cache server (for harvest requests)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="dataset id (GET /v1/datasets)")
     source.add_argument("--model", help="harvest this model's activations first (when not cached)")
@@ -81,6 +81,13 @@ def cache_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({exc})") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError(f"{text!r}: give an http(s) URL with a host, e.g. http://127.0.0.1:8000")
+    return text
+
+
+def bearer_token(text: str) -> str:
+    """--token: what an HTTP header can carry (visible ASCII)."""
+    if not text or not all(33 <= ord(c) <= 126 for c in text):
+        raise argparse.ArgumentTypeError("a bearer token is visible ASCII characters (no spaces or accents)")
     return text
 
 

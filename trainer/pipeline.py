@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import PACKINGS, _table, cache_url, corpus_ref, out_folder_problem, positive_int
+from trainer.cli import PACKINGS, _table, bearer_token, cache_url, corpus_ref, out_folder_problem, positive_int
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/default"), help="folder for the store and outputs")
     parser.add_argument("--cache-url", type=cache_url, help="use this cache server instead of starting one on 127.0.0.1")
-    parser.add_argument("--token", default=os.environ.get("CACHE_SERVER_TOKEN") or None,
+    parser.add_argument("--token", type=bearer_token, default=os.environ.get("CACHE_SERVER_TOKEN") or None,
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s (all-MiniLM-L6-v2 also ships)")
     parser.add_argument("--hook", action="append", dest="hooks", help="hook to harvest (repeatable)")
