@@ -125,7 +125,14 @@ class FeatureJobs(JobQueue):
         return self._load(sae_id)
 
     def _vocabulary(self, dataset_id: str) -> list[str]:
-        return self.models.get(self.store.manifest(dataset_id).model.name, ask_hub=False).vocabulary()
+        return self.models.get(self._manifest(dataset_id).model.name, ask_hub=False).vocabulary()
+
+    def _manifest(self, dataset_id: str) -> DatasetManifest:
+        """The SAE's dataset; 409 when it is gone from the store (removed by hand, not through the API)."""
+        manifest = self.store.manifest(dataset_id)
+        if manifest is None:
+            raise FeatureError(f"the SAE's dataset {dataset_id} is no longer in the store", 409)
+        return manifest
 
     def byte_level(self, dataset_id: str) -> bool:
         """Whether the dataset's vocabulary is byte-level BPE (GPT-2's Ġ space marks)."""
@@ -183,7 +190,7 @@ class FeatureJobs(JobQueue):
         if not 0 <= index < sae.d_sae:
             raise FeatureError(f"feature {index} is out of range: SAE '{sae_id}' has {sae.d_sae} (0..{sae.d_sae - 1})", 404)
         weights = self.saes.weights(sae_id)
-        manifest = self.store.manifest(sae.dataset_id)
+        manifest = self._manifest(sae.dataset_id)
         group = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")
         vocabulary = self._vocabulary(sae.dataset_id)
 
