@@ -29,7 +29,7 @@ from cache_server.saes import SaeStore
 from cache_server.store import TOKENS_ARRAY, DatasetStore
 from shared.codec import to_torch
 from shared.ids import is_valid_id
-from shared.schemas import ACTIVE_STATUSES, DatasetManifest, FeatureDetail, FeatureExample, FeatureJob, FeatureList, \
+from shared.schemas import ACTIVE_STATUSES, DENSE_DENSITY, DatasetManifest, FeatureDetail, FeatureExample, FeatureJob, FeatureList, \
     FeatureRow, SaeSummary
 
 log = logging.getLogger("cache_server.features")
@@ -38,7 +38,6 @@ WORD_SLACK = 6
 """Tokens read beyond that context on each side, so a word cut by its edge is shown whole."""
 _FIELDS = ("fired", "sum_values", "max_values", "top_values", "top_rows", "histogram", "interval_rows", "interval_values")
 LENS = 10  # tokens shown each way by the logit lens
-DENSE = 0.1  # a feature firing on more than this fraction of rows counts as dense
 
 
 class FeatureError(ServiceError):
@@ -148,7 +147,7 @@ class FeatureJobs(JobQueue):
         return SaeSummary(sae=sae, n_rows=stats.n_rows, chunk_ids=job.chunk_ids,
                           l0=float(stats.fired.sum()) / max(stats.n_rows, 1),
                           fvu=data.squared_error / max(data.total_variance, 1e-30),
-                          dead=int((stats.fired == 0).sum()), dense=int((density > DENSE).sum()),
+                          dead=int((stats.fired == 0).sum()), dense=int((density > DENSE_DENSITY).sum()),
                           density_edges=[round(float(e), 6) for e in edges], density_counts=[int(c) for c in counts])
 
     def feature_list(self, sae_id: str, sort: str, descending: bool, query: str, offset: int, limit: int) -> FeatureList:

@@ -243,6 +243,11 @@ class DatasetSummary(BaseModel):
     complete: bool
 
 
+DENSE_DENSITY = 0.1
+"""A latent is dense when it fires on more than this share of rows: one definition for the
+trainer's eval.json, its table and the feature browser."""
+
+
 class ErrorBody(BaseModel):
     detail: str
 

@@ -130,7 +130,7 @@ def test_a_dataset_with_registered_saes_is_not_deleted_under_them(client):
     sae = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK}, content=relu_sae(7)).json()["sae_id"]
     assert client.post(f"/v1/saes/{sae}/features", params={"max_rows": 128}).status_code == 202
     assert wait_features(client, sae)["status"] == "completed"
-    refused(client.delete(f"/v1/datasets/{dataset}"), 409, "registered SAE", sae, f"DELETE /v1/saes")
+    refused(client.delete(f"/v1/datasets/{dataset}"), 409, "registered SAE", sae, "DELETE /v1/saes")
     for path in (f"/v1/saes/{sae}/feature-list", f"/v1/saes/{sae}/features/0", f"/saes/{sae}/", f"/saes/{sae}/features/0"):
         assert client.get(path).status_code == 200, path
     assert client.delete(f"/v1/saes/{sae}").status_code == 204

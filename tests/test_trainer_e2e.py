@@ -184,6 +184,10 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     assert len(results) == 2
     for r in results:
         assert r["fvu"] < 0.5 and r["tokens"] == 76800
+    # sae-train writes the pipeline's report too (issue 35), its table marking the frontier
+    report = (out / "report" / "report.md").read_text()
+    assert "| SAE | L0 | FVU | dead % | CE loss score | KL | frontier |" in report and "FVU" in report.split("frontier |")[1]
+    assert (out / "report" / "report.html").exists() and (out / "report" / "frontier.png").stat().st_size > 1000
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for name in {m["sae"] for m in metrics}:
         mine = [m for m in metrics if m["sae"] == name]

@@ -24,9 +24,11 @@ from typing import get_args
 from shared.schemas import Packing
 from trainer.config import ConfigError, load_sweep
 from trainer.data.client import CacheClient, CacheError, StoreReader
-from trainer.evaluation.downstream import downstream_columns, evaluate_downstream
+from trainer.evaluation.downstream import ce_loss_score, downstream_columns, evaluate_downstream
+from trainer.evaluation.frontier import GUIDANCE, marks
 from trainer.evaluation.feature_browser import browse_features, page_lines
 from trainer.outputs.sinks import SinkError, TensorboardSink, WandbSink, require
+from trainer.report import training_rates, write_report
 from trainer.training.distributed import World, exit_process
 from trainer.training.interrupt import stop_on_ctrl_c
 from trainer.training.train import RunError, Trainer
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_browser:
                 results = browse_features(client, manifest, trainer.hooks, args.out, results,
                                           trainer.stream.eval_chunk_ids)
+            rates = training_rates(args.out)
+            report = write_report(trainer, results, rates, args.out / "report", args.cache_url.rstrip("/"))
     except (CacheError, ConfigError, RunError, SinkError) as exc:
         print(f"sae-train: error: {exc}", file=sys.stderr)
         return 1
@@ -229,10 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         world.close()
-    print(json.dumps(results, indent=1) if args.no_progress else _table(results))
-    if not args.no_progress and (lines := page_lines(results, args.cache_url.rstrip("/"))):
-        print("feature browser:", *lines, sep="\n")
+    if args.no_progress:
+        print(json.dumps(results, indent=1))
+    else:
+        print(closing_summary(results, rates, args.out, report, page_lines(results, args.cache_url.rstrip("/"))))
     return 0
+
+
+def closing_summary(results: list[dict], rates: dict[str, float], run_dir: Path, report: Path, pages: list[str],
+                    how: str = "") -> str:
+    """What a finished run says last (sae-train and sae-pipeline): the table, where everything is,
+    and each SAE's feature browser page."""
+    lines = ["", _table(results, rates), "", f"run folder: {run_dir} (SAEs in SAELens layout, eval.json, "
+             "metrics.jsonl, plots)", f"report: {report / 'report.html'} (and report.md)"]
+    if pages:
+        lines += [f"feature browser{how}:", *pages]
+    return "\n".join(lines)
 
 
 def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
@@ -241,18 +257,20 @@ def _table(results: list[dict], rates: dict[str, float] | None = None) -> str:
     train together on every batch, so there is one rate, not one per SAE."""
     downstream = any("downstream" in r for r in results)
     extra = f" {'CE score':>8} {'KL':>7}" if downstream else ""
-    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7}{extra}"]
-    for r in results:
+    lines = [f"{'sae':44} {'L0':>7} {'FVU':>7} {'dead %':>7}{extra}  frontier"]
+    for r, mark in zip(results, marks(results, ce_loss_score)):
         cells = ""
         if downstream:
             score, kl = downstream_columns(r)
             cells = f" {score:>8} {kl:>7}"
-        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}{cells}")
+        lines.append(f"{r['sae']:44} {r['l0']:7.1f} {r['fvu']:7.3f} {100 * r['n_dead'] / r['d_sae']:7.1f}{cells}  {mark}")
     if rates:
         lines.append(f"training: {len(results)} SAE(s) together at {max(rates.values()):,.0f} tokens/s "
                      "(every SAE sees every token)")
     notes = {f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f}
-    return "\n".join(lines + [f"downstream: {note}" for note in sorted(notes)])
+    lines += [f"downstream: {note}" for note in sorted(notes)]
+    lines.append("frontier: no other SAE of the sweep is as sparse (L0) and better (FVU lower, CE score higher)")
+    return "\n".join(lines + [GUIDANCE])
 
 
 def run() -> None:

@@ -11,20 +11,19 @@ is a cache hit for the harvest and resumes (or reuses) the training.
 """
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from trainer.cli import PACKINGS, _table, bearer_token, cache_url, corpus_ref, out_folder_problem, positive_int
+from trainer.cli import PACKINGS, bearer_token, cache_url, closing_summary, corpus_ref, out_folder_problem, positive_int
 from trainer.config import ConfigError, RunConfig, SAEConfig, Sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.local_server import LocalServer
 from trainer.evaluation.downstream import evaluate_downstream
 from trainer.evaluation.feature_browser import browse_features, page_lines, serve_pages
-from trainer.report import write_report
+from trainer.report import training_rates, write_report
 from trainer.training.interrupt import stop_on_ctrl_c
 from trainer.training.train import RunError, Trainer
 
@@ -92,15 +91,6 @@ def cache_server(args: argparse.Namespace) -> Iterator[str]:
         yield server.url
 
 
-def _rates(train_dir: Path) -> dict[str, float]:
-    """Each SAE's latest training tokens/s from metrics.jsonl."""
-    rates = {}
-    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rates[row["sae"]] = row["tokens_per_second"]
-    return rates
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens, "corpus": args.corpus,
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_browser:
                 results = browse_features(client, manifest, trainer.hooks, train_dir, results,
                                           trainer.stream.eval_chunk_ids)
-            rates = _rates(train_dir)
+            rates = training_rates(train_dir)
             live = bool(args.cache_url or args.serve)
             browser_url = url if live else f"http://127.0.0.1:{DEFAULT_PORT}"
             report = write_report(trainer, results, rates, args.out / "report", browser_url)
@@ -153,15 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_outcome(args, results: list[dict], rates: dict[str, float], train_dir: Path, report: Path,
                    browser_url: str, live: bool) -> None:
-    print()
-    print(_table(results, rates))
-    print(f"\nSAEs (SAELens layout), eval.json and plots: {train_dir}")
-    print(f"report: {report / 'report.html'} (and report.md)")
-    lines = page_lines(results, browser_url)
-    if lines:
-        how = "" if live else (f" (once `python -m cache_server --store {args.out / 'store'}` serves it; "
-                               "or run with --serve)")
-        print(f"feature browser{how}:", *lines, sep="\n")
+    how = "" if live else f" (once `python -m cache_server --store {args.out / 'store'}` serves it; or run with --serve)"
+    print(closing_summary(results, rates, train_dir, report, page_lines(results, browser_url), how))
     sys.stdout.flush()
 
 

@@ -3,7 +3,7 @@ live features with their contexts from held-out text (token ids stored beside th
 as Markdown and HTML."""
 
 import html
-import re
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.evaluation.downstream import downstream_columns
+from trainer.evaluation.downstream import ce_loss_score, downstream_columns
+from trainer.evaluation.frontier import GUIDANCE, marks
 from trainer.outputs import plots
 from trainer.training.train import Trainer
 
@@ -130,6 +131,15 @@ def top_contexts(trainer: Trainer, sae_index: int, text: _Text, n_features: int 
     return out
 
 
+def training_rates(run_dir: Path) -> dict[str, float]:
+    """Each SAE's latest training tokens/s, from the run's metrics.jsonl."""
+    rates = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rates[row["sae"]] = row["tokens_per_second"]
+    return rates
+
+
 def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float], folder: Path,
                  browser_url: str | None = None) -> Path:
     """report.md and report.html; with ``browser_url`` (the cache server's address) each SAE links
@@ -142,17 +152,19 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
     md = ["# SAE run report", "",
           f"Dataset `{m.dataset_id}`: {m.model.name}, hook {', '.join(trainer.hooks)}, {m.n_items:,} rows; "
           f"metrics on {len(trainer.stream.eval_chunk_ids)} held-out chunks.", "",
-          "| SAE | L0 | FVU | dead % | CE loss score | KL |", "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
+          "| SAE | L0 | FVU | dead % | CE loss score | KL | frontier |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r, mark in zip(results, marks(results, ce_loss_score)):
         score, kl = downstream_columns(r)
         md.append(f"| {r['sae']} | {r['l0']:.1f} | {r['fvu']:.3f} | {100 * r['n_dead'] / r['d_sae']:.1f} | "
-                  f"{score} | {kl} |")
+                  f"{score} | {kl} | {mark} |")
     if rates:
         md += ["", f"The {len(results)} SAEs trained together on every batch at {max(rates.values()):,.0f} tokens/s."]
     notes = sorted({f["unavailable"] for r in results for f in r.get("downstream", {}).values() if "unavailable" in f})
     md += ["", *(f"Downstream: {note}" for note in notes),
            "CE loss score: (CE zero-ablated - CE with the SAE) / (CE zero-ablated - CE clean), the SAE spliced "
-           "into the model on held-out text; KL: of the spliced next-token distribution from the clean one.", ""]
+           "into the model on held-out text; KL: of the spliced next-token distribution from the clean one. "
+           "Frontier: no other SAE of the sweep is as sparse (L0) and better (FVU lower, CE loss score higher).",
+           "", GUIDANCE.replace("guide: ", "Guide: "), ""]
     plots.frontier(results, folder / "frontier.png")
     md += ["![FVU and CE loss score against L0](frontier.png)", "", "![FVU, L0 and dead latents](curves.png)", ""]
     md += [f"![{r['sae']}]({r['sae']}-histograms.png)" for r in results]

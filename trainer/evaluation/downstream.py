@@ -40,6 +40,11 @@ def _one(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str
     return {**figures, **result.downstream.model_dump()}
 
 
+def ce_loss_score(result: dict) -> float | None:
+    """The SAE's CE loss score at its first hook, or None."""
+    return next(iter(result.get("downstream", {}).values()), {}).get("ce_loss_score")
+
+
 def downstream_columns(result: dict) -> tuple[str, str]:
     """The table's 'CE score' and 'KL' cells of one SAE (its first hook)."""
     figures = next(iter(result.get("downstream", {}).values()), None)

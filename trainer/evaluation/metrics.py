@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from shared.schemas import DENSE_DENSITY
 from trainer.sae.autoencoder import SparseAutoencoder
 
 
@@ -33,7 +34,7 @@ class EvalMetrics:
     mean_values: Float[Tensor, " d_sae"]
     """Mean value of each latent when it fired."""
     almost_dead_threshold: float = 1e-7
-    dense_threshold: float = 1e-2
+    dense_threshold: float = DENSE_DENSITY
 
     def summary(self) -> dict[str, float | int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, Tensor)}
@@ -41,7 +42,7 @@ class EvalMetrics:
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, rows: Float[Tensor, "n *component d_in"], batch_size: int = 4096,
-             almost_dead_threshold: float = 1e-7, dense_threshold: float = 1e-2) -> EvalMetrics:
+             almost_dead_threshold: float = 1e-7, dense_threshold: float = DENSE_DENSITY) -> EvalMetrics:
     """Metrics over ``rows`` (component axis flattened: a multi-component SAE is one dictionary per component)."""
     sae.eval()
     fired = sum_values = None

@@ -7,8 +7,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 import torch  # noqa: E402
+
+from trainer.evaluation.downstream import ce_loss_score  # noqa: E402
 
 
 def histograms(freqs: torch.Tensor, mean_values: torch.Tensor, folder: Path, title: str,
@@ -57,25 +59,41 @@ def curves(metrics_file: Path, folder: Path, names: list[str]) -> None:
 
 
 def frontier(results: list[dict], path: Path) -> None:
-    """FVU against L0 and the downstream CE loss score against L0, one marker per SAE, the
-    architecture by its shape (the second panel is left out when no SAE has a score)."""
+    """FVU against L0 and the downstream CE loss score against L0: a line per architecture (its
+    SAEs in L0 order, the marker its shape), ticks at the sweep's own L0s (the second panel is
+    left out when no SAE has a score)."""
     markers = {"topk": "o", "batchtopk": "s", "relu": "^", "jumprelu": "D"}
-    scored = [r for r in results if _score(r) is not None]
-    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(10 if scored else 5, 3.5), squeeze=False)
-    for r in results:
-        kind = r["sae"].split("-")[0]
-        axes[0][0].scatter(r["l0"], r["fvu"], marker=markers.get(kind, "x"), label=r["sae"])
-        if scored and _score(r) is not None:
-            axes[0][1].scatter(r["l0"], _score(r), marker=markers.get(kind, "x"))
-    axes[0][0].set(xscale="log", yscale="log", xlabel="L0", ylabel="FVU (held out)", title="reconstruction")
-    axes[0][0].legend(fontsize=6)
+    families: dict[str, list[dict]] = {}
+    for r in sorted(results, key=lambda r: r["l0"]):
+        families.setdefault(r["sae"].split("-")[0], []).append(r)
+    scored = any(ce_loss_score(r) is not None for r in results)
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
+    panels = [(axes[0][0], lambda r: r["fvu"], "FVU (held out)", "reconstruction")]
     if scored:
-        axes[0][1].set(xscale="log", xlabel="L0", ylabel="CE loss score", title="downstream (SAE spliced in)")
+        panels.append((axes[0][1], ce_loss_score, "CE loss score", "downstream (SAE spliced in)"))
+    for ax, value, ylabel, title in panels:
+        for kind, rows in families.items():
+            points = [(r["l0"], value(r)) for r in rows if value(r) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=markers.get(kind, "x"), label=kind)
+        ax.set(xscale="log", xlabel="L0 (active latents a token)", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(FixedLocator(_ticks([r["l0"] for r in results])))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}" if v >= 10 else f"{v:.1f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def _score(result: dict) -> float | None:
-    figures = next(iter(result.get("downstream", {}).values()), {})
-    return figures.get("ce_loss_score")
+def _ticks(l0s: list[float]) -> list[float]:
+    """The sweep's L0s, leaving out any within 15% of the previous one kept (labels would overlap).
+
+    >>> _ticks([16.0, 16.2, 32.5, 64.0, 150.0])
+    [16.0, 32.5, 64.0, 150.0]
+    """
+    kept: list[float] = []
+    for l0 in sorted(l0s):
+        if l0 > 0 and (not kept or l0 > kept[-1] * 1.15):
+            kept.append(l0)
+    return kept
