@@ -49,7 +49,9 @@ def _stored_bytes(manifest: DatasetManifest) -> int:
 
 def _too_short(corpus: str, rows: int, context_size: int, packing: str, n_tokens: int) -> str:
     return (f"corpus '{corpus}' fills at most {rows:,} rows for this model at context_size={context_size} "
-            f"(packing '{packing}'); asked for n_tokens={n_tokens:,}")
+            f"(packing '{packing}'); asked for n_tokens={n_tokens:,}: ask for at most {rows:,} (sae-train "
+            "--harvest-tokens, sae-pipeline --tokens), fewer to leave the corpus' end as held-out text for "
+            "the downstream evaluation, or name a larger corpus")
 
 
 def _now() -> datetime:

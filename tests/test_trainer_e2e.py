@@ -179,7 +179,9 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     assert code == 0, err
     # The TopK SAE's dead-latent window (1M tokens) outlasts the 76,800-token run: said, once, before training.
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "topk" in warnings[0] and "AuxK / resampling never act" in warnings[0], err
+    assert len(warnings) == 2 and "topk" in warnings[0] and "AuxK / resampling never act" in warnings[0], err
+    # 76,800 tokens of a 40,000-row dataset: said up front (issue 35: it silently trained ~2 epochs)
+    assert re.search(r"tokens=76,800 is 2\.\d epochs of the dataset's [\d,]+ training rows", warnings[1]), err
     results = json.loads((out / "eval.json").read_text())
     assert len(results) == 2
     for r in results:

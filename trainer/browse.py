@@ -7,7 +7,7 @@ run's seed and ``eval_chunks``: rows no SAE trained on); the pages' addresses ar
 recorded in the run's eval.json. With --cache-url, that server; otherwise one started here over
 --store (a pipeline folder's own store by default), kept up for the browser until Ctrl-C.
 
-    sae-browse runs/default                          # a sae-pipeline folder: serve its SAEs' pages
+    sae-browse runs/shakespeare-gpt                  # a sae-pipeline folder: serve its SAEs' pages
     sae-browse runs/x --cache-url http://host:8000   # a sae-train folder, on the server it trained from
 """
 

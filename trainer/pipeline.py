@@ -12,6 +12,7 @@ is a cache hit for the harvest and resumes (or reuses) the training.
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +36,8 @@ DEFAULT_PORT = 8000  # python -m cache_server's
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/default"), help="folder for the store and outputs")
+    parser.add_argument("--out", type=Path, help="folder for the store and outputs (default: runs/MODEL, or "
+                        "runs/MODEL-CORPUS for another corpus than the built-in: a second model never collides)")
     parser.add_argument("--cache-url", type=cache_url, help="use this cache server instead of starting one on 127.0.0.1")
     parser.add_argument("--token", type=bearer_token, default=os.environ.get("CACHE_SERVER_TOKEN") or None,
                         help="bearer token of --cache-url (default: $CACHE_SERVER_TOKEN)")
@@ -58,7 +60,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "statistics computed over the held-out chunks)")
     parser.add_argument("--serve", action="store_true",
                         help="after the run, keep the cache server up for the feature browser until Ctrl-C")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = default_out(args.model, args.corpus)
+    return args
+
+
+def default_out(model: str, corpus) -> Path:
+    """runs/<model>[-<corpus>], each name reduced to letters, digits, '.', '_' and '-'.
+
+    >>> default_out("shakespeare-gpt", "default"), default_out("org/model", {"hf": {"path": "a/b"}})
+    (PosixPath('runs/shakespeare-gpt'), PosixPath('runs/org_model-a_b'))
+    """
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+    name = slug(model) if corpus == "default" else f"{slug(model)}-{slug(corpus['hf']['path'] if isinstance(corpus, dict) else corpus)}"
+    return Path("runs") / name
 
 
 def _foreign(out: Path) -> str | None:

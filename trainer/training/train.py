@@ -210,13 +210,17 @@ class Trainer:
         those that will train, but not as asked."""
         if self.total_steps == 0:
             raise RunError(f"tokens={self.run.tokens:,} is less than one batch of {self.run.batch_size:,} rows")
-        return [w for cfg in self.sweep.saes for w in check_for_run(cfg, self.d_in, self.total_steps, self.run.tokens)]
+        warnings = [w for cfg in self.sweep.saes for w in check_for_run(cfg, self.d_in, self.total_steps, self.run.tokens)]
+        rows = self.stream.rows_per_epoch
+        if self.run.tokens > rows:
+            warnings.append(f"tokens={self.run.tokens:,} is {self.run.tokens / rows:.1f} epochs of the dataset's "
+                            f"{rows:,} training rows: every row is seen more than once (the held-out chunks never); "
+                            "harvest more tokens for one pass")
+        return warnings
 
     def prepare(self, resume: bool) -> None:
         """Check (rank 0) and open the run folder; load its checkpoint or initialise the SAEs."""
-        for warning in self.check_sweep():
-            if self.world.main:
-                print(f"warning: {warning}", file=sys.stderr)
+        warnings = self.check_sweep()
         error = None
         if self.world.main:
             try:
@@ -226,6 +230,8 @@ class Trainer:
         error = self.world.from_main(error)
         if error:
             raise RunError(error)
+        for warning in warnings if self.world.main else []:  # after the folder's checks: an error is one line
+            print(f"warning: {warning}", file=sys.stderr)
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.exists():
             self._load(checkpoint)
