@@ -235,7 +235,8 @@ class SaeStore:
         for suffix in (".json", ".safetensors"):
             self.quarantine.put(self.folder / f"{sae_id}{suffix}", "sae", reason)
 
-    async def upload(self, chunks: AsyncIterator[bytes], manifest: DatasetManifest, hook: str) -> SaeInfo:
+    async def upload(self, chunks: AsyncIterator[bytes], manifest: DatasetManifest, hook: str,
+                     name: str | None = None) -> SaeInfo:
         """Stream the body to a temp file while hashing it, check it there (memory-mapped), and
         keep it under its id: the server holds the weights once, in float32, never the body."""
         info = manifest.hook(hook)
@@ -259,8 +260,10 @@ class SaeStore:
                                f"has width {info.d}")
             sae_id = content_id({"file": digest.hexdigest(), "dataset_id": manifest.dataset_id, "hook": hook})
             sae = SaeInfo(sae_id=sae_id, dataset_id=manifest.dataset_id, hook=hook, architecture=cfg["architecture"],
-                          d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=n_bytes)
-            if not (self.folder / f"{sae_id}.json").exists():
+                          d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=n_bytes, name=name)
+            if (self.folder / f"{sae_id}.json").exists():
+                sae = self.info(sae_id)  # registered before: its record (and first name) stands
+            else:
                 os.replace(tmp, self.folder / f"{sae_id}.safetensors")
                 atomic_write(self.folder / f"{sae_id}.json", sae.model_dump_json(indent=1).encode())
         finally:

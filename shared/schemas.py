@@ -281,6 +281,12 @@ class SaeInfo(BaseModel):
     d_sae: int
     k: int | None = None
     n_bytes: int
+    name: str | None = Field(None, description="What its trainer calls it (sae-train: its folder's name).")
+
+    def label(self) -> str:
+        """The architecture as people name it, with its k."""
+        kind = {"standard": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU"}[self.architecture]
+        return f"{kind} k={self.k}" if self.k else kind
 
 
 class EvaluationRequest(BaseModel):

@@ -4,6 +4,7 @@ dataset's rows, and a feature's page with the numbers the test computes from the
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from shared.codec import to_torch
@@ -187,3 +188,52 @@ def test_the_feature_page_escapes_every_token_string():
     assert whole_words(["a", "##b", "##c", "d"], 1, 2, byte_level=False) == (0, 3)
     wordpiece = render(detail.model_copy(update={"top": [pieces], "intervals": []}), d_sae=8)
     assert "> the</span>" in wordpiece and ">re</span>" in wordpiece and "> end</span>" in wordpiece
+
+
+def test_the_sae_list_names_each_sae_with_its_figures_and_sorts_by_them(client):
+    """Issue 35: the list showed hash ids only. Now each SAE's name from its trainer, its
+    architecture as people say it (ReLU, TopK k=...), L0, FVU, CE score and dead %, sortable."""
+    import re
+
+    import torch as t
+
+    from tests.test_evaluations import HOOK, D, sae_body, wait_evaluation
+    from tests.test_stored_state import HARVEST
+
+    dataset = wait_job(client, client.post("/v1/harvests", json=HARVEST).json()["job_id"])["dataset_id"]
+    g = t.Generator().manual_seed(3)
+    bodies = {"relu-wide": sae_body(t.randn(D, 128, generator=g), t.zeros(128), t.randn(128, D, generator=g) * 0.1,
+                                    t.zeros(D), {"architecture": "standard"}),
+              "topk-8": sae_body(t.randn(D, 96, generator=g), t.zeros(96), t.randn(96, D, generator=g) * 0.1,
+                                 t.zeros(D), {"architecture": "topk", "k": 8}),
+              "unscored": sae_body(t.randn(D, 32, generator=g), t.zeros(32), t.randn(32, D, generator=g),
+                                   t.zeros(D), {"architecture": "jumprelu"}, threshold=t.zeros(32))}
+    ids = {}
+    for name, body in bodies.items():
+        sae = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK, "name": name}, content=body).json()
+        assert sae["name"] == name, sae
+        ids[name] = sae["sae_id"]
+    again = client.post("/v1/saes", params={"dataset_id": dataset, "hook": HOOK, "name": "other"}, content=bodies["topk-8"])
+    assert again.json()["name"] == "topk-8"  # the same file again is the same SAE: its first name stays
+    summaries = {}
+    for name in ("relu-wide", "topk-8"):
+        assert client.post(f"/v1/saes/{ids[name]}/features", params={"max_rows": 256}).status_code == 202
+        assert wait_features(client, ids[name])["status"] == "completed"
+        summaries[name] = client.get(f"/v1/saes/{ids[name]}/summary").json()
+    job = client.post("/v1/evaluations", json={"sae_id": ids["topk-8"], "n_tokens": 128}).json()
+    ce = wait_evaluation(client, job["evaluation_id"])["result"]["downstream"]["ce_loss_score"]
+
+    page = client.get("/saes/", params={"sort": "fvu"}).text
+    rows = re.findall(r'<tr><td><a href="/saes/([0-9a-f]{24})/">([^<]+)</a></td><td>([^<]+)</td>'
+                      r'<td class="num">([^<]+)</td><td class="num">([^<]+)</td><td class="num">([^<]+)</td>', page)
+    mine = [r for r in rows if r[0] in ids.values()]
+    by_fvu = sorted(("relu-wide", "topk-8"), key=lambda n: summaries[n]["fvu"]) + ["unscored"]
+    assert [r[1] for r in mine] == by_fvu, mine
+    cells = {r[1]: r for r in mine}
+    assert cells["topk-8"][2] == "TopK k=8" and cells["relu-wide"][2] == "ReLU" and cells["unscored"][2] == "JumpReLU"
+    assert float(cells["topk-8"][3]) == pytest.approx(summaries["topk-8"]["l0"], abs=0.05)
+    assert cells["unscored"][3:] == ("-", "-", "-")
+    assert f'<td class="num">{ce:.3f}</td>' in page
+    assert client.get("/saes/", params={"sort": "bogus"}).status_code == 422
+    sae_page = client.get(f"/saes/{ids['topk-8']}/").text
+    assert "<title>SAE topk-8</title>" in sae_page and "<h1>SAE topk-8</h1>" in sae_page and "TopK k=8" in sae_page

@@ -6,7 +6,7 @@ from html import escape
 from urllib.parse import urlencode
 
 from cache_server.browser.layout import bars, page, shown
-from shared.schemas import FeatureList, SaeSummary
+from shared.schemas import FeatureList, SaeInfo, SaeSummary
 
 SORTS = {"density": "density", "max": "max activation", "index": "index"}
 
@@ -65,19 +65,50 @@ def render(summary: SaeSummary, listing: FeatureList, sort: str, order: str, q: 
     search = (f'<form method="get" action="{base}/"><input type="search" name="q" value="{escape(q)}" '
               f'placeholder="a token, e.g. the" id="search"><input type="hidden" name="sort" value="{escape(sort)}">'
               f'<button type="submit">search top tokens</button></form>')
-    return page(f"SAE {sae.sae_id}", f"""<nav><a href="/saes/">SAEs</a><a href="{base}/random" id="random">a random feature</a></nav>
-<h1>SAE {sae.sae_id}</h1>
-<p>{escape(sae.architecture)}{f" k={sae.k}" if sae.k else ""}, {sae.d_sae:,} features on <code>{escape(sae.hook)}</code>
+    title = escape(sae.name or sae.sae_id)
+    return page(f"SAE {sae.name or sae.sae_id}", f"""<nav><a href="/saes/">SAEs</a><a href="{base}/random" id="random">a random feature</a></nav>
+<h1>SAE {title}</h1>
+<p>{escape(sae.label())}, {sae.d_sae:,} features on <code>{escape(sae.hook)}</code>
 (d_in {sae.d_in}) of dataset <code>{escape(sae.dataset_id)}</code>; figures over {summary.n_rows:,} rows ({escape(rows)}).</p>
 {_figures(summary)}
 <h2>Feature density (live features)</h2>{_density(summary)}
 <h2>Features</h2>{search}{_table(base, listing, sort, order, q, limit)}""")
 
 
-def render_index(saes: list) -> str:
-    rows = "".join(f'<tr><td><a href="/saes/{s.sae_id}/">{s.sae_id}</a></td><td>{escape(s.architecture)}</td>'
-                   f'<td class="num">{s.d_sae:,}</td><td><code>{escape(s.hook)}</code></td><td><code>{s.dataset_id}</code></td></tr>'
-                   for s in saes)
-    return page("SAEs", f'<h1>SAEs</h1><table id="saes"><tr><th>SAE</th><th>architecture</th><th>features</th>'
-                        f"<th>hook</th><th>dataset</th></tr>{rows}</table>"
+INDEX_SORTS = ("name", "architecture", "l0", "fvu", "ce", "dead")
+
+
+def _ce(summary: SaeSummary | None) -> float | None:
+    down = summary.evaluation.downstream if summary and summary.evaluation else None
+    return down.ce_loss_score if down else None
+
+
+def render_index(saes: list[tuple[SaeInfo, SaeSummary | None]], sort: str) -> str:
+    """Every registered SAE with its name, architecture and figures (from its feature statistics
+    and latest evaluation, where computed), sortable by each; '-' where a figure is not computed."""
+    keys = {"name": lambda s, m: s.name or s.sae_id, "architecture": lambda s, m: s.label(),
+            "l0": lambda s, m: m and m.l0, "fvu": lambda s, m: m and m.fvu, "ce": lambda s, m: _ce(m),
+            "dead": lambda s, m: m and m.dead / s.d_sae}
+    descending = sort == "ce"  # a higher score is better; lower is better for the rest
+    ordered = sorted(saes, key=lambda p: (keys[sort](*p) is None, keys[sort](*p) or 0) if sort not in ("name", "architecture")
+                     else keys[sort](*p))
+    if descending:
+        known = [p for p in ordered if keys[sort](*p) is not None]
+        ordered = known[::-1] + [p for p in ordered if keys[sort](*p) is None]
+
+    def cell(value: float | None, fmt: str) -> str:
+        return f'<td class="num">{"-" if value is None else format(value, fmt)}</td>'
+
+    rows = "".join(
+        f'<tr><td><a href="/saes/{s.sae_id}/">{escape(s.name or s.sae_id)}</a></td><td>{escape(s.label())}</td>'
+        + cell(m and m.l0, ".1f") + cell(m and m.fvu, ".3f") + cell(_ce(m), ".3f")
+        + cell(m and 100 * m.dead / s.d_sae, ".1f")
+        + f'<td class="num">{s.d_sae:,}</td><td><code>{escape(s.hook)}</code></td><td><code>{s.dataset_id}</code></td></tr>'
+        for s, m in ordered)
+    heads = "".join(f'<th><a href="/saes/?sort={key}">{label}</a></th>' for key, label in (
+        ("name", "SAE"), ("architecture", "architecture"), ("l0", "L0"), ("fvu", "FVU"), ("ce", "CE score"),
+        ("dead", "dead %")))
+    return page("SAEs", f'<h1>SAEs</h1><table id="saes"><tr>{heads}<th>features</th><th>hook</th><th>dataset</th></tr>'
+                        f"{rows}</table><p>L0, FVU and dead % over the rows of each SAE's feature statistics; CE score "
+                        "from its latest evaluation.</p>"
                         + ("" if saes else "<p>None registered yet (POST /v1/saes).</p>"))

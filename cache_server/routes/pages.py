@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from cache_server.browser import feature_page, sae_page
+from cache_server.errors import ServiceError
 from cache_server.routes.deps import services
 from cache_server.services import Services
 
@@ -15,8 +16,16 @@ PAGE = 100  # features a list page shows
 
 
 @router.get("/", response_class=HTMLResponse)
-def index(svc: Services = Depends(services)) -> HTMLResponse:
-    return HTMLResponse(sae_page.render_index(svc.saes.list()))
+def index(sort: Literal[sae_page.INDEX_SORTS] = "name", svc: Services = Depends(services)) -> HTMLResponse:
+    return HTMLResponse(sae_page.render_index([(s, _summary(svc, s.sae_id)) for s in svc.saes.list()], sort))
+
+
+def _summary(svc: Services, sae_id: str):
+    """The SAE's summary, or None while its feature statistics are not computed."""
+    try:
+        return svc.sae_summary(sae_id)
+    except ServiceError:
+        return None
 
 
 @router.get("/{sae_id}/", response_class=HTMLResponse)

@@ -16,6 +16,8 @@ async def register_sae(
     request: Request,
     dataset_id: str = Query(pattern=r"^[0-9a-f]{24}$", description="The dataset the SAE was trained on."),
     hook: str = Query(pattern=r"^[A-Za-z0-9_.]{1,200}$", description="The hook it reconstructs."),
+    name: str | None = Query(None, pattern=r"^[A-Za-z0-9_.+=-]{1,200}$", description=(
+        "What to call it in the browser (sae-train sends its folder's name); the first name given stays.")),
     svc: Services = Depends(services),
 ) -> SaeInfo:
     """Register an SAE: the body is a safetensors file (W_enc, b_enc, W_dec, b_dec[, threshold])
@@ -23,7 +25,7 @@ async def register_sae(
     manifest = svc.store.manifest(dataset_id)
     if manifest is None:
         raise HTTPException(404, f"unknown dataset '{dataset_id}'")
-    return await svc.saes.upload(request.stream(), manifest, hook)
+    return await svc.saes.upload(request.stream(), manifest, hook, name)
 
 
 @router.get("")

@@ -145,7 +145,8 @@ class CacheClient:
         """Send an exported SAE (``cfg.json`` + ``sae_weights.safetensors``) home to the server,
         bound to the dataset and hook it was trained on."""
         body = sae_upload_body(folder)
-        response = self.request("POST", "/v1/saes", params={"dataset_id": dataset_id, "hook": hook}, content=body)
+        response = self.request("POST", "/v1/saes", params={"dataset_id": dataset_id, "hook": hook, "name": folder.name},
+                                content=body)
         return SaeInfo.model_validate(response.json())
 
     def evaluate(self, request: EvaluationRequest | dict) -> EvaluationJob:
