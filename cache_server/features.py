@@ -232,6 +232,7 @@ class FeatureJobs(JobQueue):
             histogram_edges=[peak * i / bins for i in range(bins + 1)],
             histogram_counts=[int(c) for c in stats.histogram[index]], top=top, intervals=intervals,
             neighbours=[(int(i), round(float(c), 6)) for i, c in zip(best.indices, best.values)],
+            dead_neighbours=[int(i) for i in best.indices if stats.fired[i] == 0],
             promoted=lens(data.promoted), suppressed=lens(data.suppressed), logit_lens_note=data.logit_lens_note)
 
     def start(self) -> None:

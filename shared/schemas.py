@@ -387,6 +387,7 @@ class FeatureDetail(BaseModel):
     intervals: list[list[FeatureExample]] = Field(description="Rows sampled from each equal interval of "
                                                   "[0, max_value], lowest first.")
     neighbours: list[tuple[int, float]] = Field(description="Features of most similar decoder direction: (index, cosine).")
+    dead_neighbours: list[int] = Field([], description="Those of the neighbours that never fire on these rows.")
     promoted: list[tuple[str, float]] = Field(default_factory=list, description="Logit lens: the tokens its decoder direction most "
                                               "raises through the unembedding (token, logit).")
     suppressed: list[tuple[str, float]] = Field(default_factory=list, description="Logit lens: the tokens it most lowers.")

@@ -72,6 +72,12 @@ def test_a_features_page_shows_what_the_cached_rows_say(client):
     assert html.text.count('class="example"') == len(page["top"]) + sum(map(len, page["intervals"]))
     for i, _ in page["neighbours"]:
         assert f'href="/saes/{sae}/features/{i}"' in html.text
+    # issue 35: dead neighbours marked, the histogram's axes and the shade's scale shown
+    assert page["dead_neighbours"] == [i for i, _ in page["neighbours"] if (acts[:, i] > 0).sum() == 0]
+    assert html.text.count('<span class="dead">dead</span>') == len(page["dead_neighbours"])
+    assert f'<b id="hist-top">{max(page["histogram_counts"]):,}</b>' in html.text
+    assert f'<span>{page["histogram_edges"][-1]:.3g}</span></div>' in html.text
+    assert f"to this feature's max {page['max_value']:.4g}" in html.text
     assert_page_refused(client.get(f"/saes/{sae}/features/{d_sae}"), 404, f"feature {d_sae} is out of range")
     check_the_sae_page(client, sae, rows, acts, W_dec, b_dec, tokens, vocabulary, feature, page)
     again = client.post(f"/v1/saes/{sae}/features")
@@ -168,8 +174,10 @@ def test_the_feature_page_escapes_every_token_string():
                              position=1)
     detail = FeatureDetail(sae_id="a" * 24, index=3, n_rows=10, density=0.1, max_value=2.0, mean_value=1.5,
                            histogram_edges=[0, 1, 2], histogram_counts=[0, 1], top=[example], intervals=[[example]],
-                           neighbours=[(4, 0.5)])
+                           neighbours=[(4, 0.5), (6, 0.2)], dead_neighbours=[6])
     html = render(detail, d_sae=8)
+    assert 'features/6">feature 6</a> cosine 0.200 <span class="dead">dead</span>' in html
+    assert 'features/4">feature 4</a> cosine 0.500</li>' in html
     assert "<script>" not in html and "<img" not in html
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
     assert 'title="&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;: 2"' in html  # the value on hover

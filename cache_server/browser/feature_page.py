@@ -22,8 +22,18 @@ def _example(example: FeatureExample, max_value: float, byte_level: bool) -> str
 
 
 def _histogram(detail: FeatureDetail) -> str:
-    edges = detail.histogram_edges
-    return bars(detail.histogram_counts, [f"{lo:.3g} to {hi:.3g}" for lo, hi in zip(edges, edges[1:])])
+    """The bars with their axes: activation from 0 to the max below, the tallest bar's count beside."""
+    edges, counts = detail.histogram_edges, detail.histogram_counts
+    labels = [f"{lo:.3g} to {hi:.3g}" for lo, hi in zip(edges, edges[1:])]
+    axis = "".join(f"<span>{v:.3g}</span>" for v in (edges[0], edges[len(edges) // 2], edges[-1]))
+    return (f'<p class="note">rows a bin (tallest: <b id="hist-top">{max(counts, default=0):,}</b>), by activation:</p>'
+            f'{bars(counts, labels)}<div class="axis" id="hist-axis">{axis}</div>')
+
+
+def _scale(max_value: float) -> str:
+    """What a token's shade means: its activation over the feature's max."""
+    return (f'<p class="note" id="scale">shade: activation from 0 <span class="ramp"></span> to this feature\'s max '
+            f"{max_value:.4g} (hover a token for its value)</p>")
 
 
 def _lens(detail: FeatureDetail) -> str:
@@ -45,7 +55,8 @@ def render(detail: FeatureDetail, d_sae: int, byte_level: bool = False) -> str:
     intervals = "".join(
         f"<h3>interval {q + 1} of {len(detail.intervals)}</h3>" + "".join(_example(e, detail.max_value, byte_level) for e in group)
         for q, group in enumerate(detail.intervals) if group)
-    neighbours = "".join(f'<li><a href="{base}/features/{i}">feature {i}</a> cosine {c:.3f}</li>'
+    dead, mark = set(detail.dead_neighbours), ' <span class="dead">dead</span>'
+    neighbours = "".join(f'<li><a href="{base}/features/{i}">feature {i}</a> cosine {c:.3f}{mark if i in dead else ""}</li>'
                          for i, c in detail.neighbours)
     previous = f'<a href="{base}/features/{detail.index - 1}">previous</a>' if detail.index > 0 else ""
     following = f'<a href="{base}/features/{detail.index + 1}">next</a>' if detail.index + 1 < d_sae else ""
@@ -55,7 +66,7 @@ def render(detail: FeatureDetail, d_sae: int, byte_level: bool = False) -> str:
 <span>max <b id="max">{detail.max_value:.4g}</b></span><span>mean when firing <b id="mean">{detail.mean_value:.4g}</b></span>
 <span>over <b>{detail.n_rows:,}</b> rows</span></p>
 <h2>Activations where it fires</h2>{_histogram(detail)}
-<h2>Top activations</h2><section id="top">{top}</section>
+<h2>Top activations</h2>{_scale(detail.max_value)}<section id="top">{top}</section>
 <h2>Examples by activation interval</h2><section id="intervals">{intervals}</section>
 <h2>Logit lens (decoder direction through the unembedding)</h2>{_lens(detail)}
 <h2>Nearest decoder directions</h2><ol id="neighbours">{neighbours}</ol>""")

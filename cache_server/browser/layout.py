@@ -21,6 +21,8 @@ nav a { margin-right: 1em; }
 table { border-collapse: collapse; } td, th { padding: .15em .8em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .lens { display: flex; gap: 3em; } .note { color: #666; }
+.ramp { display: inline-block; width: 8em; height: .8em; background: linear-gradient(to right, rgba(220, 80, 40, 0), rgba(220, 80, 40, 1)); }
+.dead { color: #a33; font-size: .85em; }
 """
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>")
 
