@@ -96,7 +96,16 @@ def check_the_feature_browser(stdout: str, out) -> None:
             assert len(driver.find_elements(By.CSS_SELECTOR, "#top .example")) == min(20, int(fired[index]))
             assert len(driver.find_elements(By.CSS_SELECTOR, "#promoted tr")) == 10  # a causal LM: a logit lens
             assert screenshot(driver, "feature-browser-feature.png").stat().st_size > 20_000
+            # The SAE list (issue 35): names, architecture, figures, sorted by FVU on a click.
+            driver.get(f"{base}/saes/")
+            driver.find_element(By.LINK_TEXT, "FVU").click()
+            WebDriverWait(driver, 30).until(lambda d: "sort=fvu" in d.current_url)
+            listed = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in driver.find_elements(By.CSS_SELECTOR, "#saes tr")[1:]]
+            assert sorted(r[0] for r in listed) == sorted(pages) and all(r[1] in ("ReLU",) or r[1].startswith("TopK k=") for r in listed)
+            assert [float(r[3]) for r in listed] == sorted(float(r[3]) for r in listed), listed
+            assert screenshot(driver, "feature-browser-list.png").stat().st_size > 10_000
             driver.get(url)
+            assert driver.title == f"SAE {name}"
             driver.find_element(By.ID, "random").click()
             WebDriverWait(driver, 30).until(lambda d: "/features/" in d.current_url)
             assert driver.find_element(By.ID, "density").text != "0.0000%"

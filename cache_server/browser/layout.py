@@ -22,7 +22,7 @@ table { border-collapse: collapse; } td, th { padding: .15em .8em; text-align: l
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .lens { display: flex; gap: 3em; } .note { color: #666; }
 .ramp { display: inline-block; width: 8em; height: .8em; background: linear-gradient(to right, rgba(220, 80, 40, 0), rgba(220, 80, 40, 1)); }
-.dead { color: #a33; font-size: .85em; }
+.dead { color: #a33; font-size: .85em; } #saes td:first-child { white-space: nowrap; }
 """
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>")
 
