@@ -237,7 +237,7 @@ class SaeStore:
 
     async def upload(self, chunks: AsyncIterator[bytes], manifest: DatasetManifest, hook: str,
                      name: str | None = None) -> SaeInfo:
-        """Stream the body to a temp file while hashing it, check it there (memory-mapped), and
+        """Stream the body to a temp file while hashing it, check it there (tensor by tensor), and
         keep it under its id: the server holds the weights once, in float32, never the body."""
         info = manifest.hook(hook)
         if info is None:
