@@ -42,6 +42,13 @@ class SAEConfig:
 
     activation: Activation = "topk"
     objective: Objective = "vanilla"
+    target_hook: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    """Make this a transcoder: predict this hook's activations (e.g. ``blocks.2.hook_mlp_out``) from
+    the input hook's (``--hook``, e.g. ``blocks.2.ln2.hook_normalized``), both from one harvest,
+    row-aligned. Unset: an SAE, which reconstructs its input. FVU is measured against the target."""
+    skip: Annotated[bool, Field(strict=True)] = False
+    """A transcoder's linear skip path from input to target (``W_skip``, from zero), trained with
+    it: a skip transcoder (Paulo et al., 2025)."""
     expansion: Positive = 8
     """d_sae = expansion * d_in (ignored when d_sae is set)."""
     d_sae: Positive | None = None
@@ -139,6 +146,8 @@ class SAEConfig:
             unused.add("jumprelu_tanh_scale")
         if self.objective != "matryoshka":
             unused.add("matryoshka_prefixes")
+        if self.target_hook is None:  # so the run.json of an SAE sweep is what it was before transcoders
+            unused |= {"target_hook", "skip"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
     def name(self) -> str:
@@ -148,6 +157,8 @@ class SAEConfig:
         else:
             parts.append(f"l1_{self.l1_coefficient:g}")
         parts += [f"lr{self.lr:g}", f"s{self.seed}"]
+        if self.target_hook is not None:
+            parts.insert(0, "skip-transcoder" if self.skip else "transcoder")
         return "-".join(parts)
 
 
@@ -197,6 +208,8 @@ def check_for_run(cfg: SAEConfig, d_in: int, total_steps: int, run_tokens: int) 
     where, d_sae = f"SAE {cfg.name()}", cfg.width(d_in)
     if cfg.activation in ("topk", "batchtopk") and cfg.k >= d_sae:
         raise ConfigError(f"{where}: k={cfg.k} must be below d_sae={d_sae} (d_in {d_in} x expansion {cfg.expansion})")
+    if cfg.skip and cfg.target_hook is None:
+        raise ConfigError(f"{where}: skip = true is a transcoder's skip path: give target_hook too")
     if cfg.objective == "matryoshka" and not all(0 < m <= d_sae for m in cfg.prefixes(d_in)):
         raise ConfigError(f"{where}: matryoshka_prefixes {list(cfg.prefixes(d_in))} must lie in 1..d_sae={d_sae}")
     steps = cfg.schedule_steps(total_steps)
@@ -314,7 +327,7 @@ def _short(value) -> str:
 
 # Keys that change the shape of the computation: SAEs that differ in these cannot share a step
 # function. Everything else (coefficients, lr, seeds, warmups) trains side by side on a batch.
-CANNOT_PARALLELIZE = ("activation", "objective")
+CANNOT_PARALLELIZE = ("activation", "objective", "target_hook", "skip")
 
 
 def split_cfgs(cfgs: list[SAEConfig]) -> list[list[SAEConfig]]:

@@ -115,6 +115,7 @@ def top_contexts(trainer: Trainer, sae_index: int, text: _Text, n_features: int 
                  ) -> list[tuple[int, float, list[Example]]]:
     """For live features of one SAE: (feature, frequency, top examples) on the held-out rows."""
     rows, row_ids = trainer.stream.evaluation_rows()
+    rows = trainer.split(rows)[0]  # a transcoder's latents read its input too
     sae = trainer.saes[sae_index].sae.eval()
     with torch.no_grad():
         acts = torch.cat([sae(rows[i : i + 4096]).learned_activations for i in range(0, rows.shape[0], 4096)])

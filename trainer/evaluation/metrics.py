@@ -42,8 +42,11 @@ class EvalMetrics:
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, rows: Float[Tensor, "n *component d_in"], batch_size: int = 4096,
-             almost_dead_threshold: float = 1e-7, dense_threshold: float = DENSE_DENSITY) -> EvalMetrics:
-    """Metrics over ``rows`` (component axis flattened: a multi-component SAE is one dictionary per component)."""
+             almost_dead_threshold: float = 1e-7, dense_threshold: float = DENSE_DENSITY,
+             targets: Float[Tensor, "n *component d_out"] | None = None) -> EvalMetrics:
+    """Metrics over ``rows`` (component axis flattened: a multi-component SAE is one dictionary per
+    component). A transcoder's errors and FVU are against ``targets``, the rows of its target hook."""
+    targets = rows if targets is None else targets
     sae.eval()
     fired = sum_values = None
     n = l0 = l1 = sq_err = 0.0
@@ -55,16 +58,16 @@ def evaluate(sae: SparseAutoencoder, rows: Float[Tensor, "n *component d_in"], b
         sum_values = acts.sum(0) if sum_values is None else sum_values + acts.sum(0)
         l0 += active.sum().item()
         l1 += acts.sum().item()
-        sq_err += (recon - x).pow(2).sum().item()
+        sq_err += (recon - targets[lo : lo + batch_size]).pow(2).sum().item()
         n += x.shape[0]
     sae.train()
     per_component = rows.shape[1] if rows.dim() == 3 else 1
-    total_var = (rows - rows.mean(0)).pow(2).sum().item()
+    total_var = (targets - targets.mean(0)).pow(2).sum().item()
     freqs = (fired / n).reshape(-1).float().cpu()
     mean_values = (sum_values / fired.clamp_min(1)).reshape(-1).float().cpu()
     fvu = sq_err / max(total_var, 1e-12)
     return EvalMetrics(
-        l0=l0 / (n * per_component), l1=l1 / (n * per_component), mse=sq_err / rows.numel(), fvu=fvu,
+        l0=l0 / (n * per_component), l1=l1 / (n * per_component), mse=sq_err / targets.numel(), fvu=fvu,
         explained_variance=1 - fvu, n_dead=int((freqs == 0).sum()),
         n_almost_dead=int((freqs < almost_dead_threshold).sum()), n_dense=int((freqs > dense_threshold).sum()),
         freqs=freqs, mean_values=mean_values, almost_dead_threshold=almost_dead_threshold,

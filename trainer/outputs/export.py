@@ -5,6 +5,13 @@ The input scaling used in training (``normalize_activations``) is folded into th
 exported SAE works on the model's raw activations. A multi-component SAE exports one folder per
 component (SAELens has no component axis). BatchTopK exports as JumpReLU with its learned
 inference threshold, as SAELens does.
+
+A transcoder exports as SAELens' ``transcoder`` / ``skip_transcoder`` (ReLU) or
+``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (JumpReLU, BatchTopK, and TopK, which
+SAELens has no transcoder class for: a JumpReLU at the threshold that fires k latents a row on
+average on training rows; ``trainer.k`` keeps the exact TopK for ``load_saelens``). Its input and
+target scales are folded in, and the input's centre into ``b_enc`` (SAELens' transcoders do not
+centre their input).
 """
 
 import json
@@ -63,6 +70,48 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
     return folder
 
 
+def transcoder_state(sae: SparseAutoencoder, scales: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """A transcoder's weights on raw activations: ``y = (acts(s_in x) @ W_dec + b_dec + s_in x @ W_skip) / s_out``."""
+    s_in, s_out = scales
+    w = sae.weights()
+    state = {
+        "W_enc": w.W_enc[0] * s_in,
+        "b_enc": w.b_enc[0] - sae.b_in[0] @ w.W_enc[0],
+        "W_dec": w.W_dec[0] / s_out,
+        "b_dec": sae.b_dec[0] / s_out,
+    }
+    if sae.cfg.skip:
+        state["W_skip"] = sae.W_skip[0].T * (s_in / s_out)  # SAELens': [d_out, d_in]
+    if sae.cfg.activation == "jumprelu":
+        state["threshold"] = sae.log_threshold[0].exp()
+    elif sae.cfg.activation in ("batchtopk", "topk"):
+        state["threshold"] = sae.threshold[0].expand(sae.d_sae)
+    return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def export_transcoder(sae: SparseAutoencoder, folder: Path, *, scales: tuple[float, float], metadata: dict,
+                      feature_frequency: torch.Tensor | None = None) -> Path:
+    """``scales``: the input's and the target's (``normalize_activations``); ``metadata`` names the
+    input ``hook_name`` and the target ``hook_name_out``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    family = "transcoder" if sae.cfg.activation == "relu" else "jumprelu_transcoder"
+    cfg = {
+        "architecture": family.replace("transcoder", "skip_transcoder") if sae.cfg.skip else family,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "d_out": sae.d_out, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": metadata,
+        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "input_scale": scales[0],
+                    "target_scale": scales[1], "target_hook": sae.cfg.target_hook, "skip": sae.cfg.skip,
+                    **({"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk")
+                       else {"l1_coefficient": sae.cfg.l1_coefficient})},
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    _save_readable(transcoder_state(sae, scales), folder / "sae_weights.safetensors")
+    if feature_frequency is not None:
+        _save_readable({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
+    return folder
+
+
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors writes its files 0600; the rest of a run folder is as the umask says."""
     save_file(tensors, path)
@@ -79,15 +128,41 @@ def load_saelens(folder: Path | str) -> tuple[SparseAutoencoder, dict]:
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     state = load_file(folder / "sae_weights.safetensors")
+    if "transcoder" in cfg["architecture"]:
+        return _load_transcoder(cfg, state), cfg
     activation = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}[cfg["architecture"]]
     sae_cfg = SAEConfig(activation=activation, d_sae=cfg["d_sae"], k=cfg.get("k", 32))
     sae = SparseAutoencoder(sae_cfg, cfg["d_in"])
+    _copy_weights(sae, state)
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(state[name].unsqueeze(0))
         if activation == "jumprelu":
             # The SAE thresholds what a latent adds through a unit-norm row: the file's threshold
             # times its decoder row's norm (1 / input scale for this project's exports).
             threshold = state["threshold"] * state["W_dec"].norm(dim=-1)
             sae.log_threshold.copy_(threshold.clamp_min(1e-12).log().unsqueeze(0))
     return sae, cfg
+
+
+def _copy_weights(sae: SparseAutoencoder, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(state[name].unsqueeze(0))
+
+
+def _load_transcoder(cfg: dict, state: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    """A transcoder's export, on raw activations: this project's exact TopK where it trained one, else
+    what the architecture says (a JumpReLU at the file's threshold, through unit-norm rows)."""
+    trained = cfg.get("trainer", {})
+    activation = "relu" if cfg["architecture"] in ("transcoder", "skip_transcoder") else "jumprelu"
+    if trained.get("activation") == "topk":
+        activation = "topk"
+    sae_cfg = SAEConfig(activation=activation, d_sae=cfg["d_sae"], k=trained.get("k", 32), skip="W_skip" in state,
+                        target_hook=cfg["metadata"].get("hook_name_out") or "target")
+    sae = SparseAutoencoder(sae_cfg, cfg["d_in"], d_out=cfg["d_out"])
+    _copy_weights(sae, state)
+    with torch.no_grad():
+        if sae_cfg.skip:
+            sae.W_skip.copy_(state["W_skip"].T.unsqueeze(0))
+        if activation == "jumprelu":
+            sae.log_threshold.copy_((state["threshold"] * state["W_dec"].norm(dim=-1)).clamp_min(1e-12).log().unsqueeze(0))
+    return sae

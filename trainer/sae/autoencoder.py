@@ -16,6 +16,12 @@ where unit rows learn ten times slower (measured, TopK k=32, 100 steps at lr 4e-
 0.332 with unit rows, 0.295 at 0.1; at lr 1e-3, 0.195 at 0.1 and 0.169 at 0.3, with the tied
 bias at the data's mean and resampling on).
 
+A transcoder (``cfg.target_hook``) is the same module predicting another hook's activations
+(``d_out`` wide) from its input: its decoder bias is the target's, and the input is centred by a
+fixed ``b_in`` (the input's mean) instead of the tied bias; with ``cfg.skip``, a linear path
+``x @ W_skip`` (from zero) is added to the prediction. ``target(x, y)`` is what the dictionary
+itself must produce: ``y`` less the skip path.
+
 Activations: ReLU, JumpReLU (straight-through threshold), TopK and BatchTopK. TopK is computed
 sparsely: only the k active latents of each row are decoded, forward and backward, so its step
 costs about one encoder matmul.
@@ -221,16 +227,27 @@ class _StepL0(torch.autograd.Function):
         return None, -(threshold * kernel * grad_out).sum(dim=-2, keepdim=True), None
 
 
+def _at_norm(directions: Tensor, norm: float) -> Tensor:
+    """``directions`` scaled to ``norm`` along the last axis."""
+    return directions * (norm / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+
 class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig, d_in: int, n_components: int | None = None,
-                 geometric_median_dataset: Tensor | None = None):
+                 geometric_median_dataset: Tensor | None = None, d_out: int | None = None):
         super().__init__()
         self.cfg, self.d_in, self.d_sae, self.n_components = cfg, d_in, cfg.width(d_in), n_components
+        self.transcoder = cfg.target_hook is not None
+        self.d_out = d_out or d_in
         c = n_components or 1
         self.W_enc = nn.Parameter(torch.empty(c, d_in, self.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(c, self.d_sae))
-        self.W_dec = nn.Parameter(torch.empty(c, self.d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(c, d_in))  # the tied bias
+        self.W_dec = nn.Parameter(torch.empty(c, self.d_sae, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(c, self.d_out))  # the tied bias (a transcoder's: the target's)
+        if self.transcoder:  # the input's centre: fixed, as b_enc can learn any shift
+            self.register_buffer("b_in", torch.zeros(c, d_in))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(c, d_in, self.d_out))
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((c, self.d_sae), float(torch.tensor(cfg.jumprelu_threshold).log())))
         # BatchTopK's inference threshold: a running estimate, exported as a JumpReLU threshold.
@@ -245,26 +262,49 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(self.W_dec.shape, generator=generator)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * (self.cfg.row_norm() / W_dec.norm(dim=-1, keepdim=True)))
-            self.W_enc.copy_(self.W_dec.transpose(1, 2))
+            if self.transcoder:  # other spaces: directions of their own, at the same norm
+                W_enc = torch.randn(self.W_enc.transpose(1, 2).shape, generator=generator)
+                self.W_enc.copy_((W_enc * (self.cfg.row_norm() / W_enc.norm(dim=-1, keepdim=True))).transpose(1, 2))
+            else:
+                self.W_enc.copy_(self.W_dec.transpose(1, 2))
             self.b_enc.zero_()
 
     @torch.no_grad()
-    def initialize_from_data(self, rows: Float[Tensor, "n *component d_in"]) -> None:
+    def initialize_from_data(self, rows: Float[Tensor, "n *component d_in"],
+                             targets: Float[Tensor, "n *component d_out"] | None = None) -> None:
         """Decoder rows pointing from ``b_dec`` to distinct random ``rows`` (seeded by the config),
         at the initial norm; the encoder as their transpose. Latents beyond ``n`` keep their random
-        directions."""
+        directions. A transcoder's latent reads its input row (from ``b_in``) and writes towards
+        its row of ``targets``."""
         xc = self._components_first(rows).to(self.W_dec.device)
         n = min(xc.shape[1], self.d_sae)
-        picks = torch.randperm(xc.shape[1], generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
-        directions = xc[:, picks.to(xc.device)] - self.b_dec.unsqueeze(1)
-        norms = directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        self.W_dec[:, :n] = directions * (self.cfg.row_norm() / norms)
-        self.W_enc.copy_(self.W_dec.transpose(1, 2))
+        picks = torch.randperm(xc.shape[1], generator=torch.Generator().manual_seed(self.cfg.seed))[:n].to(xc.device)
+        yc = self._components_first(targets).to(xc.device) if self.transcoder else xc
+        self.W_dec[:, :n] = _at_norm(yc[:, picks] - self.b_dec.unsqueeze(1), self.cfg.row_norm())
+        if self.transcoder:
+            self.W_enc[:, :, :n] = _at_norm(xc[:, picks] - self.b_in.unsqueeze(1), self.cfg.row_norm()).transpose(1, 2)
+        else:
+            self.W_enc.copy_(self.W_dec.transpose(1, 2))
 
-    def initialize_tied_parameters(self, centre: Float[Tensor, "*component d_in"]) -> None:
-        """The tied bias at a centre of the data (its mean or geometric median)."""
+    def initialize_tied_parameters(self, centre: Float[Tensor, "*component d_in"],
+                                   target_centre: Float[Tensor, "*component d_out"] | None = None) -> None:
+        """The tied bias at a centre of the data (its mean or geometric median); a transcoder's
+        ``b_in`` at the input's, its ``b_dec`` at the target's."""
         with torch.no_grad():
-            self.b_dec.copy_(centre.reshape(-1, self.d_in).expand_as(self.b_dec))
+            if self.transcoder:
+                self.b_in.copy_(centre.reshape(-1, self.d_in).expand_as(self.b_in))
+                centre = target_centre
+            self.b_dec.copy_(centre.reshape(-1, self.d_out).expand_as(self.b_dec))
+
+    @property
+    def centre(self) -> Float[Tensor, "component d_in"]:
+        """What the encoder subtracts from its input: the tied bias, or a transcoder's ``b_in``."""
+        return self.b_in if self.transcoder else self.b_dec
+
+    def target(self, xc: Float[Tensor, "component batch d_in"],
+               yc: Float[Tensor, "component batch d_out"]) -> Float[Tensor, "component batch d_out"]:
+        """What the dictionary must produce: ``yc`` less the skip path (differentiable in ``W_skip``)."""
+        return yc - torch.bmm(xc, self.W_skip) if self.cfg.skip else yc
 
     # -- forward -------------------------------------------------------------------------------
     def _components_first(self, x: Tensor) -> Tensor:
@@ -283,7 +323,7 @@ class SparseAutoencoder(nn.Module):
         return Weights(self.W_enc * norm.unsqueeze(1), self.b_enc * norm, self.W_dec / norm.unsqueeze(-1))
 
     def pre_activations(self, xc: Float[Tensor, "component batch d_in"], w: Weights) -> Tensor:
-        return _Encode.apply(xc, self.b_dec, w.W_enc, w.b_enc)
+        return _Encode.apply(xc, self.centre, w.W_enc, w.b_enc)
 
     def activate(self, pre: Tensor, training: bool) -> Tensor:
         act = self.cfg.activation
@@ -323,7 +363,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_sparse(self, xc: Float[Tensor, "component batch d_in"], w: Weights) -> SparseCode:
         """TopK latents with the sparse backward (training path)."""
-        codes = [_TopKEncode.apply(xc[c], self.b_dec[c], w.W_enc[c], w.b_enc[c], self.cfg.k)
+        codes = [_TopKEncode.apply(xc[c], self.centre[c], w.W_enc[c], w.b_enc[c], self.cfg.k)
                  for c in range(xc.shape[0])]
         return SparseCode(torch.stack([v for v, _ in codes]), torch.stack([i for _, i in codes]))
 
@@ -340,7 +380,10 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Float[Tensor, "batch *component d_in"]) -> ForwardPassResult:
         xc, w = self._components_first(x), self.weights()
         acts = self.activate(self.pre_activations(xc, w), training=self.training)
-        return ForwardPassResult(self._restore(acts), self._restore(self.decode(acts, w)))
+        out = self.decode(acts, w)
+        if self.cfg.skip:
+            out = out + torch.bmm(xc, self.W_skip)
+        return ForwardPassResult(self._restore(acts), self._restore(out))
 
     # -- optimizer bookkeeping -------------------------------------------------------------------
 

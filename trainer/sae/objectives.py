@@ -31,15 +31,18 @@ def _mse(recon: Tensor, x: Tensor) -> Tensor:
     return (recon - x).pow(2).sum(-1).mean()
 
 
-def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> StepOutput:
-    """The loss of one training step on ``x`` ``[batch, (component,) d_in]``."""
+def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dead: Tensor | None,
+             y: Tensor | None = None) -> StepOutput:
+    """The loss of one training step on ``x`` ``[batch, (component,) d_in]``: its reconstruction,
+    or for a transcoder its prediction of ``y`` ``[batch, (component,) d_out]``."""
     cfg = sae.cfg
     xc, w = sae._components_first(x), sae.weights()
+    target = sae.target(xc, sae._components_first(y)) if sae.transcoder else xc
     zero = xc.new_zeros(())
     if cfg.activation == "topk":
         code = sae.encode_sparse(xc, w)
         recon = sae.decode_sparse(code, w)
-        mse = _matryoshka_sparse(sae, code, xc, w) if cfg.objective == "matryoshka" else _mse(recon, xc)
+        mse = _matryoshka_sparse(sae, code, target, w) if cfg.objective == "matryoshka" else _mse(recon, target)
         active = code.values > 0
         fired = torch.zeros(xc.shape[0], sae.d_sae, dtype=torch.bool, device=x.device)
         fired.scatter_(1, code.indices.flatten(1), active.flatten(1))
@@ -49,7 +52,7 @@ def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dea
         pre = sae.pre_activations(xc, w)
         acts = sae.activate(pre, training=True)
         recon = sae.decode(acts, w)
-        mse = _matryoshka_dense(sae, acts, xc, w) if cfg.objective == "matryoshka" else _mse(recon, xc)
+        mse = _matryoshka_dense(sae, acts, target, w) if cfg.objective == "matryoshka" else _mse(recon, target)
         fired = acts.detach().amax(dim=1) > 0  # one pass each, no [batch, d_sae] mask kept
         l0 = _count_positive(acts.detach()) / (acts.shape[0] * acts.shape[1])
         if cfg.activation == "relu":
@@ -61,7 +64,7 @@ def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dea
             sparsity = _StepL0.apply(pre, sae.log_threshold.unsqueeze(1), cfg.jumprelu_bandwidth).sum(-1).mean()
         else:
             sparsity = zero
-    aux = _aux_k(sae, xc, recon, dead, w) if cfg.activation in ("topk", "batchtopk") and dead is not None else zero
+    aux = _aux_k(sae, xc, target, recon, dead, w) if cfg.activation in ("topk", "batchtopk") and dead is not None else zero
     loss = mse + sparsity_coefficient * sparsity + cfg.aux_coefficient * aux
     return StepOutput(loss, mse.detach(), sparsity.detach(), aux.detach(), l0.detach(), fired)
 
@@ -72,28 +75,28 @@ def _count_positive(acts: Tensor, rows: int = 256) -> Tensor:
     return sum((acts[:, lo : lo + rows] > 0).sum() for lo in range(0, acts.shape[1], rows))
 
 
-def _matryoshka_dense(sae: SparseAutoencoder, acts: Tensor, xc: Tensor, w: Weights) -> Tensor:
-    losses = [_mse(torch.baddbmm(sae.b_dec.unsqueeze(1), acts[..., :m], w.W_dec[:, :m]), xc)
+def _matryoshka_dense(sae: SparseAutoencoder, acts: Tensor, target: Tensor, w: Weights) -> Tensor:
+    losses = [_mse(torch.baddbmm(sae.b_dec.unsqueeze(1), acts[..., :m], w.W_dec[:, :m]), target)
               for m in sae.cfg.prefixes(sae.d_in)]
     return torch.stack(losses).mean()
 
 
-def _matryoshka_sparse(sae: SparseAutoencoder, code: SparseCode, xc: Tensor, w: Weights) -> Tensor:
-    losses = [_mse(sae.decode_sparse(code, w, limit=m), xc) for m in sae.cfg.prefixes(sae.d_in)]
+def _matryoshka_sparse(sae: SparseAutoencoder, code: SparseCode, target: Tensor, w: Weights) -> Tensor:
+    losses = [_mse(sae.decode_sparse(code, w, limit=m), target) for m in sae.cfg.prefixes(sae.d_in)]
     return torch.stack(losses).mean()
 
 
-def _aux_k(sae: SparseAutoencoder, xc: Tensor, recon: Tensor, dead: Tensor, w: Weights) -> Tensor:
+def _aux_k(sae: SparseAutoencoder, xc: Tensor, target: Tensor, recon: Tensor, dead: Tensor, w: Weights) -> Tensor:
     """AuxK (Gao et al.): the top ``aux_k`` dead latents must explain the residual, which keeps
     dead latents learning. In the main loss's units, so ``aux_coefficient`` weighs it against
     the reconstruction as their α = 1/32 does."""
-    residual = (xc - recon).detach()
+    residual = (target - recon).detach()
     losses = []
     for c in range(xc.shape[0]):
         dead_ids = dead[c].nonzero().squeeze(1)
         if dead_ids.numel() == 0:
             continue
-        pre = torch.addmm(w.b_enc[c, dead_ids], xc[c] - sae.b_dec[c], w.W_enc[c][:, dead_ids])
+        pre = torch.addmm(w.b_enc[c, dead_ids], xc[c] - sae.centre[c], w.W_enc[c][:, dead_ids])
         values, indices = pre.topk(min(sae.cfg.aux_k, dead_ids.numel()), dim=-1)
         aux_recon = F.embedding_bag(indices, w.W_dec[c][dead_ids], per_sample_weights=values.relu(), mode="sum")
         losses.append(_mse(aux_recon, residual[c]))

@@ -9,16 +9,18 @@ from trainer.sae.autoencoder import SparseAutoencoder, Weights
 
 @torch.no_grad()
 def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead: Tensor,
-                          inputs: Tensor, generator: torch.Generator) -> int:
-    """Resample latents marked in ``dead`` ``[component, d_sae]`` from ``inputs`` ``[n, (component,) d]``.
+                          inputs: Tensor, generator: torch.Generator, targets: Tensor | None = None) -> int:
+    """Resample latents marked in ``dead`` ``[component, d_sae]`` from ``inputs`` ``[n, (component,) d]``
+    (a transcoder's: with its ``targets``).
 
     Inputs are drawn with probability proportional to their squared reconstruction loss.
     Returns the number of latents resampled.
     """
     xc, w = sae._components_first(inputs), sae.weights()
+    yc = sae.target(xc, sae._components_first(targets)) if sae.transcoder else xc
     acts = sae.activate(sae.pre_activations(xc, w), training=False)
     recon = sae.decode(acts, w)
-    losses = (recon - xc).pow(2).sum(-1)  # [component, n]
+    losses = (recon - yc).pow(2).sum(-1)  # [component, n]
     total = 0
     for c in range(xc.shape[0]):
         ids = dead[c].nonzero().squeeze(1)
@@ -27,12 +29,11 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         weights = losses[c].pow(2).cpu()
         weights = weights if weights.sum() > 0 else torch.ones_like(weights)
         picks = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(xc.device)
-        directions = xc[c, picks] - sae.b_dec[c]
-        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        directions = _unit(xc[c, picks] - sae.centre[c])
         alive = ~dead[c]
         # Stored rows at the decoder's initial norm; the encoder and bias set in computing units.
         row_norm = sae.cfg.row_norm()
-        sae.W_dec[c, ids] = directions * row_norm
+        sae.W_dec[c, ids] = (_unit(yc[c, picks] - sae.b_dec[c]) if sae.transcoder else directions) * row_norm
         scale, bias = _encoder(sae, c, ids, directions, xc[c], acts[c], alive, w)
         sae.W_enc[c][:, ids] = directions.T * (scale / row_norm)
         sae.b_enc[c, ids] = bias / row_norm
@@ -43,6 +44,10 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
                     state[key][c].index_fill_(detail.axis, ids, 0)
         total += ids.numel()
     return total
+
+
+def _unit(rows: Tensor) -> Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
 def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x: Tensor, acts: Tensor,
@@ -69,7 +74,7 @@ def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x:
     # data-parallel and a one-process run) moves them a hair, not to the next row.
     m = min(max(float(active.float().mean()) * n, 1.0), n - 2.0)
     whole, part = int(m), m - int(m)
-    top = ((x - sae.b_dec[c]) @ directions.T).topk(whole + 2, dim=0).values  # [whole + 2, dead], descending
+    top = ((x - sae.centre[c]) @ directions.T).topk(whole + 2, dim=0).values  # [whole + 2, dead], descending
     cut = (1 - part) * top[whole] + part * top[whole + 1]
     mean_above = (top[:whole].sum(0) + part * top[whole]) / m
     if sae.cfg.activation == "relu":

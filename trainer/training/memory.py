@@ -8,16 +8,16 @@ from trainer.config import Sweep
 FLOAT = 4  # bytes: the SAEs, their state and the stream's buffer are float32
 
 
-def sweep_bytes(sweep: Sweep, d_in: int, n_components: int) -> dict[str, int]:
+def sweep_bytes(sweep: Sweep, d_in: int, n_components: int, streamed: int | None = None) -> dict[str, int]:
     """Bytes by part: each SAE's weights with their gradients and Adam's two moments; each SAE's
     batch-sized activations (pre-activations, activations and their gradients); the stream's
-    shuffle buffer of training rows."""
+    shuffle buffer of training rows (``streamed`` hooks: the components and transcoders' targets)."""
     run, c = sweep.run, n_components
     widths = [cfg.width(d_in) for cfg in sweep.saes]
     parameters = sum(c * (2 * d_in * d_sae + 2 * d_sae + d_in) for d_sae in widths)
     return {"parameters, gradients and Adam state": 4 * FLOAT * parameters,
             "activations of a batch": sum(3 * FLOAT * run.batch_size * c * d_sae for d_sae in widths),
-            "shuffle buffer": FLOAT * (run.shuffle_buffer_rows + 2 * run.batch_size) * c * d_in}
+            "shuffle buffer": FLOAT * (run.shuffle_buffer_rows + 2 * run.batch_size) * (streamed or c) * d_in}
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -31,9 +31,10 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def memory_problem(sweep: Sweep, d_in: int, n_components: int, device: torch.device) -> str | None:
+def memory_problem(sweep: Sweep, d_in: int, n_components: int, device: torch.device,
+                   streamed: int | None = None) -> str | None:
     """Why the device cannot hold the sweep, with the figures; None when it can (or cannot tell)."""
-    parts = sweep_bytes(sweep, d_in, n_components)
+    parts = sweep_bytes(sweep, d_in, n_components, streamed)
     need, have = sum(parts.values()), available_bytes(device)
     if have is None or need <= have:
         return None

@@ -25,7 +25,7 @@ from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, sae_names
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.stream import Batch, ChunkStream, StreamPosition
 from trainer.evaluation.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
-from trainer.outputs.export import export_saelens
+from trainer.outputs.export import export_saelens, export_transcoder
 from trainer.outputs.sinks import JsonlSink
 from trainer.sae.autoencoder import SparseAutoencoder
 from trainer.sae.objectives import sae_loss
@@ -60,8 +60,8 @@ class _Objective(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: torch.Tensor, sparsity_coefficient: float, dead: torch.Tensor | None):
-        return sae_loss(self.sae, x, sparsity_coefficient, dead)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None, sparsity_coefficient: float, dead: torch.Tensor | None):
+        return sae_loss(self.sae, x, sparsity_coefficient, dead, y)
 
 
 @dataclass
@@ -122,13 +122,14 @@ def _stop_if_not_finite(rows: list[dict], step: int, every: int) -> None:
                            "steps); lower its lr (or its coefficients) and start again; nothing was exported")
 
 
-def train_step(s: SAEState, x: torch.Tensor, world: World = World()):
-    """One optimizer step of one SAE on this rank's rows ``x`` (gradients averaged over ranks)."""
+def train_step(s: SAEState, x: torch.Tensor, world: World = World(), y: torch.Tensor | None = None):
+    """One optimizer step of one SAE on this rank's rows ``x`` (a transcoder's: and their targets
+    ``y``), gradients averaged over ranks."""
     lr = s.lr.step()
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     dead = s.tokens_since_fired >= s.dead_after_tokens
-    out = s.objective(x, s.sparsity.step(), dead if dead.any() else None)
+    out = s.objective(x, y, s.sparsity.step(), dead if dead.any() else None)
     s.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     if s.cfg.max_grad_norm:
@@ -152,19 +153,43 @@ class Trainer:
         self.world = world
         self.progress = progress and world.main
         self.extra_sinks = sinks or []  # wandb / tensorboard, besides metrics.jsonl
-        unknown = [h for h in hooks if manifest.hook(h) is None]
+        self.targets = sorted({c.target_hook for c in sweep.saes if c.target_hook is not None})
+        """The transcoders' target hooks: streamed after the input hooks, row-aligned with them."""
+        self.stream_hooks = hooks + self.targets
+        unknown = [h for h in self.stream_hooks if manifest.hook(h) is None]
         if unknown:
             raise RunError(f"dataset {manifest.dataset_id} has no hook '{unknown[0]}'; it holds "
                            f"{[h.name for h in manifest.hooks]}")
         self.device = pick_device(self.run.device, world)
         self.d_in = manifest.hook(hooks[0]).d
         self.n_components = len(hooks) if len(hooks) > 1 else None
-        if problem := memory_problem(sweep, self.d_in, len(hooks), self.device):
+        self._check_targets()
+        if problem := memory_problem(sweep, self.d_in, len(hooks), self.device, len(self.stream_hooks)):
             raise RunError(problem)
-        self.scales = [self._scale(h) for h in hooks]
+        self.scales = [self._scale(h) for h in self.stream_hooks]
         self.step, self.tokens = 0, 0
         self.saes: list[SAEState] = []
         self._use_lanes(self.run.lanes or world.size)
+
+    def _check_targets(self) -> None:
+        if not self.targets:
+            return
+        if self.n_components:
+            raise RunError(f"a transcoder reads one input hook; this run has {len(self.hooks)} (--hook): train "
+                           "transcoders on one --hook, their input")
+        if self.hooks[0] in self.targets:
+            raise RunError(f"target_hook = '{self.hooks[0]}' is the input hook: an SAE; drop target_hook")
+        for hook in self.targets:
+            if self.manifest.hook(hook).d != self.d_in:
+                raise RunError(f"target_hook '{hook}' is {self.manifest.hook(hook).d} wide and the input "
+                               f"'{self.hooks[0]}' {self.d_in}: a run streams hooks of one width")
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Streamed rows ``[n, (stream hook,) d]`` as the SAEs' inputs ``[n, (component,) d]`` and
+        each target hook's rows ``[n, d]`` (views: no copy)."""
+        if not self.targets:
+            return rows, {}
+        return rows[:, 0], {hook: rows[:, 1 + i] for i, hook in enumerate(self.targets)}
 
     def _use_lanes(self, lanes: int) -> None:
         """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.training.distributed)."""
@@ -176,7 +201,7 @@ class Trainer:
         window = max(1, run.shuffle_buffer_rows // lanes)
         self.lanes = lanes
         self.streams = [ChunkStream(
-            self.chunks, self.manifest, self.hooks, batch_size=run.batch_size // lanes, window_rows=window,
+            self.chunks, self.manifest, self.stream_hooks, batch_size=run.batch_size // lanes, window_rows=window,
             seed=run.seed, device=self.device, eval_chunks=run.eval_chunks,
             prefetch_windows=max(1, run.prefetch_chunks // max(1, window // self.manifest.chunk_rows)),
             fetch_threads=max(1, run.fetch_threads // len(mine)), scales=self.scales, lane=lane, lanes=lanes)
@@ -260,19 +285,28 @@ class Trainer:
         sample = None
         if any(c.centre() != "zeros" or c.decoder_init == "data" for c in cfgs):
             sample = self._training_sample(max([8192] + [c.width(self.d_in) for c in cfgs if c.decoder_init == "data"]))
-            rows = sample.unsqueeze(1) if sample.dim() == 2 else sample  # [n, component, d]
+            rows = sample.unsqueeze(1) if sample.dim() == 2 else sample  # [n, stream hook, d]
             centres["mean"] = rows.float().mean(0)
         if any(c.centre() == "geometric_median" for c in cfgs):
             centres["geometric_median"] = torch.stack([geometric_median(rows[:8192, c]) for c in range(rows.shape[1])])
         self._build_saes(centres)
+        x, ys = self.split(sample) if sample is not None else (None, {})
         for s in self.saes:
             if s.cfg.decoder_init == "data":
-                s.sae.initialize_from_data(sample)
+                s.sae.initialize_from_data(x, ys.get(s.cfg.target_hook))
 
     def _build_saes(self, centres: dict[str, torch.Tensor | None]) -> None:
+        """The sweep's SAEs; ``centres``: each kind of centre of the streamed rows ``[stream hook, d]``."""
         self.saes = []
         for cfg, name in zip(self.sweep.saes, sae_names(self.sweep.saes)):
-            sae = SparseAutoencoder(cfg, self.d_in, self.n_components, geometric_median_dataset=centres.get(cfg.centre()))
+            centre = centres.get(cfg.centre())
+            if cfg.target_hook is None:
+                sae = SparseAutoencoder(cfg, self.d_in, self.n_components,
+                                        geometric_median_dataset=None if centre is None else centre[: len(self.hooks)])
+            else:
+                sae = SparseAutoencoder(cfg, self.d_in, d_out=self.manifest.hook(cfg.target_hook).d)
+                if centre is not None:
+                    sae.initialize_tied_parameters(centre[0], centre[len(self.hooks) + self.targets.index(cfg.target_hook)])
             sae = sae.to(self.device)
             steps = cfg.schedule_steps(self.total_steps)
             self.saes.append(SAEState(
@@ -355,7 +389,8 @@ class Trainer:
                 stop = max_steps is not None and steps_done >= max_steps
                 if self.step >= total_steps or stop or world.any_(torch.tensor([should_stop()]))[0]:
                     break
-                outputs = [train_step(s, batch.activations, world) for s in self.saes]
+                x, ys = self.split(batch.activations)
+                outputs = [train_step(s, x, world, ys.get(s.cfg.target_hook)) for s in self.saes]
                 self.step += 1
                 steps_done += 1
                 self.tokens += run.batch_size
@@ -363,14 +398,15 @@ class Trainer:
                 bar.update(run.batch_size)
                 for s in self.saes:
                     if s.resample_every and self.step % s.resample_every == 0 and self.step <= s.last_resample:
-                        self._resample(s, batch.activations)
+                        self._resample(s, x, ys.get(s.cfg.target_hook))
                 if self.step % run.log_every == 0 or self.step == total_steps:
                     now = time.perf_counter()
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    variance = world.mean(_variance(batch.activations).reshape(1))[0].item()
-                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out, variance),
+                    variance = dict(zip([None, *ys], world.mean(torch.stack([_variance(v) for v in (x, *ys.values())])).tolist()))
+                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name,
+                             **self._logged(out, variance[s.cfg.target_hook]),
                              "lr": s.optimizer.param_groups[0]["lr"],
                              "dead": int((s.tokens_since_fired >= s.dead_after_tokens).sum()),
                              "tokens_per_second": rate, "shuffle_quality": shuffle}
@@ -400,17 +436,19 @@ class Trainer:
         values = dict(zip(names, self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names])).tolist()))
         return {**values, "fvu": values["mse"] / variance if variance > 0 else float("nan")}
 
-    def _resample(self, s: SAEState, x: torch.Tensor) -> None:
+    def _resample(self, s: SAEState, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """sparse_autoencoder-style resampling of dead latents. Rank 0 draws from every rank's rows
         (in lane order, so ranks resample as one process with as many lanes does) with a generator
         seeded by the step (so a resumed run draws what an uninterrupted one draws); the others copy."""
         dead = s.tokens_since_fired >= s.dead_after_tokens
         if not dead.any():
             return
-        rows = torch.cat([part.to(x.device) for part in self.world.gather(x.cpu())]) if self.world.size > 1 else x
+        gathered = (lambda t: torch.cat([part.to(t.device) for part in self.world.gather(t.cpu())])
+                    if self.world.size > 1 else t)
+        rows, targets = gathered(x), None if y is None else gathered(y)
         if self.world.main:
             generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step)
-            resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator)
+            resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator, targets)
         params = list(s.sae.parameters())
         self.world.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
         s.tokens_since_fired[dead] = 0
@@ -420,28 +458,36 @@ class Trainer:
         return self.step >= self.total_steps
 
     # -- evaluation and export -------------------------------------------------------------------
+    def _export_metadata(self, hook: str) -> dict:
+        return {"model_name": self.manifest.model.name, "hook_name": hook, "hook_head_index": None,
+                "context_size": self.manifest.context_size, "prepend_bos": self.manifest.prepend_bos,
+                "dataset_path": (f"{self.client.url}/v1/datasets/{self.manifest.dataset_id}"
+                                 if self.server_is_stable else None),
+                "dataset_id": self.manifest.dataset_id, "training_tokens": self.tokens}
+
     def evaluate_and_export(self) -> list[dict]:
-        rows, _ = self.stream.evaluation_rows()
+        rows, ys = self.split(self.stream.evaluation_rows()[0])
         from trainer.outputs import plots
 
-        if any(s.cfg.activation == "batchtopk" for s in self.saes):
-            sample = self._training_sample().to(self.device)
-            for s in self.saes:
-                if s.cfg.activation == "batchtopk":
-                    s.sae.calibrate_threshold(sample)
+        thresholded = [s for s in self.saes if s.cfg.activation == "batchtopk" or s.sae.transcoder and s.cfg.activation == "topk"]
+        if thresholded:  # BatchTopK, and a TopK transcoder (SAELens has none), export as JumpReLU
+            sample = self.split(self._training_sample().to(self.device))[0]
+            for s in thresholded:
+                s.sae.calibrate_threshold(sample)
         results, drawn = [], []
         for s in self.saes:
-            metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size)
+            target = s.cfg.target_hook
+            metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size, targets=ys.get(target))
             folder = self.out / "saes" / s.name
-            for c, hook in enumerate(self.hooks):
-                target = folder / hook if self.n_components else folder
+            if target is not None:
+                export_transcoder(s.sae, folder, scales=(self.scales[0], self.scales[len(self.hooks) + self.targets.index(target)]),
+                                  feature_frequency=metrics.freqs, metadata={**self._export_metadata(self.hooks[0]),
+                                                                             "hook_name_out": target})
+            for c, hook in enumerate(self.hooks if target is None else []):
+                part = folder / hook if self.n_components else folder
                 freqs = metrics.freqs.view(self.n_components or 1, -1)[c]
-                export_saelens(s.sae, target, component=c, scale=self.scales[c], feature_frequency=freqs, metadata={
-                    "model_name": self.manifest.model.name, "hook_name": hook, "hook_head_index": None,
-                    "context_size": self.manifest.context_size, "prepend_bos": self.manifest.prepend_bos,
-                    "dataset_path": (f"{self.client.url}/v1/datasets/{self.manifest.dataset_id}"
-                                     if self.server_is_stable else None),
-                    "dataset_id": self.manifest.dataset_id, "training_tokens": self.tokens})
+                export_saelens(s.sae, part, component=c, scale=self.scales[c], feature_frequency=freqs,
+                               metadata=self._export_metadata(hook))
             summary = {"sae": s.name, **metrics.summary(), "d_sae": s.sae.d_sae, "tokens": self.tokens,
                        "eval_rows": rows.shape[0]}
             (folder / "eval.json").write_text(json.dumps(summary, indent=1))
