@@ -10,6 +10,11 @@ mean-ablated (the dataset's mean activation). Definitions follow SAELens' ``eval
   every variant, ablations included; SAELens leaves them alone in the SAE run only;
 - mean ablation and its scores are added;
 - the SAE's L0, explained variance and L2 ratio are measured on the same tokens, in float32.
+
+A transcoder is spliced as a replacement of the computation between its hooks: the target hook's
+output is replaced by the transcoder's prediction from the input hook's activations of the same
+forward pass (the ablations act on the target hook); its explained variance and L2 ratio are
+against the target's activations.
 """
 
 from collections.abc import Callable
@@ -74,9 +79,10 @@ class Evaluation:
     downstream: DownstreamMetrics | None
 
 
-def evaluate(model: SourceModel, hook: str, sae: SaeWeights, windows: np.ndarray, mean: torch.Tensor,
+def evaluate(model: SourceModel, hooks: tuple[str, str], sae: SaeWeights, windows: np.ndarray, mean: torch.Tensor,
              batch_size: int, causal: bool, progress: Callable[[int], None] = lambda n: None) -> Evaluation:
-    """Evaluate ``sae`` at ``hook`` on ``windows [n, context]`` of token ids."""
+    """Evaluate ``sae`` on ``windows [n, context]`` of token ids: it reads ``hooks[0]`` and replaces
+    ``hooks[1]`` (the same hook for an SAE; ``mean``: the replaced hook's)."""
     sae = sae.to(model.device)
     mean = mean.to(model.device, torch.float32)
     special = [t for t in {model.bos_token_id, model.separator_token_id} if t is not None]
@@ -85,7 +91,7 @@ def evaluate(model: SourceModel, hook: str, sae: SaeWeights, windows: np.ndarray
     for start in range(0, len(windows), step):
         tokens = torch.from_numpy(windows[start : start + step]).long().to(model.device)
         keep = ~torch.isin(tokens, torch.tensor(special, device=model.device))
-        _batch(model, hook, sae, mean, tokens, keep, causal, sums)
+        _batch(model, hooks, sae, mean, tokens, keep, causal, sums)
         progress(min(start + step, len(windows)) * windows.shape[1])
     downstream = _downstream(sums) if causal else None
     return Evaluation(n_tokens=sums.n, l0=sums.l0 / sums.n, explained_variance=sums.explained_variance(),
@@ -98,30 +104,41 @@ def windows_per_forward(batch_size: int, context: int, vocabulary: int) -> int:
     return max(1, min(batch_size, MAX_LOGITS // (context * vocabulary)))
 
 
+def _flat(activation: torch.Tensor) -> torch.Tensor:
+    return activation.reshape(activation.shape[0], activation.shape[1], -1).float()
+
+
 def _replace(keep: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
     """A forward hook putting ``make(x)`` in place of the hook's output at the kept positions."""
 
     def hook_fn(activation: torch.Tensor, hook) -> torch.Tensor:
-        shape = activation.shape
-        x = activation.reshape(shape[0], shape[1], -1).float()
+        x = _flat(activation)
         new = torch.where(keep[..., None], make(x), x)
-        return new.reshape(shape).to(activation.dtype)
+        return new.reshape(activation.shape).to(activation.dtype)
 
     return hook_fn
 
 
 @torch.inference_mode()
-def _batch(model: SourceModel, hook: str, sae: SaeWeights, mean: torch.Tensor, tokens: torch.Tensor,
+def _batch(model: SourceModel, hooks: tuple[str, str], sae: SaeWeights, mean: torch.Tensor, tokens: torch.Tensor,
            keep: torch.Tensor, causal: bool, sums: _Sums) -> None:
-    def spliced(x: torch.Tensor) -> torch.Tensor:
-        x_hat, acts = sae.reconstruct(x)
-        sums.add_sae(x[keep], x_hat[keep], acts[keep])
-        return x_hat
+    hook_in, hook = hooks
+    seen: dict[str, torch.Tensor] = {}
 
+    def read(activation: torch.Tensor, hook) -> torch.Tensor:
+        seen["x"] = _flat(activation)
+        return activation
+
+    def spliced(y: torch.Tensor) -> torch.Tensor:
+        y_hat, acts = sae.reconstruct(seen.pop("x") if hook_in != hook else y)
+        sums.add_sae(y[keep], y_hat[keep], acts[keep])
+        return y_hat
+
+    reads = [(hook_in, read)] if hook_in != hook else []
     makers = {"sae": spliced, "zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
     with model.lock:
         if not causal:
-            model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, spliced))])
+            model.bridge.run_with_hooks(tokens, fwd_hooks=reads + [(hook, _replace(keep, spliced))])
             return
         # One variant's logits at a time beside the clean run's: the peak is four logit tensors.
         clean = F.log_softmax(model.bridge(tokens).float(), dim=-1)
@@ -130,7 +147,8 @@ def _batch(model: SourceModel, hook: str, sae: SaeWeights, mean: torch.Tensor, t
         sums.n_ce += int(predicted.sum())
         for name, make in {"clean": None, **makers}.items():
             lp = clean if make is None else F.log_softmax(
-                model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, _replace(keep, make))]).float(), dim=-1)
+                model.bridge.run_with_hooks(tokens, fwd_hooks=(reads if name == "sae" else []) + [(hook, _replace(keep, make))]
+                                            ).float(), dim=-1)
             sums.ce[name] += float(-lp[:, :-1].gather(-1, targets).squeeze(-1)[predicted].sum())
             if make is not None:
                 sums.kl[name] += float((p_clean * (clean - lp)).sum(-1)[keep].sum())

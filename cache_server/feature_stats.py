@@ -149,19 +149,24 @@ def feature_statistics(encode: Callable[[Tensor], Tensor], chunks: Callable[[], 
 
 class ReconstructionSums:
     """Running float64 sums for an SAE's FVU over rows seen a block at a time: ``observe`` fits
-    ``feature_statistics``' hook, so the reconstruction costs a sparse decode, not a second encoding."""
+    ``feature_statistics``' hook, so the reconstruction costs a sparse decode, not a second encoding.
+    A transcoder's rows are its input and its target side by side (``d_in`` columns, then the
+    target's), and ``W_skip`` its skip path, if any."""
 
-    def __init__(self, W_dec: Tensor, b_dec: Tensor):
-        self.W_dec, self.b_dec = W_dec, b_dec
+    def __init__(self, W_dec: Tensor, b_dec: Tensor, d_in: int | None = None, W_skip: Tensor | None = None):
+        self.W_dec, self.b_dec, self.d_in, self.W_skip = W_dec, b_dec, d_in, W_skip
         self.n = 0
         self.sums = torch.zeros(3, W_dec.shape[1], dtype=torch.float64)  # squared error, sum x, sum x^2
 
     def observe(self, rows: Tensor, acts: Tensor) -> None:
+        x, target = (rows, rows) if self.d_in is None else (rows[:, : self.d_in], rows[:, self.d_in :])
         recon = acts.to_sparse_csr() @ self.W_dec + self.b_dec  # acts are mostly zeros
+        if self.W_skip is not None:
+            recon += x @ self.W_skip.T
         self.n += rows.shape[0]
-        self.sums[0] += (recon - rows).double().pow(2).sum(0)
-        self.sums[1] += rows.double().sum(0)
-        self.sums[2] += rows.double().pow(2).sum(0)
+        self.sums[0] += (recon - target).double().pow(2).sum(0)
+        self.sums[1] += target.double().sum(0)
+        self.sums[2] += target.double().pow(2).sum(0)
 
     @property
     def squared_error(self) -> float:

@@ -312,7 +312,12 @@ class FeatureJobs(JobQueue):
         spans = _spans(job, manifest)
         done, passes = [0], [0]
         covered, tokens = [], []
-        sums = ReconstructionSums(weights.W_dec, weights.b_dec)
+        d_in = weights.W_enc.shape[0]
+        transcoder = sae.hook_out is not None  # its rows: input and target side by side
+        sums = ReconstructionSums(weights.W_dec, weights.b_dec, d_in if transcoder else None, weights.W_skip)
+
+        def read(hook: str, lo: int, hi: int) -> torch.Tensor:
+            return to_torch(group[hook][lo:hi], manifest.dtype).float()
 
         def chunks():
             passes[0] += 1
@@ -320,12 +325,13 @@ class FeatureJobs(JobQueue):
                 if passes[0] == 1:
                     covered.append(torch.arange(lo, hi))
                     tokens.append(torch.from_numpy(group[TOKENS_ARRAY][lo:hi, 0].astype("int64")))
-                yield to_torch(group[sae.hook][lo:hi], manifest.dtype).float(), torch.arange(lo, hi)
+                rows = read(sae.hook, lo, hi)
+                yield (torch.cat([rows, read(sae.hook_out, lo, hi)], 1) if transcoder else rows), torch.arange(lo, hi)
                 done[0] += hi - lo
                 self._set(self._jobs[job.sae_id], rows_done=done[0])
 
         with torch.inference_mode():
-            stats = feature_statistics(weights.encode, chunks, sae.d_sae, observe=sums.observe)
+            stats = feature_statistics(lambda rows: weights.encode(rows[:, :d_in]), chunks, sae.d_sae, observe=sums.observe)
             rows, ids = torch.cat(covered), torch.cat(tokens)
             top = stats.top_rows
             place = torch.searchsorted(rows, top.clamp_min(0)).clamp(max=len(rows) - 1)

@@ -4,6 +4,14 @@ An upload is one safetensors file (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [
 ``b_dec``, and ``threshold [d_sae]`` for JumpReLU) whose metadata entry ``cfg`` holds the SAELens
 ``cfg.json`` text: the trainer's export, in one body. The server runs it the way SAELens does
 (``SaeWeights.reconstruct``) and never imports the trainer.
+
+A transcoder (SAELens' ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder`` and
+``jumprelu_skip_transcoder``) is registered at its input hook; its cfg's ``metadata.hook_name_out``
+names the target hook, which the dataset must hold too, ``d_out`` wide (``W_dec [d_sae, d_out]``,
+``b_dec [d_out]``, and ``W_skip [d_out, d_in]`` for a skip transcoder). Its "reconstruction" is its
+prediction of the target. A transcoder cfg with a top-level ``k`` is a TopK (this project's
+exports of TopK transcoders, which SAELens, having no TopK transcoder, runs as a JumpReLU at the
+file's threshold): the server runs the exact TopK it was trained as.
 """
 
 import asyncio
@@ -27,7 +35,8 @@ from cache_server.quarantine import Quarantine, reason_of
 from shared.ids import content_id, is_valid_id
 from shared.schemas import DatasetManifest, SaeInfo
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+ARCHITECTURES = ("standard", "topk", "jumprelu") + TRANSCODERS
 WEIGHTS_CACHE_BYTES = 2 << 30
 """SAE weights kept in memory for the pages and jobs (the most recently used; the latest always)."""
 
@@ -48,11 +57,17 @@ class SaeWeights:
     threshold: torch.Tensor | None
     k: int | None
     apply_b_dec_to_input: bool
+    W_skip: torch.Tensor | None = None
+    """A skip transcoder's linear path, SAELens' ``[d_out, d_in]``."""
+
+    @property
+    def transcoder(self) -> bool:
+        return self.architecture in TRANSCODERS
 
     @property
     def n_bytes(self) -> int:
-        tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec] + ([self.threshold] if self.threshold is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.W_skip]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @functools.cached_property
     def directions(self) -> torch.Tensor:
@@ -60,24 +75,24 @@ class SaeWeights:
         return torch.nn.functional.normalize(self.W_dec, dim=1)
 
     def to(self, device: torch.device) -> "SaeWeights":
-        moved = {name: getattr(self, name).to(device) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        threshold = self.threshold.to(device) if self.threshold is not None else None
-        return SaeWeights(self.architecture, threshold=threshold, k=self.k,
-                          apply_b_dec_to_input=self.apply_b_dec_to_input, **moved)
+        moved = {name: getattr(self, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")}
+        moved = {name: None if t is None else t.to(device) for name, t in moved.items()}
+        return SaeWeights(self.architecture, k=self.k, apply_b_dec_to_input=self.apply_b_dec_to_input, **moved)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
-        if self.architecture == "topk":
+        if self.k is not None:  # topk, or a TopK transcoder
             top = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
-        if self.architecture == "jumprelu":
+        if self.threshold is not None:  # jumprelu, jumprelu_(skip_)transcoder
             return pre.relu() * (pre > self.threshold)
         return pre.relu()
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat, latent activations) of rows ``x [..., d_in]``."""
+        """(x_hat, latent activations) of rows ``x [..., d_in]``: a transcoder's prediction of its target."""
         acts = self.encode(x)
-        return acts @ self.W_dec + self.b_dec, acts
+        out = acts @ self.W_dec + self.b_dec
+        return (out if self.W_skip is None else out + x @ self.W_skip.T), acts
 
 
 _FLOATS = {"F64", "F32", "F16", "BF16"}
@@ -106,7 +121,8 @@ def read_sae(path: Path) -> tuple[dict, SaeWeights]:
             raise SaeError(f"tensor {name} holds {bad:,} NaN or infinite value(s): only finite weights are accepted")
     architecture, k = cfg["architecture"], cfg.get("k")
     return cfg, SaeWeights(architecture, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"),
-                           k if architecture == "topk" else None, bool(cfg.get("apply_b_dec_to_input", True)))
+                           k if architecture == "topk" or architecture in TRANSCODERS and k is not None else None,
+                           architecture not in TRANSCODERS and bool(cfg.get("apply_b_dec_to_input", True)), t.get("W_skip"))
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -136,6 +152,9 @@ def _check_cfg(metadata: dict) -> dict:
     architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
     if architecture not in ARCHITECTURES:
         raise SaeError(f"cfg architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    out = (cfg.get("metadata") or {}).get("hook_name_out") if isinstance(cfg.get("metadata"), dict) else None
+    if architecture in TRANSCODERS and not (isinstance(out, str) and out):
+        raise SaeError(f"a {architecture} needs its target hook: cfg metadata.hook_name_out")
     if cfg.get("normalize_activations", "none") != "none":
         raise SaeError(f"cfg normalize_activations={cfg['normalize_activations']!r}: fold the scaling into "
                        "the weights first (the trainer's exports do)")
@@ -144,7 +163,9 @@ def _check_cfg(metadata: dict) -> dict:
 
 def _check_shapes(cfg: dict, shapes: dict[str, tuple], dtypes: dict[str, str]) -> list[str]:
     """The tensors to read, once their presence, float dtypes and shapes agree with W_enc's."""
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if cfg["architecture"] == "jumprelu" else [])
+    architecture = cfg["architecture"]
+    names = (["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture.startswith("jumprelu") else [])
+             + (["W_skip"] if "skip" in architecture else []))
     missing = [n for n in names if n not in shapes]
     if missing:
         raise SaeError(f"the file lacks tensor(s) {missing}")
@@ -156,14 +177,30 @@ def _check_shapes(cfg: dict, shapes: dict[str, tuple], dtypes: dict[str, str]) -
     d_in, d_sae = shapes["W_enc"]
     if d_in == 0 or d_sae == 0:
         raise SaeError(f"W_enc is [{d_in}, {d_sae}]: an SAE needs at least one input and one latent")
-    expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
+    d_out = shapes["W_dec"][-1] if architecture in TRANSCODERS and len(shapes["W_dec"]) == 2 else d_in
+    if d_out == 0:
+        raise SaeError("W_dec has no output dimension: a transcoder needs at least one")
+    expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "threshold": (d_sae,),
+                "W_skip": (d_out, d_in)}
     for name in names[1:]:
         if shapes[name] != expected[name]:
             raise SaeError(f"{name} has shape {list(shapes[name])}; W_enc [{d_in}, {d_sae}] needs {list(expected[name])}")
     k = cfg.get("k")
-    if cfg["architecture"] == "topk" and not (type(k) is int and 0 < k <= d_sae):
-        raise SaeError(f"a topk SAE needs cfg k, a whole number from 1 to d_sae={d_sae}; got {k!r}")
+    if (architecture == "topk" or architecture in TRANSCODERS and k is not None) and not (type(k) is int and 0 < k <= d_sae):
+        raise SaeError(f"a topk SAE (or TopK transcoder) needs cfg k, a whole number from 1 to d_sae={d_sae}; got {k!r}")
     return names
+
+
+def _check_target(manifest: DatasetManifest, hook_out: str | None, d_out: int) -> None:
+    """A transcoder's target hook is one of the dataset's, as wide as its decoder's output."""
+    if hook_out is None:
+        return
+    target = manifest.hook(hook_out)
+    if target is None:
+        raise SaeError(f"the transcoder's target hook '{hook_out}' (cfg metadata.hook_name_out) is not one of "
+                       f"dataset {manifest.dataset_id}'s: {', '.join(h.name for h in manifest.hooks)}")
+    if target.d != d_out:
+        raise SaeError(f"the transcoder's d_out is {d_out} but its target hook '{hook_out}' has width {target.d}")
 
 
 class WeightsCache:
@@ -258,9 +295,11 @@ class SaeStore:
             if d_in != info.d:
                 raise SaeError(f"the SAE's d_in is {d_in} but hook '{hook}' of dataset {manifest.dataset_id} "
                                f"has width {info.d}")
+            hook_out = cfg["metadata"]["hook_name_out"] if weights.transcoder else None
+            _check_target(manifest, hook_out, weights.W_dec.shape[1])
             sae_id = content_id({"file": digest.hexdigest(), "dataset_id": manifest.dataset_id, "hook": hook})
             sae = SaeInfo(sae_id=sae_id, dataset_id=manifest.dataset_id, hook=hook, architecture=cfg["architecture"],
-                          d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=n_bytes, name=name)
+                          d_in=d_in, d_sae=d_sae, k=weights.k, n_bytes=n_bytes, name=name, hook_out=hook_out)
             if (self.folder / f"{sae_id}.json").exists():
                 sae = self.info(sae_id)  # registered before: its record (and first name) stands
             else:

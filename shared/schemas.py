@@ -276,16 +276,22 @@ class SaeInfo(BaseModel):
     sae_id: str
     dataset_id: str
     hook: str
-    architecture: Literal["standard", "topk", "jumprelu"]
+    architecture: Literal["standard", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+                          "jumprelu_skip_transcoder"]
     d_in: int
     d_sae: int
     k: int | None = None
     n_bytes: int
     name: str | None = Field(None, description="What its trainer calls it (sae-train: its folder's name).")
+    hook_out: str | None = Field(None, description="A transcoder's target hook (it reads `hook`, predicts this one).")
 
     def label(self) -> str:
         """The architecture as people name it, with its k."""
-        kind = {"standard": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU"}[self.architecture]
+        kind = {"standard": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU", "transcoder": "ReLU transcoder",
+                "skip_transcoder": "ReLU skip transcoder", "jumprelu_transcoder": "JumpReLU transcoder",
+                "jumprelu_skip_transcoder": "JumpReLU skip transcoder"}[self.architecture]
+        if self.k and self.hook_out:  # a TopK transcoder, stored as a JumpReLU one for SAELens
+            kind = kind.replace("JumpReLU", "TopK")
         return f"{kind} k={self.k}" if self.k else kind
 
 

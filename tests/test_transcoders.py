@@ -8,8 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import torch.nn.functional as F
+from safetensors.torch import save
+
 from shared.codec import to_torch
 from tests.conftest import TINY
+from tests.test_evaluations import TEXT, wait_evaluation
+from trainer.cli import main as sae_train
 from trainer.config import ConfigError, SAEConfig, load_sweep
 from trainer.data.client import CacheClient
 from trainer.outputs.export import export_transcoder, load_saelens
@@ -41,6 +46,23 @@ l1_coefficient = 1.0
 target_hook = "{MLP_OUT}"
 skip = true
 """
+
+
+def transcoder_body(t: dict, hook_out: str | None = MLP_OUT) -> bytes:
+    """A skip transcoder's upload (its tensors and SAELens cfg in one safetensors body)."""
+    cfg = {"architecture": "skip_transcoder", "d_in": 64, "d_out": t["W_dec"].shape[1], "apply_b_dec_to_input": False,
+           "metadata": {"hook_name": MLP_IN, **({"hook_name_out": hook_out} if hook_out else {})}}
+    return save(t, metadata={"cfg": json.dumps(cfg)})
+
+
+def register_and_evaluate(client, dataset_id: str, hook: str, body: bytes, **request) -> dict:
+    sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": hook}, content=body)
+    assert sae.status_code == 201, sae.text
+    answer = client.post("/v1/evaluations", json={"sae_id": sae.json()["sae_id"], **request})
+    assert answer.status_code in (200, 202), answer.text
+    job = wait_evaluation(client, answer.json()["evaluation_id"])
+    assert job["status"] == "completed", job
+    return job
 
 
 def _synthetic(n: int = 512, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,19 +133,16 @@ def mlp_dataset(server):
         return client.wait(client.harvest(request), progress=False)
 
 
-def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_batches(server, mlp_dataset, tmp_path):
+def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_batches(server, mlp_dataset, tmp_path,
+                                                                                      capsys):
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(SWEEP)
-    sweep = load_sweep(sweep_file)
     out = tmp_path / "run"
-    with CacheClient(server.url, token=server.token) as client:
-        trainer = Trainer(client, mlp_dataset, [MLP_IN], sweep, out, progress=False)
-        assert trainer.stream_hooks == [MLP_IN, MLP_OUT]  # the target streamed beside the input
-        trainer.prepare(resume=False)
-        trainer.train()
-        results = {r["sae"]: r for r in trainer.evaluate_and_export()}
-        rows = torch.cat([torch.stack([to_torch(client.chunk(mlp_dataset, hook, i), mlp_dataset.dtype).float()
-                                       for hook in (MLP_IN, MLP_OUT)], 1) for i in trainer.stream.eval_chunk_ids])
+    code = sae_train(["--cache-url", server.url, "--token", server.token, "--dataset", mlp_dataset.dataset_id,
+                      "--hook", MLP_IN, "--out", str(out), "--config", str(sweep_file), "--no-progress",
+                      "--downstream-tokens", "1024"])
+    assert code == 0, capsys.readouterr().err
+    results = {r["sae"]: r for r in json.loads((out / "eval.json").read_text())}
     assert sorted(results) == ["skip-transcoder-relu-vanilla-x8-l1_1-lr0.001-s0", "topk-vanilla-x8-k8-lr0.001-s0",
                                "transcoder-topk-vanilla-x8-k8-lr0.001-s0"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -131,7 +150,22 @@ def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_ba
         mine = [m for m in metrics if m["sae"] == name]
         assert mine[-1]["fvu"] < mine[0]["fvu"], name  # each learns, its FVU logged against its own target
         assert r["fvu"] < 0.5, r
-    # The exported transcoder on the raw held-out rows, by hand: eval.json's FVU is against the target.
+        # spliced into the model by the server (a transcoder in place of the MLP), and browsable there
+        down, page = r["downstream"][MLP_IN], r["browser"][MLP_IN]
+        # (a random model: its CE loss score may pass 1; the KL says the splice stays closer than an ablation)
+        assert isinstance(down["ce_loss_score"], float) and 0 < down["kl_div_with_sae"] < down["kl_div_with_ablation"], down
+        assert down["explained_variance"] == pytest.approx(1 - r["fvu"], abs=0.15), (name, down, r["l0"])  # other tokens, same target
+        with CacheClient(server.url) as client:
+            summary = client.request("GET", f"/v1/saes/{page['sae_id']}/summary").json()
+            assert client.request("GET", page["path"]).status_code == 200
+            assert client.request("GET", f"{page['path']}features/0").status_code == 200
+        assert summary["fvu"] == pytest.approx(r["fvu"], abs=0.01) and summary["l0"] == pytest.approx(r["l0"], rel=0.05)
+        assert summary["sae"]["hook_out"] == (None if name.startswith("topk") else MLP_OUT)
+    # The exported transcoders on the raw held-out rows, by hand: eval.json's FVU is against the target.
+    trainer = Trainer(CacheClient(server.url), mlp_dataset, [MLP_IN], load_sweep(sweep_file), out, progress=False)
+    with CacheClient(server.url) as client:
+        rows = torch.cat([torch.stack([to_torch(client.chunk(mlp_dataset, hook, i), mlp_dataset.dtype).float()
+                                       for hook in (MLP_IN, MLP_OUT)], 1) for i in trainer.stream.eval_chunk_ids])
     x, y = rows[:, 0], rows[:, 1]
     for name in ("transcoder-topk-vanilla-x8-k8-lr0.001-s0", "skip-transcoder-relu-vanilla-x8-l1_1-lr0.001-s0"):
         exported, cfg = load_saelens(out / "saes" / name)
@@ -140,14 +174,68 @@ def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_ba
             pred = exported(x).decoded_activations
         fvu = ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         assert fvu.item() == pytest.approx(results[name]["fvu"], abs=2e-3), name
-    # and the run resumes with its transcoders (the checkpoint holds b_in and W_skip; the export's
-    # threshold is calibrated after it)
-    with CacheClient(server.url) as client:
-        again = Trainer(client, mlp_dataset, [MLP_IN], sweep, out, progress=False)
-        again.prepare(resume=True)
-    for a, b in zip(trainer.saes, again.saes):
-        for (name, p), q in zip(a.sae.state_dict().items(), b.sae.state_dict().values()):
-            assert name == "threshold" or torch.equal(p.cpu(), q.cpu()), name
+    # and the run resumes with its transcoders (the checkpoint holds b_in and W_skip)
+    trainer.prepare(resume=True)
+    assert trainer.finished and trainer.saes[2].sae.W_skip.abs().sum() > 0 and trainer.saes[1].sae.b_in.abs().sum() > 0
+
+
+def test_the_server_splices_a_transcoder_in_place_of_the_mlp_as_by_hand(server, mlp_dataset):
+    """A random skip transcoder, registered at the MLP's input: the server's CE loss and KL with the
+    MLP's output replaced by its prediction equal a splice done by hand with TransformerLens."""
+    from cache_server.models import ModelRegistry
+
+    g = torch.Generator().manual_seed(0)
+    d, d_sae = 64, 128
+    t = {"W_enc": torch.randn(d, d_sae, generator=g) / d**0.5, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+         "W_dec": torch.randn(d_sae, d, generator=g) / d_sae**0.5, "b_dec": torch.randn(d, generator=g) * 0.1,
+         "W_skip": torch.randn(d, d, generator=g) / d**0.5}
+    with server.client() as client:
+        corpus = client.post("/v1/corpora", params={"name": "foxes-tc"}, content=TEXT.encode()).json()["corpus_id"]
+        job = register_and_evaluate(client, mlp_dataset.dataset_id, MLP_IN, transcoder_body(t), n_tokens=4 * 64,
+                                    corpus=corpus)
+    model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY)
+    stream = model.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor([[model.bos_token_id] + stream[i * 63:(i + 1) * 63] for i in range(4)])
+    seen = {}
+
+    def read(activation, hook):
+        seen["x"] = activation
+        return activation
+
+    def splice(activation, hook):  # SAELens' SkipTranscoder on the MLP's input; BOS left alone
+        x = seen["x"]
+        y_hat = (x @ t["W_enc"] + t["b_enc"]).relu() @ t["W_dec"] + t["b_dec"] + x @ t["W_skip"].T
+        return torch.cat([activation[:, :1], y_hat[:, 1:]], dim=1)
+
+    with torch.no_grad():
+        clean = model.bridge(windows)
+        spliced = model.bridge.run_with_hooks(windows, fwd_hooks=[(MLP_IN, read), (MLP_OUT, splice)])
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, 1:-1].flatten(0, 1), windows[:, 2:].flatten()).item()
+
+    kl = (F.softmax(clean, -1) * (F.log_softmax(clean, -1) - F.log_softmax(spliced, -1))).sum(-1)[:, 1:].mean()
+    result, down = job["result"], job["result"]["downstream"]
+    assert result["n_tokens"] == 4 * 63
+    assert down["ce_loss_without_sae"] == pytest.approx(ce(clean), rel=1e-4)
+    assert down["ce_loss_with_sae"] == pytest.approx(ce(spliced), rel=1e-4) and down["ce_loss_with_sae"] != ce(clean)
+    assert down["kl_div_with_sae"] == pytest.approx(kl.item(), rel=1e-3)
+
+
+def test_bad_transcoder_uploads_get_a_422_that_names_the_problem(server, mlp_dataset):
+    g = torch.Generator().manual_seed(1)
+    t = {"W_enc": torch.randn(64, 32, generator=g), "b_enc": torch.zeros(32), "W_dec": torch.randn(32, 64, generator=g),
+         "b_dec": torch.zeros(64), "W_skip": torch.zeros(64, 64)}
+    cases = [(transcoder_body(t, hook_out=None), "needs its target hook: cfg metadata.hook_name_out"),
+             (transcoder_body(t, hook_out="blocks.0.hook_mlp_out"), "target hook 'blocks.0.hook_mlp_out'"),
+             (transcoder_body({**t, "W_skip": torch.zeros(64, 63)}), "W_skip has shape [64, 63]"),
+             (transcoder_body({k: v for k, v in t.items() if k != "W_skip"}), "lacks tensor(s) ['W_skip']"),
+             (transcoder_body({**t, "W_dec": torch.randn(32, 48), "b_dec": torch.zeros(48), "W_skip": torch.zeros(48, 64)}),
+              "d_out is 48 but its target hook")]
+    with server.client() as client:
+        for body, message in cases:
+            answer = client.post("/v1/saes", params={"dataset_id": mlp_dataset.dataset_id, "hook": MLP_IN}, content=body)
+            assert answer.status_code == 422 and message in answer.json()["detail"], (message, answer.text)
 
 
 def test_transcoder_settings_it_cannot_train_are_refused_with_the_reason(server, mlp_dataset, tmp_path):
