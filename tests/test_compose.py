@@ -74,7 +74,7 @@ def test_the_services_command_lines_run_the_pipeline(tmp_path):
                 pytest.fail((tmp_path / "server.log").read_text()[-2000:])
             subprocess.run(["sleep", "0.2"])
         # The service's command, on a small budget (test_default_budget_fits_the_corpus checks the default's)
-        small = ["--tokens", "24000", "--train-tokens", "20480", "--downstream-tokens", "2048"]
+        small = ["--tokens", "24000", "--train-tokens", "20480", "--downstream-tokens", "1024", "--no-browser"]
         result = subprocess.run([str(bin_dir / trainer_cmd[0]), *trainer_cmd[1:], *small], env=env,
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -67,7 +67,8 @@ def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resa
     text = text.replace("[[sae]]\n", f"[[sae]]\nlr_decay = 0\nresample_every = {resample}\ndead_after = 768\n")
     sweep.write_text(text.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
     args = ["-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
-            "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress"]
+            "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress",
+            "--downstream-tokens", "0", "--no-browser"]  # the run's checkpoint is what is compared
     if ranks > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
     result = subprocess.run([sys.executable, *args, *(["--resume"] if resume else [])],

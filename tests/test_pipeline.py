@@ -179,8 +179,13 @@ def test_ctrl_c_stops_the_server_it_started(tmp_path):
     assert not alive, "the cache server outlived the pipeline"
 
 
-def test_bad_arguments_are_refused_before_any_work(tmp_path):
-    """No harvest, no server, nothing written: one error line and exit 2 (issue 16)."""
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
+    """No harvest, no server, nothing written: one error line and exit 2 (issue 16). In process:
+    argparse's errors exit 2 (SystemExit), the pipeline's own return 2."""
+    import pytest
+
+    from trainer.pipeline import main as sae_pipeline
+
     sae_run = tmp_path / "a-sae-train-run"
     sae_run.mkdir()
     (sae_run / "run.json").write_text("{}")
@@ -193,10 +198,15 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
              (["--cache-url", "http://[::1"], "is not a URL")]
     for extra, message in cases:
         out = ["--out", str(tmp_path / "new")] if "--out" not in extra else []
-        result = subprocess.run([sys.executable, "-m", "trainer.pipeline", *out, *extra], capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 2, (extra, result.stderr)
-        assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+        try:
+            code = sae_pipeline([*out, *extra])
+        except SystemExit as exit:
+            code = exit.code
+        stderr = capsys.readouterr().err
+        assert code == 2, (extra, stderr)
+        assert message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    with pytest.raises(SystemExit):  # and as a command: the same line
+        sae_pipeline(["--tokens", "0"])
     assert not (tmp_path / "new").exists() and sorted(p.name for p in sae_run.iterdir()) == ["run.json"]
 
 
@@ -208,7 +218,7 @@ def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path)
     import time
 
     args = [sys.executable, "-m", "trainer.pipeline", "--out", str(tmp_path), "--tokens", "24000",
-            "--train-tokens", "61440", "--downstream-tokens", "1024"]
+            "--train-tokens", "40960", "--downstream-tokens", "1024", "--no-browser"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "train" / "metrics.jsonl"
@@ -225,7 +235,7 @@ def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     per_sae = len({json.loads(line)["sae"] for line in metrics.read_text().splitlines()})
-    assert len(steps) == len(set(steps)) * per_sae and max(steps) == 60  # no step trained twice, all trained
+    assert len(steps) == len(set(steps)) * per_sae and max(steps) == 40  # no step trained twice, all trained
 
 
 def test_the_default_budget_fits_the_corpus(tmp_path):

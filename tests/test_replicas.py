@@ -9,7 +9,7 @@ import pytest
 from tests.server import ServerProcess, assert_same_as_single_harvest, free_port, wait_job
 from tests.test_s3_store import CHUNKS, REQUEST, bucket_server
 
-SHARED = {**REQUEST, "n_tokens": 28_000}  # its own dataset
+SHARED = {**REQUEST, "n_tokens": 14_000}  # its own dataset
 
 
 def replica(tmp_path, env, name: str):

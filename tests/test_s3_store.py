@@ -17,7 +17,7 @@ from trainer.data.client import CacheClient, StoreReader
 from trainer.data.stream import ChunkStream
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
-           "n_tokens": 30_000, "context_size": 64, "batch_size": 8}
+           "n_tokens": 16_000, "context_size": 64, "batch_size": 8}
 CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server
 
 
@@ -43,7 +43,7 @@ def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypat
 
 def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path, monkeypatch):
     env, s3 = bucket
-    job = kill_mid_harvest(bucket_server(tmp_path / "state", env).start(), REQUEST, after_tokens=6_000)
+    job = kill_mid_harvest(bucket_server(tmp_path / "state", env).start(), REQUEST, after_tokens=4_000)
     job_id, dataset_id = job["job_id"], job["dataset_id"]
 
     restarted = bucket_server(tmp_path / "state", env).start()
@@ -67,7 +67,7 @@ def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server,
             out = tmp_path / "run"
             result = subprocess.run([sys.executable, "-m", "trainer", "--cache-url", restarted.url, "--dataset",
                                      dataset_id, "--hook", REQUEST["hooks"][1], "--from-bucket", "--tokens", "5120",
-                                     "--batch-size", "256", "--out", str(out), "--no-progress"],
+                                     "--batch-size", "256", "--out", str(out), "--no-progress", "--downstream-tokens", "0"],
                                     capture_output=True, text=True, timeout=300, env={**os.environ, **env})
             assert result.returncode == 0, result.stderr[-2000:]
             assert json.loads((out / "eval.json").read_text())[0]["tokens"] == 5120  # trained, evaluated, exported

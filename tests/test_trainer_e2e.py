@@ -376,7 +376,7 @@ def test_the_trainer_requests_its_own_harvest(server, tmp_path):
     """No dataset id copied by hand: --model/--hook/--corpus ask the server, a cache hit the second time."""
     args = ["--cache-url", server.url, "--token", server.token, "--model", TINY, "--hook", "blocks.1.hook_mlp_out",
             "--harvest-tokens", "8192", "--context-size", "64", "--tokens", "4096", "--batch-size", "512",
-            "--no-progress"]
+            "--no-progress", "--downstream-tokens", "0", "--no-browser"]
     extra = ["--config", str(tmp_path / "s.toml")]
     (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\n")
     first = sae_train_here(*args, *extra, "--out", str(tmp_path / "one"))
@@ -396,7 +396,8 @@ def test_optional_loggers(server, dataset, tmp_path):
     """wandb logs when asked (offline here); TensorBoard, not installed, is one clear line."""
     (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\nlog_every = 2\n")
     base = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--tokens", "4096",
-            "--batch-size", "512", "--config", str(tmp_path / "s.toml"), "--no-progress"]
+            "--batch-size", "512", "--config", str(tmp_path / "s.toml"), "--no-progress", "--downstream-tokens", "0",
+            "--no-browser"]
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
@@ -430,7 +431,7 @@ def test_misspelt_model_and_incomplete_dataset(server, tmp_path):
         result = sae_train_here(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--out", str(tmp_path / "b"))
         assert result.returncode == 1 and "is not complete" in result.stderr and "--follow" in result.stderr
         (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nbatch_size = 256\nshuffle_buffer_rows = 1024\n")
-        result = sae_train_here(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--follow", "--downstream-tokens", "0",
+        result = sae_train_here(*args, "--dataset", accepted.dataset_id, "--tokens", "1024", "--follow", "--downstream-tokens", "0", "--no-browser",
                          "--config", str(tmp_path / "s.toml"), "--out", str(tmp_path / "c"))
         assert result.returncode == 0, result.stderr
         assert client.manifest(accepted.dataset_id).complete
@@ -486,7 +487,8 @@ def test_ctrl_c_checkpoints_and_resume_finishes(server, dataset, sweep_file, tmp
 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id,
-            "--hook", HOOKS[0], "--config", str(sweep_file), "--tokens", "512000", "--out", str(out), "--no-progress"]
+            "--hook", HOOKS[0], "--config", str(sweep_file), "--tokens", "128000", "--out", str(out), "--no-progress",
+            "--downstream-tokens", "0", "--no-browser"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
@@ -497,10 +499,10 @@ def test_ctrl_c_checkpoints_and_resume_finishes(server, dataset, sweep_file, tmp
     assert process.returncode == 130, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < step < 512000 // 256
+    assert 0 < step < 128000 // 256
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 512000 // 256
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 128000 // 256
 
 
 def test_a_multi_hook_sae_is_spliced_in_hook_by_hook(server, dataset, tmp_path, capsys):
@@ -562,13 +564,13 @@ def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume
 
     port = free_port()
     server = ServerProcess(store=tmp_path / "store", port=port, env={"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}).start()
-    request = {"model": TINY, "hooks": [HOOKS[0]], "n_tokens": 40_000, "context_size": 64}
+    request = {"model": TINY, "hooks": [HOOKS[0]], "n_tokens": 20_000, "context_size": 64}
     with CacheClient(server.url) as client:
         dataset = client.wait(client.harvest(request), progress=False)
-    (tmp_path / "s.toml").write_text("[run]\nbatch_size = 256\ntokens = 102400\neval_chunks = 1\n"
+    (tmp_path / "s.toml").write_text("[run]\nbatch_size = 256\ntokens = 25600\neval_chunks = 1\n"
                                      "shuffle_buffer_rows = 1024\ncheckpoint_every = 100000\nlog_every = 5\n")
     args = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--no-progress",
-            "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "0", "--out", str(tmp_path / "run")]
+            "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "0", "--no-browser", "--out", str(tmp_path / "run")]
     process = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--outage-seconds", "2"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -587,6 +589,6 @@ def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume
     try:
         resumed = run_cli(*args, "--resume")
         assert resumed.returncode == 0, resumed.stderr
-        assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["tokens"] == 102_400
+        assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["tokens"] == 25_600
     finally:
         server.stop()

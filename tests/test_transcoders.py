@@ -252,8 +252,122 @@ def test_transcoder_settings_it_cannot_train_are_refused_with_the_reason(server,
 
         assert "has no hook 'blocks.0.hook_mlp_out'" in refusal([MLP_IN], 'target_hook = "blocks.0.hook_mlp_out"')
         assert "a transcoder reads one input hook" in refusal([MLP_IN, MLP_OUT], f'target_hook = "{MLP_OUT}"')
-        assert "is the input hook: an SAE" in refusal([MLP_OUT], f'target_hook = "{MLP_OUT}"')
+        assert "is an input hook (--hook): that is an SAE" in refusal([MLP_OUT], f'target_hook = "{MLP_OUT}"')
         assert "skip = true is a transcoder's skip path: give target_hook too" in refusal([MLP_IN], "skip = true")
     with pytest.raises(ConfigError, match=r"skip='yes': must be a valid boolean"):
         sweep('skip = "yes"\ntarget_hook = "x"')
     assert not (tmp_path / "out").exists()
+
+
+def _layered(n: int = 1024, layers: int = 3, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs per layer and targets that each depend on that layer's input and every earlier one's
+    (what a cross-layer latent can write in one go)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, layers, d, generator=g)
+    maps = [torch.randn(d, d, generator=g) / 4 for _ in range(layers)]
+    return x, torch.stack([sum(torch.relu(x[:, l] @ maps[l]) for l in range(j + 1)) for j in range(layers)], 1)
+
+
+def test_a_clt_learns_every_layer_s_target_its_sparse_path_is_the_naive_one_and_its_export_round_trips(tmp_path):
+    from trainer.outputs.export import export_clt, load_clt
+    from trainer.sae.clt import CrossLayerTranscoder
+
+    x, y = _layered()
+    clt = CrossLayerTranscoder(SAEConfig(k=4, d_sae=64, target_hook=("a", "b", "c"), cross_layer=True), 16, 3)
+    assert [tuple(w.shape) for w in clt.W_dec] == [(64, 3, 16), (64, 2, 16), (64, 1, 16)]  # layer l writes to l..2
+    clt.initialize_tied_parameters(x.mean(0), y.mean(0))
+    clt.initialize_from_data(x, y)
+    optimizer = torch.optim.Adam(clt.parameters(), lr=3e-3)
+    dead = torch.zeros(3, 64, dtype=torch.bool)
+    dead[:, :4] = True  # AuxK's path too
+    for step in range(300):
+        out = sae_loss(clt, x, 0.0, dead if step % 2 else None, y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    clt.eval()
+    with torch.no_grad():
+        acts, pred = clt(x)
+    assert ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum() < 0.3 and (acts > 0).sum(-1).float().mean() <= 4
+    assert clt.W_dec[0][:, 1:].abs().sum() > 0  # cross-layer blocks learnt from zero
+    # The naive CLT, by hand: dense TopK per layer, every earlier layer's decoder summed in.
+    W_enc, b_enc, W_dec = clt.weights()
+    with torch.no_grad():
+        dense = []
+        for l in range(3):
+            pre = (x[:, l] - clt.b_in[l]) @ W_enc[l] + b_enc[l]
+            top = pre.topk(4, dim=-1)
+            dense.append(torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()))
+        naive = torch.stack([clt.b_dec[j] + sum(dense[l] @ W_dec[l][:, j - l] for l in range(j + 1)) for j in range(3)], 1)
+    torch.testing.assert_close(pred, naive, atol=1e-5, rtol=1e-5)
+    # Exported in circuit-tracer's per-layer files at the trainer's scales; our loader computes the same.
+    clt.calibrate_threshold(x)
+    s_in, s_out = [2.0, 3.0, 4.0], [0.5] * 3
+    export_clt(clt, tmp_path, in_scales=s_in, out_scales=s_out, hooks=["i0", "i1", "i2"], targets=["a", "b", "c"],
+               metadata={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors",
+                                                          "W_enc_0.safetensors", "W_enc_1.safetensors", "W_enc_2.safetensors",
+                                                          "cfg.json"]
+    raw = x / torch.tensor(s_in)[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(load_clt(tmp_path)(raw).decoded_activations * s_out[0], pred, atol=1e-4, rtol=1e-4)
+    # circuit-tracer's JumpReLU, by hand from the files: each layer fires about k latents a row.
+    for l in range(3):
+        enc = load_file(tmp_path / f"W_enc_{l}.safetensors")
+        assert enc[f"W_enc_{l}"].shape == (64, 16) and load_file(tmp_path / f"W_dec_{l}.safetensors")[f"W_dec_{l}"].shape == (64, 3 - l, 16)
+        pre = raw[:, l] @ enc[f"W_enc_{l}"].T + enc[f"b_enc_{l}"]
+        assert ((pre > enc[f"threshold_{l}"]) & (pre > 0)).sum(-1).float().mean().item() == pytest.approx(4, abs=0.1)
+
+
+LAYERS_IN = ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"]
+LAYERS_OUT = ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+
+
+def test_per_layer_transcoders_and_a_clt_train_side_by_side_from_one_harvest(server, tmp_path):
+    request = {"model": TINY, "hooks": LAYERS_IN + LAYERS_OUT, "n_tokens": 20_000, "context_size": 64}
+    targets = json.dumps(LAYERS_OUT)
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text(f"[run]\nbatch_size = 256\ntokens = 15360\nshuffle_buffer_rows = 4096\nlog_every = 20\n"
+                          f"eval_chunks = 4\n[[sae]]\nk = 8\ntarget_hook = {targets}\n"
+                          f"[[sae]]\nk = 8\ntarget_hook = {targets}\ncross_layer = true\n")
+    out = tmp_path / "run"
+    with CacheClient(server.url, token=server.token) as client:
+        dataset = client.wait(client.harvest(request), progress=False)
+        trainer = Trainer(client, dataset, LAYERS_IN, load_sweep(sweep_file), out, progress=False)
+        trainer.prepare(resume=False)
+        trainer.train()
+        results = {r["sae"]: r for r in trainer.evaluate_and_export()}
+        rows = torch.cat([torch.stack([to_torch(client.chunk(dataset, hook, i), dataset.dtype).float()
+                                       for hook in LAYERS_IN + LAYERS_OUT], 1) for i in trainer.stream.eval_chunk_ids])
+    per_layer, clt = results["transcoder-topk-vanilla-x8-k8-lr0.001-s0"], results["clt-topk-vanilla-x8-k8-lr0.001-s0"]
+    print("per-layer transcoders", per_layer["fvu"], per_layer["l0"], "CLT", clt["fvu"], clt["l0"])
+    assert per_layer["l0"] == clt["l0"] == 8  # per layer: the same total L0
+    assert per_layer["fvu"] < 0.6 and clt["fvu"] < 0.6
+    x, y = rows[:, :2], rows[:, 2:]
+    from trainer.outputs.export import load_clt
+
+    with torch.no_grad():  # the CLT export on raw rows, by hand: eval.json's FVU over both layers' targets
+        pred = load_clt(out / "saes" / clt["sae"])(x).decoded_activations
+    assert (((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()).item() == pytest.approx(clt["fvu"], abs=2e-3)
+    for layer, (hook_in, hook_out) in enumerate(zip(LAYERS_IN, LAYERS_OUT)):  # one SAELens folder per layer
+        exported, cfg = load_saelens(out / "saes" / per_layer["sae"] / hook_in)
+        assert cfg["metadata"]["hook_name"] == hook_in and cfg["metadata"]["hook_name_out"] == hook_out
+    trainer.prepare(resume=True)  # the checkpoint holds both (the CLT's decoders a list of its layers)
+    assert trainer.finished and len(trainer.saes[1].sae.W_dec) == 2
+
+
+def test_clt_settings_it_cannot_train_are_refused(tmp_path):
+    def refusal(table: str) -> str:
+        path = tmp_path / "s.toml"
+        path.write_text(f"[run]\ntokens = 2560\nbatch_size = 256\n[[sae]]\n{table}\n")
+        from trainer.config import check_for_run
+
+        with pytest.raises(ConfigError) as info:
+            for cfg in load_sweep(path).saes:
+                check_for_run(cfg, 64, 10, 2560)
+        return str(info.value)
+
+    assert "cross_layer = true needs target_hook as a list" in refusal(f'cross_layer = true\ntarget_hook = "{MLP_OUT}"')
+    assert "a cross-layer transcoder is a vanilla TopK per layer" in refusal(
+        'cross_layer = true\nactivation = "relu"\ntarget_hook = ["a", "b"]')
+    assert "target_hook[1]=''" in refusal('target_hook = ["a", ""]')

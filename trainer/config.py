@@ -28,6 +28,7 @@ _SCHEDULES = ("lr_warmup", "lr_decay", "sparsity_warmup", "resample_every")
 _RELATIVE = _SCHEDULES + ("dead_after",)
 """...and those that may not exceed the whole run (a float at most 1)."""
 Objective = Literal["vanilla", "matryoshka"]
+Hook = Annotated[str, Field(strict=True, min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,19 @@ class SAEConfig:
 
     activation: Activation = "topk"
     objective: Objective = "vanilla"
-    target_hook: Annotated[str, Field(strict=True, min_length=1)] | None = None
+    target_hook: Hook | tuple[Hook, ...] | None = None
     """Make this a transcoder: predict this hook's activations (e.g. ``blocks.2.hook_mlp_out``) from
-    the input hook's (``--hook``, e.g. ``blocks.2.ln2.hook_normalized``), both from one harvest,
-    row-aligned. Unset: an SAE, which reconstructs its input. FVU is measured against the target."""
+    the input hook's (``--hook``, e.g. ``blocks.2.mlp.hook_in``), both from one harvest, row-aligned.
+    A list, one target per ``--hook`` in order: a transcoder per layer in one module (or, with
+    ``cross_layer``, a CLT). Unset: an SAE, which reconstructs its input. FVU is measured against
+    the target. (A list is one setting here, not a grid axis.)"""
     skip: Annotated[bool, Field(strict=True)] = False
     """A transcoder's linear skip path from input to target (``W_skip``, from zero), trained with
     it: a skip transcoder (Paulo et al., 2025)."""
+    cross_layer: Annotated[bool, Field(strict=True)] = False
+    """With a list of ``target_hook``, one per ``--hook`` in layer order: a cross-layer transcoder,
+    whose latents at each input hook write to that layer's target and every later one's (TopK per
+    layer; see ``trainer.sae.clt``)."""
     expansion: Positive = 8
     """d_sae = expansion * d_in (ignored when d_sae is set)."""
     d_sae: Positive | None = None
@@ -125,6 +132,10 @@ class SAEConfig:
     def dead_after_tokens(self, run_tokens: int) -> int:
         return steps_of(self.dead_after, run_tokens)
 
+    def targets(self) -> tuple[str, ...]:
+        """The target hooks, one per input hook (none for an SAE)."""
+        return () if self.target_hook is None else (self.target_hook,) if isinstance(self.target_hook, str) else self.target_hook
+
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
 
@@ -147,7 +158,9 @@ class SAEConfig:
         if self.objective != "matryoshka":
             unused.add("matryoshka_prefixes")
         if self.target_hook is None:  # so the run.json of an SAE sweep is what it was before transcoders
-            unused |= {"target_hook", "skip"}
+            unused |= {"target_hook", "skip", "cross_layer"}
+        if self.cross_layer:
+            unused |= {"resample_every"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
     def name(self) -> str:
@@ -158,7 +171,7 @@ class SAEConfig:
             parts.append(f"l1_{self.l1_coefficient:g}")
         parts += [f"lr{self.lr:g}", f"s{self.seed}"]
         if self.target_hook is not None:
-            parts.insert(0, "skip-transcoder" if self.skip else "transcoder")
+            parts.insert(0, "clt" if self.cross_layer else "skip-transcoder" if self.skip else "transcoder")
         return "-".join(parts)
 
 
@@ -210,6 +223,12 @@ def check_for_run(cfg: SAEConfig, d_in: int, total_steps: int, run_tokens: int) 
         raise ConfigError(f"{where}: k={cfg.k} must be below d_sae={d_sae} (d_in {d_in} x expansion {cfg.expansion})")
     if cfg.skip and cfg.target_hook is None:
         raise ConfigError(f"{where}: skip = true is a transcoder's skip path: give target_hook too")
+    if cfg.cross_layer and (isinstance(cfg.target_hook, str) or len(cfg.targets()) < 2):
+        raise ConfigError(f"{where}: cross_layer = true needs target_hook as a list of two or more hooks, one per "
+                          "--hook in layer order")
+    if cfg.cross_layer and (cfg.activation != "topk" or cfg.objective != "vanilla" or cfg.skip):
+        raise ConfigError(f"{where}: a cross-layer transcoder is a vanilla TopK per layer without a skip path here; "
+                          f"got activation={cfg.activation!r}, objective={cfg.objective!r}, skip={cfg.skip}")
     if cfg.objective == "matryoshka" and not all(0 < m <= d_sae for m in cfg.prefixes(d_in)):
         raise ConfigError(f"{where}: matryoshka_prefixes {list(cfg.prefixes(d_in))} must lie in 1..d_sae={d_sae}")
     steps = cfg.schedule_steps(total_steps)
@@ -252,6 +271,8 @@ def _problems(exc: ValidationError, values: dict) -> str:
         branch = rest[0].removeprefix("constrained-") if rest and isinstance(rest[0], str) else None
         if branch in ("int", "float") and branch != (type(value).__name__ if type(value) in (int, float) else "float"):
             continue  # the other branch's error is the one that speaks to this value
+        if branch and (branch.startswith("tuple") != isinstance(value, tuple)) and branch != "none":
+            continue  # a hook or a list of hooks: the branch of the value's own shape speaks
         index = "".join(f"[{p}]" for p in rest if isinstance(p, int))
         message = error["msg"].replace("Input should be", "must be")
         if name in _RELATIVE and "less than or equal to 1" in message:
@@ -261,10 +282,10 @@ def _problems(exc: ValidationError, values: dict) -> str:
 
 
 def _expand(table: dict, where: str) -> list[dict]:
-    """A list value (other than matryoshka_prefixes) is a grid axis."""
+    """A list value (other than matryoshka_prefixes and target_hook) is a grid axis."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table of settings ([[sae]]), not {table!r}")
-    axes = {k: v for k, v in table.items() if isinstance(v, list) and k != "matryoshka_prefixes"}
+    axes = {k: v for k, v in table.items() if isinstance(v, list) and k not in ("matryoshka_prefixes", "target_hook")}
     empty = [k for k, v in axes.items() if not v]
     if empty:
         raise ConfigError(f"{where}: {empty[0]} = []: an empty list gives no SAE; give one value or several")
@@ -327,7 +348,7 @@ def _short(value) -> str:
 
 # Keys that change the shape of the computation: SAEs that differ in these cannot share a step
 # function. Everything else (coefficients, lr, seeds, warmups) trains side by side on a batch.
-CANNOT_PARALLELIZE = ("activation", "objective", "target_hook", "skip")
+CANNOT_PARALLELIZE = ("activation", "objective", "target_hook", "skip", "cross_layer")
 
 
 def split_cfgs(cfgs: list[SAEConfig]) -> list[list[SAEConfig]]:

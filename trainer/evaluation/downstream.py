@@ -19,11 +19,22 @@ def evaluate_downstream(client: CacheClient, manifest: DatasetManifest, hooks: l
     and rewrites the run's and each SAE's eval.json with it."""
     for result in results:
         folder = run_dir / "saes" / result["sae"]
-        result["downstream"] = {hook: _one(client, manifest, folder / hook if len(hooks) > 1 else folder, hook,
-                                           n_tokens) for hook in hooks}
+        result["downstream"] = {hook: not_on_server(folder) or _one(client, manifest, folder / hook if len(hooks) > 1
+                                                                     else folder, hook, n_tokens) for hook in hooks}
         (folder / "eval.json").write_text(json.dumps(result, indent=1))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+CLT_NOT_YET = "n/a: the cache server does not take cross-layer transcoders yet (no splice, no browser pages)"
+
+
+def not_on_server(folder: Path) -> dict | None:
+    """Why an export cannot go home to the server (a CLT's), or None."""
+    cfg = folder / "cfg.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("architecture") == "clt":
+        return {"unavailable": CLT_NOT_YET}
+    return None
 
 
 def _one(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, n_tokens: int) -> dict:

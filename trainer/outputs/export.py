@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.config import SAEConfig
 from trainer.sae.autoencoder import SparseAutoencoder
+from trainer.sae.clt import CrossLayerTranscoder
 
 ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "topk": "topk"}
 
@@ -72,27 +73,28 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
     return folder
 
 
-def transcoder_state(sae: SparseAutoencoder, scales: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """A transcoder's weights on raw activations: ``y = (acts(s_in x) @ W_dec + b_dec + s_in x @ W_skip) / s_out``."""
+def transcoder_state(sae: SparseAutoencoder, scales: tuple[float, float], c: int = 0) -> dict[str, torch.Tensor]:
+    """A transcoder's weights on raw activations (component ``c``): ``y = (acts(s_in x) @ W_dec + b_dec
+    + s_in x @ W_skip) / s_out``."""
     s_in, s_out = scales
     w = sae.weights()
     state = {
-        "W_enc": w.W_enc[0] * s_in,
-        "b_enc": w.b_enc[0] - sae.b_in[0] @ w.W_enc[0],
-        "W_dec": w.W_dec[0] / s_out,
-        "b_dec": sae.b_dec[0] / s_out,
+        "W_enc": w.W_enc[c] * s_in,
+        "b_enc": w.b_enc[c] - sae.b_in[c] @ w.W_enc[c],
+        "W_dec": w.W_dec[c] / s_out,
+        "b_dec": sae.b_dec[c] / s_out,
     }
     if sae.cfg.skip:
-        state["W_skip"] = sae.W_skip[0].T * (s_in / s_out)  # SAELens': [d_out, d_in]
+        state["W_skip"] = sae.W_skip[c].T * (s_in / s_out)  # SAELens': [d_out, d_in]
     if sae.cfg.activation == "jumprelu":
-        state["threshold"] = sae.log_threshold[0].exp()
+        state["threshold"] = sae.log_threshold[c].exp()
     elif sae.cfg.activation in ("batchtopk", "topk"):
-        state["threshold"] = sae.threshold[0].expand(sae.d_sae)
+        state["threshold"] = sae.threshold[c].expand(sae.d_sae)
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
 def export_transcoder(sae: SparseAutoencoder, folder: Path, *, scales: tuple[float, float], metadata: dict,
-                      feature_frequency: torch.Tensor | None = None) -> Path:
+                      feature_frequency: torch.Tensor | None = None, component: int = 0) -> Path:
     """``scales``: the input's and the target's (``normalize_activations``); ``metadata`` names the
     input ``hook_name`` and the target ``hook_name_out``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,17 +105,57 @@ def export_transcoder(sae: SparseAutoencoder, folder: Path, *, scales: tuple[flo
         "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": metadata,
         "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "input_scale": scales[0],
-                    "target_scale": scales[1], "target_hook": sae.cfg.target_hook, "skip": sae.cfg.skip,
+                    "target_scale": scales[1], "target_hook": metadata.get("hook_name_out"), "skip": sae.cfg.skip,
                     **({"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk")
                        else {"l1_coefficient": sae.cfg.l1_coefficient})},
     }
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    _save_readable(transcoder_state(sae, scales), folder / "sae_weights.safetensors")
+    _save_readable(transcoder_state(sae, scales, component), folder / "sae_weights.safetensors")
     if feature_frequency is not None:
         _save_readable({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
     return folder
+
+
+def export_clt(clt: CrossLayerTranscoder, folder: Path, *, in_scales: list[float], out_scales: list[float],
+               hooks: list[str], targets: list[str], metadata: dict) -> Path:
+    """circuit-tracer's CLT layout: per layer ``l``, ``W_enc_l.safetensors`` (``W_enc_l [d_sae, d_in]``,
+    ``b_enc_l``, ``b_dec_l``, ``threshold_l``: a JumpReLU at the calibrated threshold) and
+    ``W_dec_l.safetensors`` (``W_dec_l [d_sae, layers - l, d_out]``), on raw activations (each
+    input's scale and centre folded into its encoder, each target's scale into the decoders);
+    ``cfg.json`` names the hooks and keeps ``k``, the exact TopK for ``load_clt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    W_enc, b_enc, W_dec = clt.weights()
+    out = torch.tensor(out_scales, device=clt.b_dec.device)
+    for l in range(clt.n_layers):
+        encoder = {f"W_enc_{l}": (W_enc[l] * in_scales[l]).T, f"b_enc_{l}": b_enc[l] - clt.b_in[l] @ W_enc[l],
+                   f"b_dec_{l}": clt.b_dec[l] / out_scales[l], f"threshold_{l}": clt.threshold[l].expand(clt.d_sae)}
+        _save_readable({k: v.detach().float().contiguous().cpu() for k, v in encoder.items()}, folder / f"W_enc_{l}.safetensors")
+        decoder = W_dec[l] / out[l:, None]
+        _save_readable({f"W_dec_{l}": decoder.detach().float().contiguous().cpu()}, folder / f"W_dec_{l}.safetensors")
+    cfg = {"architecture": "clt", "n_layers": clt.n_layers, "d_in": clt.d_in, "d_sae": clt.d_sae, "d_out": clt.d_out,
+           "k": clt.cfg.k, "activation_function": "jump_relu", "feature_input_hooks": hooks, "feature_output_hooks": targets,
+           "metadata": metadata, "trainer": {"input_scales": in_scales, "target_scales": out_scales}}
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def load_clt(folder: Path | str) -> CrossLayerTranscoder:
+    """A CLT export, on raw activations ``[batch, layer, d_in]``: the exact TopK it trained as (its
+    decoder rows share one norm, the targets' common scale, so the ranking is the training's)."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    clt = CrossLayerTranscoder(SAEConfig(activation="topk", k=cfg["k"], d_sae=cfg["d_sae"]), cfg["d_in"], cfg["n_layers"],
+                               cfg["d_out"])
+    with torch.no_grad():
+        for l in range(clt.n_layers):
+            enc, dec = load_file(folder / f"W_enc_{l}.safetensors"), load_file(folder / f"W_dec_{l}.safetensors")
+            clt.W_enc[l] = enc[f"W_enc_{l}"].T
+            clt.b_enc[l], clt.b_dec[l] = enc[f"b_enc_{l}"], enc[f"b_dec_{l}"]
+            clt.W_dec[l].copy_(dec[f"W_dec_{l}"])
+            clt.threshold[l] = enc[f"threshold_{l}"][0]
+    return clt
 
 
 def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:

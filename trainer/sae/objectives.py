@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.sae.autoencoder import SparseAutoencoder, SparseCode, Weights, _StepL0
+from trainer.sae.clt import CrossLayerTranscoder
 
 
 @dataclass
@@ -35,6 +36,8 @@ def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dea
              y: Tensor | None = None) -> StepOutput:
     """The loss of one training step on ``x`` ``[batch, (component,) d_in]``: its reconstruction,
     or for a transcoder its prediction of ``y`` ``[batch, (component,) d_out]``."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return _clt_loss(sae, x, y, dead)
     cfg = sae.cfg
     xc, w = sae._components_first(x), sae.weights()
     target = sae.target(xc, sae._components_first(y)) if sae.transcoder else xc
@@ -67,6 +70,22 @@ def sae_loss(sae: SparseAutoencoder, x: Tensor, sparsity_coefficient: float, dea
     aux = _aux_k(sae, xc, target, recon, dead, w) if cfg.activation in ("topk", "batchtopk") and dead is not None else zero
     loss = mse + sparsity_coefficient * sparsity + cfg.aux_coefficient * aux
     return StepOutput(loss, mse.detach(), sparsity.detach(), aux.detach(), l0.detach(), fired)
+
+
+def _clt_loss(clt: CrossLayerTranscoder, x: Tensor, y: Tensor, dead: Tensor | None) -> StepOutput:
+    """A CLT's loss: the squared error of every output layer's prediction (summed over d_out,
+    averaged over rows and layers, as a multi-component SAE's), plus AuxK per layer."""
+    xc, yc, w = clt._components_first(x), clt._components_first(y), clt.weights()
+    code = clt.encode_sparse(xc, w)
+    recon = clt.decode_sparse(code, w)
+    mse = _mse(recon, yc)
+    active = code.values > 0
+    fired = torch.zeros(clt.n_layers, clt.d_sae, dtype=torch.bool, device=x.device)
+    fired.scatter_(1, code.indices.flatten(1), active.flatten(1))
+    zero = xc.new_zeros(())
+    aux = clt.aux_k(xc, (yc - recon).detach(), dead, w) if dead is not None else zero
+    loss = mse + clt.cfg.aux_coefficient * aux
+    return StepOutput(loss, mse.detach(), zero, aux.detach(), active.sum(-1).float().mean().detach(), fired)
 
 
 def _count_positive(acts: Tensor, rows: int = 256) -> Tensor:

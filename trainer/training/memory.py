@@ -4,6 +4,7 @@ the device cannot hold is refused with the figures instead of growing until the 
 import torch
 
 from trainer.config import Sweep
+from trainer.sae.clt import memory_bytes as clt_bytes
 
 FLOAT = 4  # bytes: the SAEs, their state and the stream's buffer are float32
 
@@ -14,7 +15,8 @@ def sweep_bytes(sweep: Sweep, d_in: int, n_components: int, streamed: int | None
     shuffle buffer of training rows (``streamed`` hooks: the components and transcoders' targets)."""
     run, c = sweep.run, n_components
     widths = [cfg.width(d_in) for cfg in sweep.saes]
-    parameters = sum(c * (2 * d_in * d_sae + 2 * d_sae + d_in) for d_sae in widths)
+    parameters = sum(clt_bytes(cfg, d_in, d_in, c) // FLOAT if cfg.cross_layer else c * (2 * d_in * d_sae + 2 * d_sae + d_in)
+                     for cfg, d_sae in zip(sweep.saes, widths))
     return {"parameters, gradients and Adam state": 4 * FLOAT * parameters,
             "activations of a batch": sum(3 * FLOAT * run.batch_size * c * d_sae for d_sae in widths),
             "shuffle buffer": FLOAT * (run.shuffle_buffer_rows + 2 * run.batch_size) * (streamed or c) * d_in}

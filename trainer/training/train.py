@@ -25,9 +25,10 @@ from trainer.config import RunConfig, SAEConfig, Sweep, check_for_run, sae_names
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.stream import Batch, ChunkStream, StreamPosition
 from trainer.evaluation.metrics import distinct_sequences, evaluate, geometric_median, iid_distinct_sequences
-from trainer.outputs.export import export_saelens, export_transcoder
+from trainer.outputs.export import export_clt, export_saelens, export_transcoder
 from trainer.outputs.sinks import JsonlSink
 from trainer.sae.autoencoder import SparseAutoencoder
+from trainer.sae.clt import CrossLayerTranscoder
 from trainer.sae.objectives import sae_loss
 from trainer.sae.resample import resample_dead_neurons
 from trainer.training.distributed import World
@@ -153,7 +154,7 @@ class Trainer:
         self.world = world
         self.progress = progress and world.main
         self.extra_sinks = sinks or []  # wandb / tensorboard, besides metrics.jsonl
-        self.targets = sorted({c.target_hook for c in sweep.saes if c.target_hook is not None})
+        self.targets = list(dict.fromkeys(h for c in sweep.saes for h in c.targets()))
         """The transcoders' target hooks: streamed after the input hooks, row-aligned with them."""
         self.stream_hooks = hooks + self.targets
         unknown = [h for h in self.stream_hooks if manifest.hook(h) is None]
@@ -172,13 +173,13 @@ class Trainer:
         self._use_lanes(self.run.lanes or world.size)
 
     def _check_targets(self) -> None:
-        if not self.targets:
-            return
-        if self.n_components:
-            raise RunError(f"a transcoder reads one input hook; this run has {len(self.hooks)} (--hook): train "
-                           "transcoders on one --hook, their input")
-        if self.hooks[0] in self.targets:
-            raise RunError(f"target_hook = '{self.hooks[0]}' is the input hook: an SAE; drop target_hook")
+        for cfg in self.sweep.saes:
+            if cfg.target_hook is not None and len(cfg.targets()) != len(self.hooks):
+                raise RunError(f"SAE {cfg.name()}: {len(cfg.targets())} target hook(s) for {len(self.hooks)} input "
+                               "hook(s) (--hook): a transcoder reads one input hook per target (a list of "
+                               "target_hook, one per --hook in order)")
+        if both := sorted(set(self.hooks) & set(self.targets)):
+            raise RunError(f"target_hook '{both[0]}' is an input hook (--hook): that is an SAE; drop target_hook")
         for hook in self.targets:
             if self.manifest.hook(hook).d != self.d_in:
                 raise RunError(f"target_hook '{hook}' is {self.manifest.hook(hook).d} wide and the input "
@@ -189,7 +190,32 @@ class Trainer:
         each target hook's rows ``[n, d]`` (views: no copy)."""
         if not self.targets:
             return rows, {}
-        return rows[:, 0], {hook: rows[:, 1 + i] for i, hook in enumerate(self.targets)}
+        n = len(self.hooks)
+        x = rows[:, 0] if n == 1 else rows[:, :n]
+        return x, {hook: rows[:, n + i] for i, hook in enumerate(self.targets)}
+
+    def target_rows(self, cfg: SAEConfig, ys: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """An SAE's target rows: none for an SAE, ``[n, d]`` for one target, ``[n, layer, d]`` for
+        several, each at ``out_scales``."""
+        if cfg.target_hook is None:
+            return None
+        if isinstance(cfg.target_hook, str):
+            return ys[cfg.target_hook]
+        rows = torch.stack([ys[h] for h in cfg.targets()], 1)
+        if cfg.cross_layer:
+            stream = [self.scales[len(self.hooks) + self.targets.index(h)] for h in cfg.targets()]
+            rows *= torch.tensor([o / s for o, s in zip(self.out_scales(cfg), stream)], device=rows.device)[:, None]
+        return rows
+
+    def out_scales(self, cfg: SAEConfig) -> list[float]:
+        """The scale of each target as the SAE sees it: its hook's, or for a CLT one for all its
+        targets (their mean norm at sqrt(d)), so that a latent's decoder row, which spans several
+        layers, keeps its direction in the model's units and the export's TopK ranks as training did."""
+        scales = [self.scales[len(self.hooks) + self.targets.index(h)] for h in cfg.targets()]
+        if not cfg.cross_layer or self.run.normalize_activations == "none":
+            return scales
+        norms = [self.manifest.hook(h).stats.mean_norm for h in cfg.targets()]
+        return [math.sqrt(self.d_in) / (sum(norms) / len(norms))] * len(norms) if all(n > 0 for n in norms) else [1.0] * len(norms)
 
     def _use_lanes(self, lanes: int) -> None:
         """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.training.distributed)."""
@@ -293,25 +319,29 @@ class Trainer:
         x, ys = self.split(sample) if sample is not None else (None, {})
         for s in self.saes:
             if s.cfg.decoder_init == "data":
-                s.sae.initialize_from_data(x, ys.get(s.cfg.target_hook))
+                s.sae.initialize_from_data(x, self.target_rows(s.cfg, ys))
 
     def _build_saes(self, centres: dict[str, torch.Tensor | None]) -> None:
         """The sweep's SAEs; ``centres``: each kind of centre of the streamed rows ``[stream hook, d]``."""
         self.saes = []
         for cfg, name in zip(self.sweep.saes, sae_names(self.sweep.saes)):
-            centre = centres.get(cfg.centre())
+            centre, n = centres.get(cfg.centre()), len(self.hooks)
             if cfg.target_hook is None:
                 sae = SparseAutoencoder(cfg, self.d_in, self.n_components,
-                                        geometric_median_dataset=None if centre is None else centre[: len(self.hooks)])
+                                        geometric_median_dataset=None if centre is None else centre[:n])
             else:
-                sae = SparseAutoencoder(cfg, self.d_in, d_out=self.manifest.hook(cfg.target_hook).d)
+                if cfg.cross_layer:
+                    sae = CrossLayerTranscoder(cfg, self.d_in, n, self.d_in)
+                else:
+                    sae = SparseAutoencoder(cfg, self.d_in, self.n_components, d_out=self.d_in)
                 if centre is not None:
-                    sae.initialize_tied_parameters(centre[0], centre[len(self.hooks) + self.targets.index(cfg.target_hook)])
+                    sae.initialize_tied_parameters(centre[:n], centre[[n + self.targets.index(h) for h in cfg.targets()]])
             sae = sae.to(self.device)
             steps = cfg.schedule_steps(self.total_steps)
             self.saes.append(SAEState(
                 cfg=cfg, name=name, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
-                dead_after_tokens=cfg.dead_after_tokens(self.sweep.run.tokens), resample_every=steps["resample_every"],
+                dead_after_tokens=cfg.dead_after_tokens(self.sweep.run.tokens),
+                resample_every=0 if cfg.cross_layer else steps["resample_every"],
                 last_resample=self.total_steps - max(steps["lr_decay"], steps["resample_every"]),
                 lr=LRSchedule(cfg.lr, steps["lr_warmup"], steps["lr_decay"], self.total_steps),
                 sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
@@ -390,27 +420,27 @@ class Trainer:
                 if self.step >= total_steps or stop or world.any_(torch.tensor([should_stop()]))[0]:
                     break
                 x, ys = self.split(batch.activations)
-                outputs = [train_step(s, x, world, ys.get(s.cfg.target_hook)) for s in self.saes]
+                targets = [self.target_rows(s.cfg, ys) for s in self.saes]
+                outputs = [train_step(s, x, world, y) for s, y in zip(self.saes, targets)]
                 self.step += 1
                 steps_done += 1
                 self.tokens += run.batch_size
                 self.positions = positions
                 bar.update(run.batch_size)
-                for s in self.saes:
+                for s, y in zip(self.saes, targets):
                     if s.resample_every and self.step % s.resample_every == 0 and self.step <= s.last_resample:
-                        self._resample(s, x, ys.get(s.cfg.target_hook))
+                        self._resample(s, x, y)
                 if self.step % run.log_every == 0 or self.step == total_steps:
                     now = time.perf_counter()
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    variance = dict(zip([None, *ys], world.mean(torch.stack([_variance(v) for v in (x, *ys.values())])).tolist()))
-                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name,
-                             **self._logged(out, variance[s.cfg.target_hook]),
+                    variance = world.mean(torch.stack([_variance(x if y is None else y) for y in targets])).tolist()
+                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out, v),
                              "lr": s.optimizer.param_groups[0]["lr"],
                              "dead": int((s.tokens_since_fired >= s.dead_after_tokens).sum()),
                              "tokens_per_second": rate, "shuffle_quality": shuffle}
-                            for s, out in zip(self.saes, outputs)]
+                            for s, out, v in zip(self.saes, outputs, variance)]
                     for sink in sinks:
                         sink.log(rows)
                     _stop_if_not_finite(rows, self.step, run.log_every)
@@ -476,18 +506,9 @@ class Trainer:
                 s.sae.calibrate_threshold(sample)
         results, drawn = [], []
         for s in self.saes:
-            target = s.cfg.target_hook
-            metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size, targets=ys.get(target))
+            metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size, targets=self.target_rows(s.cfg, ys))
             folder = self.out / "saes" / s.name
-            if target is not None:
-                export_transcoder(s.sae, folder, scales=(self.scales[0], self.scales[len(self.hooks) + self.targets.index(target)]),
-                                  feature_frequency=metrics.freqs, metadata={**self._export_metadata(self.hooks[0]),
-                                                                             "hook_name_out": target})
-            for c, hook in enumerate(self.hooks if target is None else []):
-                part = folder / hook if self.n_components else folder
-                freqs = metrics.freqs.view(self.n_components or 1, -1)[c]
-                export_saelens(s.sae, part, component=c, scale=self.scales[c], feature_frequency=freqs,
-                               metadata=self._export_metadata(hook))
+            self._export(s, folder, metrics)
             summary = {"sae": s.name, **metrics.summary(), "d_sae": s.sae.d_sae, "tokens": self.tokens,
                        "eval_rows": rows.shape[0]}
             (folder / "eval.json").write_text(json.dumps(summary, indent=1))
@@ -499,3 +520,23 @@ class Trainer:
         plots.curves(self.out / "metrics.jsonl", self.out, [s.name for s in self.saes])
         (self.out / "eval.json").write_text(json.dumps(results, indent=1))
         return results
+
+    def _export(self, s: SAEState, folder: Path, metrics) -> None:
+        """SAELens' layout, a folder per hook for a multi-hook SAE or per-layer transcoders;
+        circuit-tracer's for a CLT."""
+        targets, n = s.cfg.targets(), len(self.hooks)
+        out_scales = self.out_scales(s.cfg)
+        if s.cfg.cross_layer:
+            export_clt(s.sae, folder, in_scales=self.scales[:n], out_scales=out_scales, hooks=self.hooks, targets=list(targets),
+                       metadata=self._export_metadata(self.hooks[0]))
+            return
+        freqs = metrics.freqs.view(self.n_components or 1, -1)
+        for c, hook in enumerate(self.hooks):
+            part = folder / hook if self.n_components else folder
+            if targets:
+                export_transcoder(s.sae, part, component=c, scales=(self.scales[c], out_scales[c]), feature_frequency=freqs[c],
+                                  metadata={**self._export_metadata(hook), "hook_name_out": targets[c]})
+            else:
+                export_saelens(s.sae, part, component=c, scale=self.scales[c], feature_frequency=freqs[c],
+                               metadata=self._export_metadata(hook))
+
