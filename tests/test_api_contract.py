@@ -17,6 +17,7 @@ is not there, or a JSONL upload with no "text", is valid JSON Schema and still a
 import json
 import subprocess
 import sys
+import pytest
 
 from tests.conftest import TINY, TOKEN
 from tests.server import ServerProcess, free_port, wait_job
@@ -53,6 +54,7 @@ def _config(ids: dict[str, list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_every_answer_is_what_the_openapi_document_says(tmp_path):
     # a server of its own: generated DELETEs must not reach other tests' datasets
     server = ServerProcess(store=tmp_path / "store", port=free_port(), token=TOKEN,

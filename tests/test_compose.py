@@ -51,6 +51,7 @@ def default(value: str) -> str:
     return match.group(1) if match else value
 
 
+@pytest.mark.slow
 def test_the_services_command_lines_run_the_pipeline(tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CACHE_SERVER_TOKEN": "compose-secret"}

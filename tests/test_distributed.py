@@ -77,7 +77,7 @@ def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resa
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_and_resume_on_one(server, dataset, tmp_path):  # noqa: F811
     tokens = STEPS * BATCH
     # Resampling every 5 steps: rank 0 draws from every rank's rows, as one process with 2 lanes does.

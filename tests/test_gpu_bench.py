@@ -3,11 +3,13 @@ runs here, so the script works the day a GPU box is at hand."""
 
 import subprocess
 import sys
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_every_section_on_cpu_at_toy_sizes():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -11,6 +11,7 @@ import warnings
 
 import httpx
 import torch
+import pytest
 from safetensors.torch import load_file
 
 from shared.codec import decode_chunk, to_torch
@@ -111,6 +112,7 @@ def check_the_feature_browser(stdout: str, out) -> None:
             assert driver.find_element(By.ID, "density").text != "0.0000%"
 
 
+@pytest.mark.slow
 def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_is_a_cache_hit(tmp_path):
     out = tmp_path / "run"
     pipeline = serve_pipeline(out)
@@ -155,6 +157,7 @@ def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_
     assert "stopped serving" not in next(browse)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_it_started(tmp_path):
     import signal
     import time
@@ -210,6 +213,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "new").exists() and sorted(p.name for p in sae_run.iterdir()) == ["run.json"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path):
     """Issue 16: the first Ctrl-C stops after the step and saves; running again picks up there."""
     import json

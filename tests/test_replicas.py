@@ -18,7 +18,7 @@ def replica(tmp_path, env, name: str):
     return server
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_two_replicas_one_restarted_harvest_what_one_server_harvests(server, bucket, tmp_path):
     env, s3 = bucket
     a, b = replica(tmp_path, env, "a").start(), replica(tmp_path, env, "b").start()
@@ -62,7 +62,7 @@ def test_two_replicas_one_restarted_harvest_what_one_server_harvests(server, buc
         b.stop()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_a_replica_that_never_returns_loses_its_ranges_on_a_shared_folder(server, tmp_path):
     """Two replicas on one store folder; b is killed for good, a takes b's ranges over once b's
     lease runs out, and the dataset still equals a single server's."""

@@ -6,6 +6,7 @@ import signal
 
 import numpy as np
 import zarr
+import pytest
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job
@@ -20,6 +21,7 @@ def harvest_arrays(store, dataset_id) -> dict[str, np.ndarray]:
     return {name: array[:] for name, array in group.arrays()}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_harvest_resumes_to_an_identical_dataset(tmp_path):
     crashed = ServerProcess(store=tmp_path / "crashed" / "store", port=free_port(), env=SMALL_CHUNKS).start()
     job = kill_mid_harvest(crashed, REQUEST, after_tokens=4_000)
@@ -62,6 +64,7 @@ def _lose_running_sums(group_metadata):
     group_metadata.write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 def test_graceful_stop_leaves_the_job_queued_and_restart_finishes_it(tmp_path):
     server = ServerProcess(store=tmp_path / "store", port=free_port(), env=SMALL_CHUNKS).start()
     with server.client() as client:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import zarr
+import pytest
 from zarr.storage import FsspecStore
 
 from tests.conftest import TINY
@@ -41,6 +42,7 @@ def assert_bucket_stream_equals_server_stream(server, dataset_id, env, monkeypat
             assert torch.equal(via_server.row_ids, via_bucket.row_ids)
 
 
+@pytest.mark.slow
 def test_a_harvest_into_a_bucket_survives_sigkill_and_equals_one_on_disk(server, bucket, tmp_path, monkeypatch):
     env, s3 = bucket
     job = kill_mid_harvest(bucket_server(tmp_path / "state", env).start(), REQUEST, after_tokens=4_000)

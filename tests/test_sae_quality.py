@@ -71,6 +71,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]['activation']}-{c[0].get('objective', 'vanilla')}"
                                                           f"-{c[0].get('k', c[0].get('l1_coefficient'))}" for c in CASES])
+@pytest.mark.slow
 def test_a_short_run_on_real_activations_is_sparse_and_reconstructs(trained, index):
     trainer, raw_rows, raw_train_rows = trained
     _, (low, high), max_fvu, max_silent = CASES[index]

@@ -8,6 +8,7 @@ route about the skipped things with a 4xx, and go on serving the rest."""
 import json
 
 import torch
+import pytest
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, wait_job
@@ -51,6 +52,7 @@ def test_what_cannot_be_served_is_refused_at_upload(client):
     assert done["status"] == "failed" and "not finite" in done["error"] and done["result"] is None, done
 
 
+@pytest.mark.slow
 def test_a_server_starts_on_a_store_with_a_corrupt_file_of_each_kind(tmp_path):
     server = ServerProcess(store=tmp_path / "store", port=free_port()).start()
     try:
@@ -145,6 +147,7 @@ def _proc(pid: int, file: str, field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+@pytest.mark.slow
 def test_a_large_sae_costs_its_weights_once_in_memory_and_pages_do_not_read_it_again(tmp_path):
     """Issue 37: a 512 MB upload peaked at 3x the body (5x for float16), and each feature page read
     the whole file again. Now the body streams to disk, is checked memory-mapped, and the weights

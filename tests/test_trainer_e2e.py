@@ -392,6 +392,7 @@ def test_the_trainer_requests_its_own_harvest(server, tmp_path):
     assert wrong_token.returncode == 1 and "401" in wrong_token.stderr and "bearer token" in wrong_token.stderr
 
 
+@pytest.mark.slow
 def test_optional_loggers(server, dataset, tmp_path):
     """wandb logs when asked (offline here); TensorBoard, not installed, is one clear line."""
     (tmp_path / "s.toml").write_text("[run]\neval_chunks = 1\nshuffle_buffer_rows = 1024\nlog_every = 2\n")
@@ -481,6 +482,7 @@ def test_client_retries_server_errors_with_backoff():
         httpd.shutdown()
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_resume_finishes(server, dataset, sweep_file, tmp_path):
     import signal
     import time
@@ -557,6 +559,7 @@ def test_sae_browse_refuses_what_it_cannot_browse(server, tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["eval.json", "run.json"]
 
 
+@pytest.mark.slow
 def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume(tmp_path):
     """Issue 16: the trainer retries a server that went away for --outage-seconds, then saves a
     checkpoint and says so; with the server back, --resume finishes the run."""
