@@ -62,7 +62,7 @@ def main() -> None:
     for _ in range(args.rounds):
         bare.append(bare_forward(model, windows, args.batch))
         t0 = time.perf_counter()
-        evaluate(model, (args.hook, args.hook), sae, windows, mean, args.batch, causal=True)
+        evaluate(model, ([args.hook], [args.hook]), sae, windows, mean[None], args.batch, causal=True)
         evaluated.append(windows.size / (time.perf_counter() - t0))
     a, b = max(bare), max(evaluated)
     print(f"{args.model} {args.hook}, {windows.size:,} tokens, batch {args.batch}, TopK d_sae {d_sae}")

@@ -15,8 +15,13 @@ A transcoder is spliced as a replacement of the computation between its hooks: t
 output is replaced by the transcoder's prediction from the input hook's activations of the same
 forward pass (the ablations act on the target hook); its explained variance and L2 ratio are
 against the target's activations.
+
+A CLT replaces every layer's output at once (the replacement model: a later layer's input is read
+from the replaced residual stream), and each layer's alone (``Evaluation.layers``); its L0 is per
+layer, its explained variance over the layers' outputs side by side.
 """
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,10 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from cache_server.models import SourceModel
-from cache_server.saes import SaeWeights
+from cache_server.saes import CltWeights, SaeWeights
 from shared.schemas import DownstreamMetrics
 
-_VARIANTS = ("clean", "sae", "zero", "mean")
 MAX_LOGITS = 1 << 24
 """Logits of one forward pass (64 MB in float32); four tensors of that size live at once at most."""
 
@@ -46,8 +50,8 @@ def not_causal_reason(model: SourceModel) -> str | None:
 class _Sums:
     """Running float64 sums over the evaluated positions."""
 
-    ce: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_VARIANTS, 0.0))
-    kl: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_VARIANTS[1:], 0.0))
+    ce: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    kl: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     n_ce: int = 0
     n: int = 0
     l0: float = 0.0
@@ -77,12 +81,14 @@ class Evaluation:
     explained_variance: float | None
     l2_ratio: float
     downstream: DownstreamMetrics | None
+    layers: list[DownstreamMetrics] | None = None
 
 
-def evaluate(model: SourceModel, hooks: tuple[str, str], sae: SaeWeights, windows: np.ndarray, mean: torch.Tensor,
-             batch_size: int, causal: bool, progress: Callable[[int], None] = lambda n: None) -> Evaluation:
+def evaluate(model: SourceModel, hooks: tuple[list[str], list[str]], sae: SaeWeights | CltWeights, windows: np.ndarray,
+             mean: torch.Tensor, batch_size: int, causal: bool, progress: Callable[[int], None] = lambda n: None
+             ) -> Evaluation:
     """Evaluate ``sae`` on ``windows [n, context]`` of token ids: it reads ``hooks[0]`` and replaces
-    ``hooks[1]`` (the same hook for an SAE; ``mean``: the replaced hook's)."""
+    ``hooks[1]``, a hook per layer (the same hook for an SAE; ``mean [layer, d]``: the replaced hooks')."""
     sae = sae.to(model.device)
     mean = mean.to(model.device, torch.float32)
     special = [t for t in {model.bos_token_id, model.separator_token_id} if t is not None]
@@ -93,9 +99,11 @@ def evaluate(model: SourceModel, hooks: tuple[str, str], sae: SaeWeights, window
         keep = ~torch.isin(tokens, torch.tensor(special, device=model.device))
         _batch(model, hooks, sae, mean, tokens, keep, causal, sums)
         progress(min(start + step, len(windows)) * windows.shape[1])
+    layers = len(hooks[1])
     downstream = _downstream(sums) if causal else None
-    return Evaluation(n_tokens=sums.n, l0=sums.l0 / sums.n, explained_variance=sums.explained_variance(),
-                      l2_ratio=sums.l2_ratio / sums.n, downstream=downstream)
+    per_layer = [_downstream(sums, str(j)) for j in range(layers)] if causal and layers > 1 else None
+    return Evaluation(n_tokens=sums.n, l0=sums.l0 / sums.n / layers, explained_variance=sums.explained_variance(),
+                      l2_ratio=sums.l2_ratio / sums.n, downstream=downstream, layers=per_layer)
 
 
 def windows_per_forward(batch_size: int, context: int, vocabulary: int) -> int:
@@ -119,45 +127,88 @@ def _replace(keep: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
     return hook_fn
 
 
+class _Splice:
+    """One forward pass's hooks putting ``sae``'s predictions in place of the outputs ``replace``
+    (layer indices): each input hook's activation is kept as it fires, each replaced output is
+    predicted from the kept inputs of its layer and the earlier ones (a CLT), and with ``sums``
+    the replaced layers' targets, predictions and latents go to it side by side."""
+
+    def __init__(self, sae, hooks: tuple[list[str], list[str]], keep: torch.Tensor, replace: list[int],
+                 sums: "_Sums | None" = None):
+        self.sae, (self.inputs, self.outputs), self.keep, self.replace, self.sums = sae, hooks, keep, replace, sums
+        self.seen: dict[int, torch.Tensor] = {}
+        self.acts: dict[int, torch.Tensor] = {}
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def hooks(self) -> list:
+        reads = [(hook, self._read(l)) for l, hook in enumerate(self.inputs) if hook not in self.outputs]
+        return reads + [(self.outputs[j], _replace(self.keep, self._predict(j))) for j in self.replace]
+
+    def _read(self, layer: int):
+        def read(activation: torch.Tensor, hook) -> torch.Tensor:
+            self.seen[layer] = _flat(activation)
+            return activation
+        return read
+
+    def _predict(self, j: int):
+        def make(y: torch.Tensor) -> torch.Tensor:
+            x = self.seen.pop(j, y)  # an SAE reads the hook it replaces
+            if isinstance(self.sae, CltWeights):
+                self.acts[j] = self.sae.encode_layer(x, j)
+                for l in range(j):  # layers not replaced in this pass: their latents on their kept inputs
+                    if l not in self.acts:
+                        self.acts[l] = self.sae.encode_layer(self.seen.pop(l), l)
+                y_hat, acts = self.sae.predict_layer([self.acts[l] for l in range(j + 1)], j), self.acts[j]
+            else:
+                y_hat, acts = self.sae.reconstruct(x)
+            if self.sums is not None:
+                self.recorded.append((y[self.keep], y_hat[self.keep], acts[self.keep]))
+                if j == self.replace[-1]:
+                    self.sums.add_sae(*(torch.cat(parts, -1) for parts in zip(*self.recorded)))
+            return y_hat
+        return make
+
+
 @torch.inference_mode()
-def _batch(model: SourceModel, hooks: tuple[str, str], sae: SaeWeights, mean: torch.Tensor, tokens: torch.Tensor,
+def _batch(model: SourceModel, hooks: tuple[list[str], list[str]], sae, mean: torch.Tensor, tokens: torch.Tensor,
            keep: torch.Tensor, causal: bool, sums: _Sums) -> None:
-    hook_in, hook = hooks
-    seen: dict[str, torch.Tensor] = {}
+    layers = list(range(len(hooks[1])))
 
-    def read(activation: torch.Tensor, hook) -> torch.Tensor:
-        seen["x"] = _flat(activation)
-        return activation
+    def spliced(replace: list[int], record: bool = False) -> list:
+        return _Splice(sae, hooks, keep, replace, sums if record else None).hooks()
 
-    def spliced(y: torch.Tensor) -> torch.Tensor:
-        y_hat, acts = sae.reconstruct(seen.pop("x") if hook_in != hook else y)
-        sums.add_sae(y[keep], y_hat[keep], acts[keep])
-        return y_hat
+    def ablated(replace: list[int], make: Callable[[int], Callable]) -> list:
+        return [(hooks[1][j], _replace(keep, make(j))) for j in replace]
 
-    reads = [(hook_in, read)] if hook_in != hook else []
-    makers = {"sae": spliced, "zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
+    zero = lambda j: torch.zeros_like  # noqa: E731
+    average = lambda j: lambda x: mean[j].expand_as(x)  # noqa: E731
     with model.lock:
         if not causal:
-            model.bridge.run_with_hooks(tokens, fwd_hooks=reads + [(hook, _replace(keep, spliced))])
+            model.bridge.run_with_hooks(tokens, fwd_hooks=spliced(layers, record=True))
             return
+        variants = {"sae": spliced(layers, record=True), "zero": ablated(layers, zero), "mean": ablated(layers, average)}
+        if len(layers) > 1:  # a CLT: each layer alone too
+            for j in layers:
+                variants |= {f"sae{j}": spliced([j]), f"zero{j}": ablated([j], zero), f"mean{j}": ablated([j], average)}
         # One variant's logits at a time beside the clean run's: the peak is four logit tensors.
         clean = F.log_softmax(model.bridge(tokens).float(), dim=-1)
         p_clean = clean.exp()
         targets, predicted = tokens[:, 1:, None], keep[:, :-1]
         sums.n_ce += int(predicted.sum())
-        for name, make in {"clean": None, **makers}.items():
-            lp = clean if make is None else F.log_softmax(
-                model.bridge.run_with_hooks(tokens, fwd_hooks=(reads if name == "sae" else []) + [(hook, _replace(keep, make))]
-                                            ).float(), dim=-1)
+        for name, fwd_hooks in {"clean": None, **variants}.items():
+            lp = clean if fwd_hooks is None else F.log_softmax(
+                model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks).float(), dim=-1)
             sums.ce[name] += float(-lp[:, :-1].gather(-1, targets).squeeze(-1)[predicted].sum())
-            if make is not None:
+            if fwd_hooks is not None:
                 sums.kl[name] += float((p_clean * (clean - lp)).sum(-1)[keep].sum())
             del lp
 
 
-def _downstream(sums: _Sums) -> DownstreamMetrics:
-    ce = {name: value / max(sums.n_ce, 1) for name, value in sums.ce.items()}
-    kl = {name: value / max(sums.n, 1) for name, value in sums.kl.items()}
+def _downstream(sums: _Sums, layer: str = "") -> DownstreamMetrics:
+    """The figures of the variants replacing every layer (``layer`` ""), or that layer alone."""
+    ce = {name: sums.ce[name + layer] / max(sums.n_ce, 1) for name in ("sae", "zero", "mean")}
+    kl = {name: sums.kl[name + layer] / max(sums.n, 1) for name in ("sae", "zero", "mean")}
+    ce["clean"] = sums.ce["clean"] / max(sums.n_ce, 1)
 
     def score(ablated: float, spliced: float, clean: float) -> float | None:
         return (ablated - spliced) / (ablated - clean) if ablated != clean else None

@@ -159,15 +159,15 @@ class EvaluationManager(JobQueue):
         stream = self._stream(self.corpora.resolve(corpus_id), model, first + n_windows * body)
         bos = model.bos_token_id if manifest.prepend_bos else None
         windows = TokenWindows(np.asarray(stream[first:]), manifest.context_size, bos)[0:n_windows]
-        replaced = sae_info.hook_out or sae_info.hook  # a transcoder replaces its target
-        mean = torch.tensor(self.store.hook_mean(manifest.dataset_id, replaced), dtype=torch.float32)
+        replaced = sae_info.output_hooks() or [sae_info.hook]  # a transcoder replaces its target(s)
+        mean = torch.tensor([self.store.hook_mean(manifest.dataset_id, hook) for hook in replaced], dtype=torch.float32)
         reason = not_causal_reason(model)
-        done = evaluate(model, (sae_info.hook, replaced), self.saes.weights(sae_info.sae_id), windows, mean,
+        done = evaluate(model, (sae_info.input_hooks(), replaced), self.saes.weights(sae_info.sae_id), windows, mean,
                         job.request.batch_size, causal=reason is None,
                         progress=lambda n: self._set(self._jobs[job.evaluation_id], tokens_done=n))
         result = EvaluationResult(n_tokens=done.n_tokens, corpus_id=corpus_id, first_token=first, l0=done.l0,
                                   explained_variance=done.explained_variance, l2_ratio=done.l2_ratio,
-                                  downstream=done.downstream, downstream_unavailable=reason)
+                                  downstream=done.downstream, downstream_unavailable=reason, layers=done.layers)
         bad = _non_finite(result.model_dump())
         if bad:  # JSON has no NaN: stored, it would read back as null where a number must be
             raise ValueError(f"the figures {', '.join(bad)} are not finite (the SAE's reconstruction overflows "

@@ -207,7 +207,7 @@ class FeatureJobs(JobQueue):
             lo += offset
             start, end = whole_words(spelled, max(row - BEFORE, lo) - lo, min(row + AFTER + 1, lo + len(spelled)) - lo,
                                      byte_level)
-            rows = to_torch(group[sae.hook][lo + start:lo + end], manifest.dtype).float()
+            rows = _side_by_side(group, sae.input_hooks(), lo + start, lo + end, manifest.dtype)
             acts = weights.encode(rows)[:, index]
             return FeatureExample(row=row, value=value, tokens=spelled[start:end],
                                   values=[round(float(a), 6) for a in acts], position=row - lo - start)
@@ -312,12 +312,9 @@ class FeatureJobs(JobQueue):
         spans = _spans(job, manifest)
         done, passes = [0], [0]
         covered, tokens = [], []
-        d_in = weights.W_enc.shape[0]
-        transcoder = sae.hook_out is not None  # its rows: input and target side by side
-        sums = ReconstructionSums(weights.W_dec, weights.b_dec, d_in if transcoder else None, weights.W_skip)
-
-        def read(hook: str, lo: int, hi: int) -> torch.Tensor:
-            return to_torch(group[hook][lo:hi], manifest.dtype).float()
+        inputs, outputs = sae.input_hooks(), sae.output_hooks()  # a transcoder's rows: inputs, then targets
+        d_in = sae.d_in * len(inputs)
+        sums = ReconstructionSums(weights.decoder, weights.b_dec.reshape(-1), d_in if outputs else None, weights.W_skip)
 
         def chunks():
             passes[0] += 1
@@ -325,8 +322,7 @@ class FeatureJobs(JobQueue):
                 if passes[0] == 1:
                     covered.append(torch.arange(lo, hi))
                     tokens.append(torch.from_numpy(group[TOKENS_ARRAY][lo:hi, 0].astype("int64")))
-                rows = read(sae.hook, lo, hi)
-                yield (torch.cat([rows, read(sae.hook_out, lo, hi)], 1) if transcoder else rows), torch.arange(lo, hi)
+                yield _side_by_side(group, inputs + outputs, lo, hi, manifest.dtype), torch.arange(lo, hi)
                 done[0] += hi - lo
                 self._set(self._jobs[job.sae_id], rows_done=done[0])
 
@@ -355,9 +351,9 @@ class FeatureJobs(JobQueue):
             return None, (f"none: '{manifest.model.name}' is not a causal LM; its unembedding (an untrained "
                           "head, if any) says nothing of a direction")
         W_U = model.bridge.W_U.detach().float().cpu()
-        if W_U.shape[0] != weights.W_dec.shape[1]:
-            return None, f"none: the hook's width {weights.W_dec.shape[1]} is not the residual stream's {W_U.shape[0]}"
-        return logit_lens(weights.W_dec, W_U, LENS), None
+        if W_U.shape[0] != weights.summed.shape[1]:
+            return None, f"none: the hook's width {weights.summed.shape[1]} is not the residual stream's {W_U.shape[0]}"
+        return logit_lens(weights.summed, W_U, LENS), None
 
     def _set(self, job: FeatureJob, **changes) -> FeatureJob:
         job = job.model_copy(update={**changes, "updated_at": _now()})
@@ -365,6 +361,12 @@ class FeatureJobs(JobQueue):
         atomic_write(self.folder / f"{job.sae_id}.job.json", job.model_dump_json(indent=1).encode())
         self._jobs[job.sae_id] = job
         return job
+
+
+def _side_by_side(group, hooks: list[str], lo: int, hi: int, dtype: str) -> torch.Tensor:
+    """Rows ``lo:hi`` of these hooks' arrays, side by side ``[n, sum of widths]``."""
+    parts = [to_torch(group[hook][lo:hi], dtype).float() for hook in hooks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _spans(job: FeatureJob, manifest: DatasetManifest) -> list[tuple[int, int]]:

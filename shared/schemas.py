@@ -277,21 +277,32 @@ class SaeInfo(BaseModel):
     dataset_id: str
     hook: str
     architecture: Literal["standard", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
-                          "jumprelu_skip_transcoder"]
+                          "jumprelu_skip_transcoder", "clt"]
     d_in: int
-    d_sae: int
+    d_sae: int = Field(description="Features (a CLT's: every layer's latents, layer by layer).")
     k: int | None = None
     n_bytes: int
     name: str | None = Field(None, description="What its trainer calls it (sae-train: its folder's name).")
     hook_out: str | None = Field(None, description="A transcoder's target hook (it reads `hook`, predicts this one).")
+    hooks_in: list[str] | None = Field(None, description="A CLT's input hooks, in layer order (`hook` is the first).")
+    hooks_out: list[str] | None = Field(None, description="A CLT's output hooks: layer l's latents write to l and later.")
+
+    def input_hooks(self) -> list[str]:
+        return self.hooks_in or [self.hook]
+
+    def output_hooks(self) -> list[str]:
+        """The hooks it predicts: none for an SAE (it reconstructs its input)."""
+        return self.hooks_out or ([self.hook_out] if self.hook_out else [])
 
     def label(self) -> str:
         """The architecture as people name it, with its k."""
         kind = {"standard": "ReLU", "topk": "TopK", "jumprelu": "JumpReLU", "transcoder": "ReLU transcoder",
                 "skip_transcoder": "ReLU skip transcoder", "jumprelu_transcoder": "JumpReLU transcoder",
-                "jumprelu_skip_transcoder": "JumpReLU skip transcoder"}[self.architecture]
+                "jumprelu_skip_transcoder": "JumpReLU skip transcoder", "clt": "TopK CLT"}[self.architecture]
         if self.k and self.hook_out:  # a TopK transcoder, stored as a JumpReLU one for SAELens
             kind = kind.replace("JumpReLU", "TopK")
+        if self.architecture == "clt" and not self.k:
+            kind = "JumpReLU CLT"
         return f"{kind} k={self.k}" if self.k else kind
 
 
@@ -340,6 +351,9 @@ class EvaluationResult(BaseModel):
     downstream: DownstreamMetrics | None = Field(
         None, description="None when the model is not a causal LM (its LM loss would measure nothing).")
     downstream_unavailable: str | None = Field(None, description="Why downstream is None.")
+    layers: list[DownstreamMetrics] | None = Field(None, description=(
+        "A CLT's figures with one layer's output replaced at a time (the others clean), in layer order; "
+        "`downstream` replaces every layer's at once (the replacement model)."))
 
 
 class EvaluationJob(BaseModel):

@@ -231,7 +231,7 @@ def test_bad_transcoder_uploads_get_a_422_that_names_the_problem(server, mlp_dat
              (transcoder_body({**t, "W_skip": torch.zeros(64, 63)}), "W_skip has shape [64, 63]"),
              (transcoder_body({k: v for k, v in t.items() if k != "W_skip"}), "lacks tensor(s) ['W_skip']"),
              (transcoder_body({**t, "W_dec": torch.randn(32, 48), "b_dec": torch.zeros(48), "W_skip": torch.zeros(48, 64)}),
-              "d_out is 48 but its target hook")]
+              "d_out is 48 but hook 'blocks.1.hook_mlp_out'")]
     with server.client() as client:
         for body, message in cases:
             answer = client.post("/v1/saes", params={"dataset_id": mlp_dataset.dataset_id, "hook": MLP_IN}, content=body)
@@ -323,26 +323,46 @@ LAYERS_IN = ["blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"]
 LAYERS_OUT = ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
 
 
-def test_per_layer_transcoders_and_a_clt_train_side_by_side_from_one_harvest(server, tmp_path):
+@pytest.fixture(scope="module")
+def layers_dataset(server):
     request = {"model": TINY, "hooks": LAYERS_IN + LAYERS_OUT, "n_tokens": 20_000, "context_size": 64}
+    with CacheClient(server.url, token=server.token) as client:
+        return client.wait(client.harvest(request), progress=False)
+
+
+def test_per_layer_transcoders_and_a_clt_train_side_by_side_from_one_harvest(server, layers_dataset, tmp_path, capsys):
     targets = json.dumps(LAYERS_OUT)
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(f"[run]\nbatch_size = 256\ntokens = 15360\nshuffle_buffer_rows = 4096\nlog_every = 20\n"
                           f"eval_chunks = 4\n[[sae]]\nk = 8\ntarget_hook = {targets}\n"
                           f"[[sae]]\nk = 8\ntarget_hook = {targets}\ncross_layer = true\n")
     out = tmp_path / "run"
-    with CacheClient(server.url, token=server.token) as client:
-        dataset = client.wait(client.harvest(request), progress=False)
-        trainer = Trainer(client, dataset, LAYERS_IN, load_sweep(sweep_file), out, progress=False)
-        trainer.prepare(resume=False)
-        trainer.train()
-        results = {r["sae"]: r for r in trainer.evaluate_and_export()}
-        rows = torch.cat([torch.stack([to_torch(client.chunk(dataset, hook, i), dataset.dtype).float()
-                                       for hook in LAYERS_IN + LAYERS_OUT], 1) for i in trainer.stream.eval_chunk_ids])
+    args = ["--cache-url", server.url, "--token", server.token, "--dataset", layers_dataset.dataset_id,
+            "--hook", LAYERS_IN[0], "--hook", LAYERS_IN[1], "--out", str(out), "--config", str(sweep_file),
+            "--no-progress", "--downstream-tokens", "1024"]
+    assert sae_train(args) == 0, capsys.readouterr().err
+    results = {r["sae"]: r for r in json.loads((out / "eval.json").read_text())}
     per_layer, clt = results["transcoder-topk-vanilla-x8-k8-lr0.001-s0"], results["clt-topk-vanilla-x8-k8-lr0.001-s0"]
     print("per-layer transcoders", per_layer["fvu"], per_layer["l0"], "CLT", clt["fvu"], clt["l0"])
     assert per_layer["l0"] == clt["l0"] == 8  # per layer: the same total L0
     assert per_layer["fvu"] < 0.6 and clt["fvu"] < 0.6
+    # Spliced by the server: the per-layer transcoders each at its layer; the CLT in place of both MLPs at
+    # once (the replacement model) and of each alone.
+    assert sorted(per_layer["downstream"]) == LAYERS_IN and list(clt["downstream"]) == [LAYERS_IN[0]]
+    whole = clt["downstream"][LAYERS_IN[0]]
+    assert whole["l0"] == pytest.approx(8) and len(whole["layers"]) == 2, whole
+    assert 0 < whole["kl_div_with_sae"] < whole["kl_div_with_ablation"]
+    assert all(0 < layer["kl_div_with_sae"] < layer["kl_div_with_ablation"] for layer in whole["layers"])
+    page = clt["browser"][LAYERS_IN[0]]
+    with CacheClient(server.url) as client:
+        summary = client.request("GET", f"/v1/saes/{page['sae_id']}/summary").json()
+        assert summary["sae"]["d_sae"] == 2 * clt["d_sae"] and summary["sae"]["hooks_out"] == LAYERS_OUT
+        assert client.request("GET", f"{page['path']}features/{clt['d_sae'] + 1}").status_code == 200  # layer 1's
+        rows = torch.cat([torch.stack([to_torch(client.chunk(layers_dataset, hook, i), layers_dataset.dtype).float()
+                                       for hook in LAYERS_IN + LAYERS_OUT], 1)
+                          for i in Trainer(client, layers_dataset, LAYERS_IN, load_sweep(sweep_file), out,
+                                           progress=False).stream.eval_chunk_ids])
+    assert summary["fvu"] == pytest.approx(clt["fvu"], abs=0.01)  # the held-out chunks, against both targets
     x, y = rows[:, :2], rows[:, 2:]
     from trainer.outputs.export import load_clt
 
@@ -352,8 +372,89 @@ def test_per_layer_transcoders_and_a_clt_train_side_by_side_from_one_harvest(ser
     for layer, (hook_in, hook_out) in enumerate(zip(LAYERS_IN, LAYERS_OUT)):  # one SAELens folder per layer
         exported, cfg = load_saelens(out / "saes" / per_layer["sae"] / hook_in)
         assert cfg["metadata"]["hook_name"] == hook_in and cfg["metadata"]["hook_name_out"] == hook_out
-    trainer.prepare(resume=True)  # the checkpoint holds both (the CLT's decoders a list of its layers)
-    assert trainer.finished and len(trainer.saes[1].sae.W_dec) == 2
+
+
+def clt_body(t: dict, k: int | None = 4, hooks_in=LAYERS_IN, hooks_out=LAYERS_OUT) -> bytes:
+    cfg = {"architecture": "clt", "feature_input_hooks": hooks_in, "feature_output_hooks": hooks_out, "metadata": {},
+           **({"k": k} if k else {})}
+    return save(t, metadata={"cfg": json.dumps(cfg)})
+
+
+def _random_clt(d: int = 64, d_sae: int = 96) -> dict:
+    g = torch.Generator().manual_seed(2)
+    t = {}
+    for l in range(2):
+        t |= {f"W_enc_{l}": torch.randn(d_sae, d, generator=g) / d**0.5, f"b_enc_{l}": torch.randn(d_sae, generator=g) * 0.1,
+              f"b_dec_{l}": torch.randn(d, generator=g) * 0.1, f"W_dec_{l}": torch.randn(d_sae, 2 - l, d, generator=g) / d_sae**0.5,
+              f"threshold_{l}": torch.full((d_sae,), 0.1)}
+    return t
+
+
+def test_the_server_splices_a_clt_in_place_of_every_mlp_and_of_each_alone_as_by_hand(server, layers_dataset):
+    from cache_server.models import ModelRegistry
+
+    t, k = _random_clt(), 4
+    with server.client() as client:
+        corpus = client.post("/v1/corpora", params={"name": "foxes-clt"}, content=TEXT.encode()).json()["corpus_id"]
+        job = register_and_evaluate(client, layers_dataset.dataset_id, LAYERS_IN[0], clt_body(t, k), n_tokens=4 * 64,
+                                    corpus=corpus)
+    model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY)
+    stream = model.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor([[model.bos_token_id] + stream[i * 63:(i + 1) * 63] for i in range(4)])
+
+    def encode(x, l):  # circuit-tracer's CLT with TopK per layer
+        pre = x @ t[f"W_enc_{l}"].T + t[f"b_enc_{l}"]
+        top = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+    def run(replace: list[int]):
+        acts = {}
+
+        def read(l):
+            def fn(activation, hook):
+                acts[l] = encode(activation, l)
+                return activation
+            return fn
+
+        def write(j):
+            def fn(activation, hook):
+                y_hat = t[f"b_dec_{j}"] + sum(acts[l] @ t[f"W_dec_{l}"][:, j - l] for l in range(j + 1))
+                return torch.cat([activation[:, :1], y_hat[:, 1:]], dim=1)  # BOS left alone
+            return fn
+
+        hooks = [(LAYERS_IN[l], read(l)) for l in range(2)] + [(LAYERS_OUT[j], write(j)) for j in replace]
+        with torch.no_grad():
+            return model.bridge.run_with_hooks(windows, fwd_hooks=hooks)
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, 1:-1].flatten(0, 1), windows[:, 2:].flatten()).item()
+
+    down = job["result"]["downstream"]
+    assert down["ce_loss_with_sae"] == pytest.approx(ce(run([0, 1])), rel=1e-4)  # layer 1 reads the replaced stream
+    for j, layer in enumerate(job["result"]["layers"]):
+        assert layer["ce_loss_with_sae"] == pytest.approx(ce(run([j])), rel=1e-4), j
+    assert job["result"]["l0"] == pytest.approx(k)
+    with torch.no_grad():
+        assert down["ce_loss_without_sae"] == pytest.approx(ce(model.bridge(windows)), rel=1e-4)
+
+
+def test_bad_clt_uploads_get_a_422_that_names_the_problem(server, layers_dataset):
+    t = _random_clt()
+    cases = [(clt_body(t, hooks_out=LAYERS_OUT[:1]), "two lists of hook names of the same length"),
+             (clt_body({k: v for k, v in t.items() if k != "W_dec_1"}), "lacks tensor(s) ['W_dec_1']"),
+             (clt_body({**t, "W_dec_1": torch.zeros(96, 2, 64)}), "W_dec_1 has shape [96, 2, 64]"),
+             (clt_body({k: v for k, v in t.items() if not k.startswith("threshold")}, k=None),
+              "lacks tensor(s) ['threshold_0', 'threshold_1']"),
+             (clt_body(t, hooks_out=["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]), "'blocks.1.hook_resid_post' is not one of"),
+             (clt_body(t, k=500), "a clt's k is a whole number from 1 to d_sae=96")]
+    with server.client() as client:
+        for body, message in cases:
+            answer = client.post("/v1/saes", params={"dataset_id": layers_dataset.dataset_id, "hook": LAYERS_IN[0]},
+                                 content=body)
+            assert answer.status_code == 422 and message in answer.json()["detail"], (message, answer.text)
+        answer = client.post("/v1/saes", params={"dataset_id": layers_dataset.dataset_id, "hook": LAYERS_IN[1]},
+                             content=clt_body(t))
+        assert answer.status_code == 422 and "registered at its first input hook" in answer.json()["detail"]
 
 
 def test_clt_settings_it_cannot_train_are_refused(tmp_path):

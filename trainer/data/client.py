@@ -271,11 +271,16 @@ def harvest_postfix(job: HarvestJob) -> str:
 
 
 def sae_upload_body(folder: Path) -> bytes:
-    """An exported SAE as one safetensors body: its tensors, and cfg.json's text as metadata."""
+    """An exported SAE as one safetensors body: its tensors (a CLT's: every layer's file's), and
+    cfg.json's text as metadata."""
     from safetensors.numpy import load_file, save
 
-    tensors = load_file(str(Path(folder) / "sae_weights.safetensors"))
-    return save(tensors, metadata={"cfg": (Path(folder) / "cfg.json").read_text()})
+    folder = Path(folder)
+    files = [folder / "sae_weights.safetensors"]
+    if not files[0].exists() and json.loads((folder / "cfg.json").read_text()).get("architecture") == "clt":
+        files = sorted(folder.glob("W_*_*.safetensors"))
+    tensors = {name: t for path in files for name, t in load_file(str(path)).items()}
+    return save(tensors, metadata={"cfg": (folder / "cfg.json").read_text()})
 
 
 def _error(method: str, path: str, status: int, body: bytes) -> CacheError:

@@ -19,22 +19,19 @@ def evaluate_downstream(client: CacheClient, manifest: DatasetManifest, hooks: l
     and rewrites the run's and each SAE's eval.json with it."""
     for result in results:
         folder = run_dir / "saes" / result["sae"]
-        result["downstream"] = {hook: not_on_server(folder) or _one(client, manifest, folder / hook if len(hooks) > 1
-                                                                     else folder, hook, n_tokens) for hook in hooks}
+        result["downstream"] = {hook: _one(client, manifest, part, hook, n_tokens) for hook, part in exported_parts(folder, hooks)}
         (folder / "eval.json").write_text(json.dumps(result, indent=1))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-CLT_NOT_YET = "n/a: the cache server does not take cross-layer transcoders yet (no splice, no browser pages)"
-
-
-def not_on_server(folder: Path) -> dict | None:
-    """Why an export cannot go home to the server (a CLT's), or None."""
+def exported_parts(folder: Path, hooks: list[str]) -> list[tuple[str, Path]]:
+    """An SAE's exports with the hook each is registered at: a folder per hook for a multi-hook SAE
+    or per-layer transcoders; the one folder of a CLT, at its first input hook."""
     cfg = folder / "cfg.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("architecture") == "clt":
-        return {"unavailable": CLT_NOT_YET}
-    return None
+    if len(hooks) == 1 or cfg.exists() and json.loads(cfg.read_text()).get("architecture") == "clt":
+        return [(hooks[0], folder)]
+    return [(hook, folder / hook) for hook in hooks]
 
 
 def _one(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, n_tokens: int) -> dict:
@@ -48,7 +45,8 @@ def _one(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str
                "l0": result.l0, "explained_variance": result.explained_variance, "l2_ratio": result.l2_ratio}
     if result.downstream is None:
         return {**figures, "unavailable": result.downstream_unavailable}
-    return {**figures, **result.downstream.model_dump()}
+    layers = {"layers": [m.model_dump() for m in result.layers]} if result.layers else {}  # a CLT's, one at a time
+    return {**figures, **result.downstream.model_dump(), **layers}
 
 
 def ce_loss_score(result: dict) -> float | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared.schemas import DatasetManifest
 from trainer.data.client import CacheClient, CacheError
-from trainer.evaluation.downstream import not_on_server
+from trainer.evaluation.downstream import exported_parts
 
 
 def browse_features(client: CacheClient, manifest: DatasetManifest, hooks: list[str], run_dir: Path,
@@ -22,8 +22,7 @@ def browse_features(client: CacheClient, manifest: DatasetManifest, hooks: list[
     rewrites the run's and each SAE's eval.json with it."""
     for result in results:
         folder = run_dir / "saes" / result["sae"]
-        result["browser"] = {hook: not_on_server(folder) or _one(client, manifest, folder / hook if len(hooks) > 1
-                                                                  else folder, hook, chunk_ids) for hook in hooks}
+        result["browser"] = {hook: _one(client, manifest, part, hook, chunk_ids) for hook, part in exported_parts(folder, hooks)}
         (folder / "eval.json").write_text(json.dumps(result, indent=1))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     return results
