@@ -17,6 +17,7 @@ is not there, or a JSONL upload with no "text", is valid JSON Schema and still a
 import json
 import subprocess
 import sys
+
 import pytest
 
 from tests.conftest import TINY, TOKEN

@@ -3,8 +3,9 @@ runs here, so the script works the day a GPU box is at hand."""
 
 import subprocess
 import sys
-import pytest
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

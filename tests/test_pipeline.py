@@ -10,8 +10,8 @@ import sys
 import warnings
 
 import httpx
-import torch
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from shared.codec import decode_chunk, to_torch
@@ -96,6 +96,12 @@ def check_the_feature_browser(stdout: str, out) -> None:
             assert abs(float(driver.find_element(By.ID, "density").text.rstrip("%")) - 100 * fired[index].item() / rows.shape[0]) < 0.02
             assert len(driver.find_elements(By.CSS_SELECTOR, "#top .example")) == min(20, int(fired[index]))
             assert len(driver.find_elements(By.CSS_SELECTOR, "#promoted tr")) == 10  # a causal LM: a logit lens
+            # issue 35: the histogram's axes, the shade's scale and dead neighbours, as the page shows them
+            detail = api.get(f"/v1/saes/{sae_id}/features/{index}").json()
+            assert int(driver.find_element(By.ID, "hist-top").text.replace(",", "")) == max(detail["histogram_counts"])
+            assert driver.find_element(By.ID, "hist-axis").is_displayed() and driver.find_element(By.ID, "scale").is_displayed()
+            assert driver.find_element(By.CSS_SELECTOR, "#scale .ramp").size["width"] > 0
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#neighbours .dead")) == len(detail["dead_neighbours"])
             assert screenshot(driver, "feature-browser-feature.png").stat().st_size > 20_000
             # The SAE list (issue 35): names, architecture, figures, sorted by FVU on a click.
             driver.get(f"{base}/saes/")
@@ -258,3 +264,28 @@ def test_the_default_budget_fits_the_corpus(tmp_path):
     harvested = -(-args.tokens // args.context_size) * body
     assert len(stream) - harvested >= -(-args.downstream_tokens // args.context_size) * body
     assert args.train_tokens <= args.tokens
+
+
+@pytest.mark.slow
+def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp_path):
+    """Issue 31: sae-pipeline --transcoders on the shipped causal LM: every MLP's input and output
+    harvested; a transcoder and a skip transcoder per layer and a CLT trained, spliced in by the
+    server, reported and browsable."""
+    out = tmp_path / "tc"
+    result = subprocess.run([sys.executable, "-m", "trainer.pipeline", "--transcoders", "--out", str(out), "--tokens",
+                             "48000", "--train-tokens", "10240", "--downstream-tokens", "1024"],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = {r["sae"]: r for r in json.loads((out / "train" / "eval.json").read_text())}
+    assert sorted(results) == ["clt-topk-vanilla-x8-k32-lr0.001-s0", "skip-transcoder-topk-vanilla-x8-k32-lr0.001-s0",
+                               "transcoder-topk-vanilla-x8-k32-lr0.001-s0"]
+    layers = [f"blocks.{l}.mlp.hook_in" for l in range(4)]  # shakespeare-gpt's four MLPs
+    for name, r in results.items():
+        assert r["l0"] == 32 and r["fvu"] < 1, r
+        assert list(r["downstream"]) == (layers[:1] if name.startswith("clt") else layers), r["downstream"]
+        for figures in r["downstream"].values():
+            assert 0 < figures["kl_div_with_sae"] < figures["kl_div_with_ablation"], figures
+        assert all("path" in page for page in r["browser"].values()), r["browser"]
+    assert len(results["clt-topk-vanilla-x8-k32-lr0.001-s0"]["downstream"][layers[0]]["layers"]) == 4
+    assert "transcoders, skip transcoders and a CLT" in result.stdout and "CE score" in result.stdout
+    assert (out / "report" / "report.md").exists()

@@ -5,8 +5,8 @@ import resource
 import signal
 
 import numpy as np
-import zarr
 import pytest
+import zarr
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, kill_mid_harvest, wait_job

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import zarr
-import pytest
 from zarr.storage import FsspecStore
 
 from tests.conftest import TINY

@@ -7,8 +7,8 @@ route about the skipped things with a 4xx, and go on serving the rest."""
 
 import json
 
-import torch
 import pytest
+import torch
 
 from tests.conftest import TINY
 from tests.server import ServerProcess, free_port, wait_job

@@ -8,6 +8,12 @@ the corpus (CE loss score, KL) and compute each SAE's feature statistics over th
 (the feature browser, /saes/<id>/), prints a results table and the browser's addresses, writes a
 report, and stops the server (also on Ctrl-C; --serve keeps it up for the browser). A second run
 is a cache hit for the harvest and resumes (or reuses) the training.
+
+With --transcoders it does the same for dictionaries that replace computations: it harvests every
+MLP's input and output and trains, side by side on the same batches, a transcoder per layer, a
+skip transcoder per layer and a cross-layer transcoder (TopK, k = 32 a layer, x8), each spliced
+into the model by the server in place of the MLPs (the CLT in place of all of them at once, and
+of each alone) and browsable.
 """
 
 import argparse
@@ -60,23 +66,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "statistics computed over the held-out chunks)")
     parser.add_argument("--serve", action="store_true",
                         help="after the run, keep the cache server up for the feature browser until Ctrl-C")
+    parser.add_argument("--transcoders", action="store_true", help="harvest every MLP's input and output and train "
+                        "transcoders, skip transcoders (one per layer) and a cross-layer transcoder instead of SAEs")
     args = parser.parse_args(argv)
+    if args.transcoders and args.hooks:
+        parser.error("--transcoders harvests every MLP's input and output: drop --hook")
     if args.out is None:
-        args.out = default_out(args.model, args.corpus)
+        args.out = default_out(args.model, args.corpus, args.transcoders)
     return args
 
 
-def default_out(model: str, corpus) -> Path:
-    """runs/<model>[-<corpus>], each name reduced to letters, digits, '.', '_' and '-'.
+def default_out(model: str, corpus, transcoders: bool = False) -> Path:
+    """runs/<model>[-<corpus>][-transcoders], each name reduced to letters, digits, '.', '_' and '-'.
 
     >>> default_out("shakespeare-gpt", "default"), default_out("org/model", {"hf": {"path": "a/b"}})
     (PosixPath('runs/shakespeare-gpt'), PosixPath('runs/org_model-a_b'))
+    >>> default_out("shakespeare-gpt", "default", transcoders=True)
+    PosixPath('runs/shakespeare-gpt-transcoders')
     """
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
 
     name = slug(model) if corpus == "default" else f"{slug(model)}-{slug(corpus['hf']['path'] if isinstance(corpus, dict) else corpus)}"
-    return Path("runs") / name
+    return Path("runs") / (name + ("-transcoders" if transcoders else ""))
 
 
 def _foreign(out: Path) -> str | None:
@@ -86,15 +98,21 @@ def _foreign(out: Path) -> str | None:
     return f"--out {out} holds something that is not a sae-pipeline folder; pick another folder"
 
 
-def expected_seconds(tokens: int, train_tokens: int) -> float:
+def expected_seconds(tokens: int, train_tokens: int, transcoders: bool = False) -> float:
     """The main job's duration, scaled from one measured at the defaults with shakespeare-gpt on 2
     CPU cores (2026-12-07, bench machine: 2 min 33 s in all: harvest of 250k tokens 16 s, training
-    6 SAEs on 200k 70 s, the rest (server start, evaluation, feature statistics, report) 67 s).
+    6 SAEs on 200k 70 s, the rest (server start, evaluation, feature statistics, report) 67 s;
+    TRANSCODER_SECONDS for --transcoders).
 
     >>> round(expected_seconds(250_000, 200_000))
     153
     """
-    return 67 + 16 * tokens / 250_000 + 70 * train_tokens / 200_000
+    fixed, harvest, train = TRANSCODER_SECONDS if transcoders else (67, 16, 70)
+    return fixed + harvest * tokens / 250_000 + train * train_tokens / 200_000
+
+
+TRANSCODER_SECONDS = (90, 40, 240)
+"""--transcoders at the defaults: the rest, the harvest of 250k tokens (8 hooks), training on 200k."""
 
 
 def default_sweep(train_tokens: int) -> Sweep:
@@ -105,6 +123,24 @@ def default_sweep(train_tokens: int) -> Sweep:
     run = RunConfig(batch_size=1024, tokens=train_tokens, shuffle_buffer_rows=65_536, eval_chunks=4,
                     log_every=20, checkpoint_every=100)
     return Sweep(run=run, saes=tuple(saes))
+
+
+def mlp_hooks(hook_names: list[str]) -> tuple[list[str], list[str]]:
+    """Each MLP's input and output hook in layer order, as TransformerLens' bridge names them.
+
+    >>> mlp_hooks(["blocks.1.mlp.hook_in", "blocks.0.mlp.hook_in", "blocks.0.hook_resid_post"])
+    (['blocks.0.mlp.hook_in', 'blocks.1.mlp.hook_in'], ['blocks.0.hook_mlp_out', 'blocks.1.hook_mlp_out'])
+    """
+    layers = sorted(int(m.group(1)) for h in hook_names if (m := re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_in", h)))
+    return [f"blocks.{l}.mlp.hook_in" for l in layers], [f"blocks.{l}.hook_mlp_out" for l in layers]
+
+
+def transcoder_sweep(train_tokens: int, targets: list[str]) -> Sweep:
+    """A transcoder per layer, a skip transcoder per layer and a CLT, TopK at k = 32 a layer (the
+    same total L0, so their downstream figures compare), the trainer's default recipe otherwise."""
+    to = tuple(targets)
+    saes = (SAEConfig(target_hook=to), SAEConfig(target_hook=to, skip=True), SAEConfig(target_hook=to, cross_layer=True))
+    return Sweep(run=default_sweep(train_tokens).run, saes=saes)
 
 
 @contextmanager
@@ -124,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     request = {"model": args.model, "hooks": args.hooks or DEFAULT_HOOKS, "n_tokens": args.tokens, "corpus": args.corpus,
                "context_size": args.context_size, "packing": args.packing, "batch_size": 32}
-    sweep = default_sweep(args.train_tokens)
+    sweep = default_sweep(args.train_tokens)  # the transcoders' sweep has the same run settings
     train_dir = args.out / "train"
     problem = out_folder_problem(args.out) or _foreign(args.out) or (
         None if args.train_tokens >= sweep.run.batch_size else
@@ -132,19 +168,26 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"sae-pipeline: error: {problem}", file=sys.stderr)
         return 2
-    minutes = expected_seconds(args.tokens, args.train_tokens) / 60
-    print(f"sae-pipeline: harvest {args.tokens:,} tokens, train {len(sweep.saes)} SAEs on {args.train_tokens:,}, "
+    minutes = expected_seconds(args.tokens, args.train_tokens, args.transcoders) / 60
+    what = "transcoders, skip transcoders and a CLT" if args.transcoders else f"{len(sweep.saes)} SAEs"
+    print(f"sae-pipeline: harvest {args.tokens:,} tokens, train {what} on {args.train_tokens:,}, "
           f"evaluate and browse them; expect about {minutes:.1f} min on 2 CPU cores at shakespeare-gpt's speed "
           "(a cache hit skips the harvest); each stage's bar shows its ETA")
     try:
         with cache_server(args) as url, CacheClient(url, token=args.token) as client:
+            inputs = [request["hooks"][0]]
+            if args.transcoders:
+                inputs, outputs = mlp_hooks(client.request("GET", f"/v1/models/{args.model}/hooks").json())
+                if not inputs:
+                    raise RunError(f"model '{args.model}' has no blocks.L.mlp.hook_in hooks to read MLP inputs at")
+                request["hooks"], sweep = inputs + outputs, transcoder_sweep(args.train_tokens, outputs)
             accepted = client.harvest(request)
             if accepted.status == "completed":
                 print(f"cache hit: dataset {accepted.dataset_id} is already harvested")
             manifest = client.wait(accepted)
             print(f"dataset {manifest.dataset_id}: {manifest.n_items:,} rows x {len(manifest.hooks)} hooks, "
                   f"{manifest.n_chunks} chunks of {manifest.chunk_rows} rows, {manifest.dtype}")
-            trainer = Trainer(client, manifest, [request["hooks"][0]], sweep, train_dir,
+            trainer = Trainer(client, manifest, inputs, sweep, train_dir,
                               server_is_stable=bool(args.cache_url))
             trainer.prepare(resume=(train_dir / "run.json").exists())
             with stop_on_ctrl_c("sae-pipeline") as should_stop:
