@@ -472,3 +472,30 @@ def test_clt_settings_it_cannot_train_are_refused(tmp_path):
     assert "a cross-layer transcoder is a vanilla TopK per layer" in refusal(
         'cross_layer = true\nactivation = "relu"\ntarget_hook = ["a", "b"]')
     assert "target_hook[1]=''" in refusal('target_hook = ["a", ""]')
+
+
+def test_a_clt_resamples_its_dead_latents_at_badly_predicted_rows():
+    from trainer.sae.clt import CrossLayerTranscoder
+
+    x, y = _layered()
+    clt = CrossLayerTranscoder(SAEConfig(k=4, d_sae=64, target_hook=("a", "b", "c"), cross_layer=True), 16, 3)
+    clt.initialize_tied_parameters(x.mean(0), y.mean(0))
+    clt.initialize_from_data(x, y)
+    optimizer = torch.optim.Adam(clt.parameters(), lr=3e-3)
+    for _ in range(20):
+        out = sae_loss(clt, x, 0.0, None, y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    dead = torch.zeros(3, 64, dtype=torch.bool)
+    dead[1, :10] = True  # layer 1's first ten latents
+    before = clt.W_dec[0].detach().clone()
+    assert clt.resample(optimizer, dead, x, y, torch.Generator().manual_seed(0)) == 10
+    assert torch.equal(clt.W_dec[0], before)  # other layers' latents untouched
+    assert clt.W_dec[1][:10, 1:].abs().sum() == 0  # no write to later layers yet
+    torch.testing.assert_close(clt.W_dec[1][:10, 0].norm(dim=-1), torch.full((10,), clt.cfg.row_norm()))
+    assert optimizer.state[clt.W_dec[1]]["exp_avg"][:10].abs().sum() == 0
+    assert optimizer.state[clt.W_enc]["exp_avg_sq"][1, :, :10].abs().sum() == 0
+    assert optimizer.state[clt.W_enc]["exp_avg_sq"][1, :, 10:].abs().sum() > 0
+    with torch.no_grad():  # pointed at rows of the data, they are picked again on some rows
+        assert (clt(x).learned_activations[:, 1, :10] > 0).any()

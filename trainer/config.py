@@ -159,8 +159,6 @@ class SAEConfig:
             unused.add("matryoshka_prefixes")
         if self.target_hook is None:  # so the run.json of an SAE sweep is what it was before transcoders
             unused |= {"target_hook", "skip", "cross_layer"}
-        if self.cross_layer:
-            unused |= {"resample_every"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
     def name(self) -> str:

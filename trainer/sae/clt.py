@@ -12,8 +12,8 @@ short-run recipe is the TopK family's.
 As in the SAE, each latent computes with a unit-norm decoder row (the concatenation of its blocks
 for every layer it writes to), its scale moved into its encoder column; the input is centred by a
 fixed ``b_in`` (each layer's mean). Memory: the decoders hold ``d_sae * d_out * L (L + 1) / 2``
-weights, growing with the layers squared (``memory_bytes``). No resampling: AuxK (per layer, on
-the residual of every layer the dead latent writes to) keeps latents alive.
+weights, growing with the layers squared (``memory_bytes``). Dead latents: AuxK per layer (on the
+residual of every layer the latent writes to) and resampling (``resample``) as the TopK SAE's.
 """
 
 import torch
@@ -123,6 +123,37 @@ class CrossLayerTranscoder(nn.Module):
             recon = F.embedding_bag(indices, w[2][l][dead_ids].flatten(1), per_sample_weights=values.relu(), mode="sum")
             losses.append((recon - residual[l:].transpose(0, 1).flatten(1)).pow(2).sum(-1).mean() / (self.n_layers - l))
         return torch.stack(losses).mean() if losses else xc.new_zeros(())
+
+    @torch.no_grad()
+    def resample(self, optimizer: torch.optim.Optimizer, dead: Tensor, x: Float[Tensor, "n layer d_in"],
+                 y: Float[Tensor, "n layer d_out"], generator: torch.Generator) -> int:
+        """Point each layer's dead latents at rows whose targets are predicted worst (drawn by the
+        squared error's square, as ``trainer.sae.resample``): the encoder column at the row's input
+        (from ``b_in``, at the alive latents' mean encoder norm), the own-layer decoder block at its
+        target (from ``b_dec``, at the initial norm), the blocks to later layers zero; their Adam
+        state reset. Returns how many."""
+        xc, yc, w = self._components_first(x), self._components_first(y), self.weights()
+        losses = (self.decode_sparse(self.encode_sparse(xc, w), w) - yc).pow(2).sum(-1)  # [layer, n]
+        norm, total = self.cfg.row_norm(), 0
+        for l in range(self.n_layers):
+            ids = dead[l].nonzero().squeeze(1)
+            if ids.numel() == 0:
+                continue
+            weights = losses[l].pow(2).cpu()
+            picks = torch.multinomial(weights if weights.sum() > 0 else torch.ones_like(weights), ids.numel(),
+                                      replacement=True, generator=generator).to(xc.device)
+            alive = ~dead[l]
+            scale = w[0][l][:, alive].norm(dim=0).mean() if alive.any() else torch.ones(())
+            self.W_dec[l][ids] = 0
+            self.W_dec[l][ids, 0] = _at_norm(yc[l, picks] - self.b_dec[l], norm)
+            self.W_enc[l][:, ids] = _at_norm(xc[l, picks] - self.b_in[l], 1.0).T * (scale / norm)
+            self.b_enc[l, ids] = 0
+            for parameter, index in ((self.W_enc, (l, slice(None), ids)), (self.b_enc, (l, ids)), (self.W_dec[l], ids)):
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    if moment in optimizer.state.get(parameter, {}):
+                        optimizer.state[parameter][moment][index] = 0
+            total += ids.numel()
+        return total
 
     @torch.no_grad()
     def calibrate_threshold(self, x: Float[Tensor, "n layer d_in"], rows: int = 1024) -> Tensor:

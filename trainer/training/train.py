@@ -341,7 +341,7 @@ class Trainer:
             self.saes.append(SAEState(
                 cfg=cfg, name=name, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
                 dead_after_tokens=cfg.dead_after_tokens(self.sweep.run.tokens),
-                resample_every=0 if cfg.cross_layer else steps["resample_every"],
+                resample_every=steps["resample_every"],
                 last_resample=self.total_steps - max(steps["lr_decay"], steps["resample_every"]),
                 lr=LRSchedule(cfg.lr, steps["lr_warmup"], steps["lr_decay"], self.total_steps),
                 sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
@@ -478,7 +478,10 @@ class Trainer:
         rows, targets = gathered(x), None if y is None else gathered(y)
         if self.world.main:
             generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step)
-            resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator, targets)
+            if isinstance(s.sae, CrossLayerTranscoder):
+                s.sae.resample(s.optimizer, dead, rows, targets, generator)
+            else:
+                resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator, targets)
         params = list(s.sae.parameters())
         self.world.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
         s.tokens_since_fired[dead] = 0
