@@ -40,8 +40,8 @@ def wait_evaluation(client, evaluation_id: str) -> dict:
     raise TimeoutError(evaluation_id)
 
 
-def register_and_evaluate(client, dataset_id: str, body: bytes, **request) -> dict:
-    sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": HOOK}, content=body)
+def register_and_evaluate(client, dataset_id: str, body: bytes, hook: str = HOOK, **request) -> dict:
+    sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": hook}, content=body)
     assert sae.status_code == 201, sae.text
     answer = client.post("/v1/evaluations", json={"sae_id": sae.json()["sae_id"], **request})
     assert answer.status_code in (200, 202), answer.text

@@ -13,7 +13,7 @@ from safetensors.torch import save
 
 from shared.codec import to_torch
 from tests.conftest import TINY
-from tests.test_evaluations import TEXT, wait_evaluation
+from tests.test_evaluations import TEXT, register_and_evaluate
 from trainer.cli import main as sae_train
 from trainer.config import ConfigError, SAEConfig, load_sweep
 from trainer.data.client import CacheClient
@@ -55,14 +55,16 @@ def transcoder_body(t: dict, hook_out: str | None = MLP_OUT) -> bytes:
     return save(t, metadata={"cfg": json.dumps(cfg)})
 
 
-def register_and_evaluate(client, dataset_id: str, hook: str, body: bytes, **request) -> dict:
-    sae = client.post("/v1/saes", params={"dataset_id": dataset_id, "hook": hook}, content=body)
-    assert sae.status_code == 201, sae.text
-    answer = client.post("/v1/evaluations", json={"sae_id": sae.json()["sae_id"], **request})
-    assert answer.status_code in (200, 202), answer.text
-    job = wait_evaluation(client, answer.json()["evaluation_id"])
-    assert job["status"] == "completed", job
-    return job
+def _fit(sae, x: torch.Tensor, y: torch.Tensor, steps: int, coefficient: float = 0.0,
+         dead: torch.Tensor | None = None) -> torch.optim.Optimizer:
+    """Adam at 3e-3 on the whole of ``x`` for ``steps`` (``dead``: AuxK on every other step); its optimizer."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for step in range(steps):
+        out = sae_loss(sae, x, coefficient, dead if step % 2 else None, y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return optimizer
 
 
 def _synthetic(n: int = 512, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +82,7 @@ def test_a_transcoder_learns_its_target_and_its_export_computes_the_same_on_raw_
     assert sae.W_enc.shape == (1, 16, 64) and sae.W_dec.shape == (1, 64, 16) and sae.b_in.shape == (1, 16)
     sae.initialize_tied_parameters(x.mean(0), y.mean(0))
     sae.initialize_from_data(x, y)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(150):
-        out = sae_loss(sae, x, 0.1, None, y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    _fit(sae, x, y, steps=150, coefficient=0.1)
     if skip:
         assert sae.W_skip.abs().sum() > 0  # the skip path trains with the dictionary
     sae.eval()
@@ -191,7 +188,7 @@ def test_the_server_splices_a_transcoder_in_place_of_the_mlp_as_by_hand(server, 
          "W_skip": torch.randn(d, d, generator=g) / d**0.5}
     with server.client() as client:
         corpus = client.post("/v1/corpora", params={"name": "foxes-tc"}, content=TEXT.encode()).json()["corpus_id"]
-        job = register_and_evaluate(client, mlp_dataset.dataset_id, MLP_IN, transcoder_body(t), n_tokens=4 * 64,
+        job = register_and_evaluate(client, mlp_dataset.dataset_id, transcoder_body(t), hook=MLP_IN, n_tokens=4 * 64,
                                     corpus=corpus)
     model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY)
     stream = model.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
@@ -277,14 +274,9 @@ def test_a_clt_learns_every_layer_s_target_its_sparse_path_is_the_naive_one_and_
     assert [tuple(w.shape) for w in clt.W_dec] == [(64, 3, 16), (64, 2, 16), (64, 1, 16)]  # layer l writes to l..2
     clt.initialize_tied_parameters(x.mean(0), y.mean(0))
     clt.initialize_from_data(x, y)
-    optimizer = torch.optim.Adam(clt.parameters(), lr=3e-3)
     dead = torch.zeros(3, 64, dtype=torch.bool)
-    dead[:, :4] = True  # AuxK's path too
-    for step in range(300):
-        out = sae_loss(clt, x, 0.0, dead if step % 2 else None, y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    dead[:, :4] = True  # AuxK's path too, every other step
+    _fit(clt, x, y, steps=300, dead=dead)
     clt.eval()
     with torch.no_grad():
         acts, pred = clt(x)
@@ -396,7 +388,7 @@ def test_the_server_splices_a_clt_in_place_of_every_mlp_and_of_each_alone_as_by_
     t, k = _random_clt(), 4
     with server.client() as client:
         corpus = client.post("/v1/corpora", params={"name": "foxes-clt"}, content=TEXT.encode()).json()["corpus_id"]
-        job = register_and_evaluate(client, layers_dataset.dataset_id, LAYERS_IN[0], clt_body(t, k), n_tokens=4 * 64,
+        job = register_and_evaluate(client, layers_dataset.dataset_id, clt_body(t, k), hook=LAYERS_IN[0], n_tokens=4 * 64,
                                     corpus=corpus)
     model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY)
     stream = model.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
@@ -481,12 +473,7 @@ def test_a_clt_resamples_its_dead_latents_at_badly_predicted_rows():
     clt = CrossLayerTranscoder(SAEConfig(k=4, d_sae=64, target_hook=("a", "b", "c"), cross_layer=True), 16, 3)
     clt.initialize_tied_parameters(x.mean(0), y.mean(0))
     clt.initialize_from_data(x, y)
-    optimizer = torch.optim.Adam(clt.parameters(), lr=3e-3)
-    for _ in range(20):
-        out = sae_loss(clt, x, 0.0, None, y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    optimizer = _fit(clt, x, y, steps=20)
     dead = torch.zeros(3, 64, dtype=torch.bool)
     dead[1, :10] = True  # layer 1's first ten latents
     before = clt.W_dec[0].detach().clone()

@@ -59,15 +59,24 @@ def export_saelens(sae: SparseAutoencoder, folder: Path, *, component: int, scal
         "normalize_activations": "none",  # folded into the weights
         "reshape_activations": "none",
         "metadata": metadata,
-        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "input_scale": scale,
-                    # only the sparsity setting this architecture has
-                    **({"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk")
-                       else {"l1_coefficient": sae.cfg.l1_coefficient})},
+        "trainer": {**_trained_as(sae), "input_scale": scale},
     }
+    return _write(sae, folder, cfg, saelens_state(sae, component, scale), feature_frequency)
+
+
+def _trained_as(sae: SparseAutoencoder) -> dict:
+    """cfg.json's ``trainer`` record: activation, objective, and only the sparsity setting it has."""
+    sparsity = {"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk") else {"l1_coefficient": sae.cfg.l1_coefficient}
+    return {"activation": sae.cfg.activation, "objective": sae.cfg.objective, **sparsity}
+
+
+def _write(sae: SparseAutoencoder, folder: Path, cfg: dict, state: dict[str, torch.Tensor],
+           feature_frequency: torch.Tensor | None) -> Path:
+    """cfg.json (with a TopK's top-level k), the weights, and the log10 feature frequencies."""
     if sae.cfg.activation == "topk":
         cfg["k"] = sae.cfg.k
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    _save_readable(saelens_state(sae, component, scale), folder / "sae_weights.safetensors")
+    _save_readable(state, folder / "sae_weights.safetensors")
     if feature_frequency is not None:
         _save_readable({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
     return folder
@@ -104,18 +113,10 @@ def export_transcoder(sae: SparseAutoencoder, folder: Path, *, scales: tuple[flo
         "d_in": sae.d_in, "d_sae": sae.d_sae, "d_out": sae.d_out, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
         "metadata": metadata,
-        "trainer": {"activation": sae.cfg.activation, "objective": sae.cfg.objective, "input_scale": scales[0],
-                    "target_scale": scales[1], "target_hook": metadata.get("hook_name_out"), "skip": sae.cfg.skip,
-                    **({"k": sae.cfg.k} if sae.cfg.activation in ("topk", "batchtopk")
-                       else {"l1_coefficient": sae.cfg.l1_coefficient})},
+        "trainer": {**_trained_as(sae), "input_scale": scales[0], "target_scale": scales[1],
+                    "target_hook": metadata.get("hook_name_out"), "skip": sae.cfg.skip},
     }
-    if sae.cfg.activation == "topk":
-        cfg["k"] = sae.cfg.k
-    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    _save_readable(transcoder_state(sae, scales, component), folder / "sae_weights.safetensors")
-    if feature_frequency is not None:
-        _save_readable({"sparsity": torch.log10(feature_frequency.float().cpu() + 1e-10)}, folder / "sparsity.safetensors")
-    return folder
+    return _write(sae, folder, cfg, transcoder_state(sae, scales, component), feature_frequency)
 
 
 def export_clt(clt: CrossLayerTranscoder, folder: Path, *, in_scales: list[float], out_scales: list[float],
