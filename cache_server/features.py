@@ -167,6 +167,13 @@ class FeatureJobs(JobQueue):
         rows = [self._row(data, vocabulary, int(i)) for i in order[offset : offset + limit]]
         return FeatureList(sae_id=sae_id, total=len(order), offset=offset, features=rows)
 
+    def max_value(self, sae_id: str, index: int) -> float | None:
+        """The feature's maximum over the statistics' rows; None while they are not computed."""
+        job = self._jobs.get(sae_id)
+        if job is None or job.status != "completed":
+            return None
+        return float(self._load(sae_id).stats.max_values[index])
+
     def random_feature(self, sae_id: str) -> int:
         """A feature picked at random among those that fire (any, if none does)."""
         fired = self._completed(sae_id).stats.fired

@@ -14,6 +14,7 @@ from cache_server.quarantine import Quarantine
 from cache_server.saes import SaeStore
 from cache_server.settings import Settings
 from cache_server.store import DatasetStore, DatasetUnreadable
+from cache_server.text_probe import TextProbes
 from shared.schemas import ACTIVE_STATUSES, SaeSummary
 
 
@@ -26,6 +27,7 @@ class Services:
     saes: SaeStore
     evaluations: EvaluationManager
     features: FeatureJobs
+    probes: TextProbes
     metrics: ServerMetrics
     quarantine: Quarantine
 
@@ -96,5 +98,6 @@ def build_services(settings: Settings) -> Services:
     saes = SaeStore(root / "saes", settings.max_sae_bytes, quarantine)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models, quarantine)
     features = FeatureJobs(root / "features", saes, store, models, quarantine)
+    probes = TextProbes(saes, store, models, features)
     return Services(settings=settings, store=store, corpora=corpus_store, jobs=jobs, saes=saes,
-                    evaluations=evaluations, features=features, metrics=metrics, quarantine=quarantine)
+                    evaluations=evaluations, features=features, probes=probes, metrics=metrics, quarantine=quarantine)

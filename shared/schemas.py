@@ -7,7 +7,7 @@ sides cannot drift apart.
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["float16", "bfloat16", "float32"]
 Packing = Literal["concatenate", "document"]
@@ -446,3 +446,121 @@ class SaeSummary(BaseModel):
     density_counts: list[int]
     evaluation: EvaluationResult | None = Field(None, description="The SAE's latest completed evaluation "
                                                 "(downstream loss), if one was asked for.")
+
+
+# -- custom text through an SAE (the browser's forms and their JSON) ------------------------------
+MAX_TEXT_CHARS = 8000
+"""Characters of a custom text; its tokens are bounded by the dataset's context size too (the
+positions the SAE was trained on)."""
+MAX_NEW_TOKENS = 64
+MAX_STRENGTH = 1000.0
+
+
+class TextInput(BaseModel):
+    """Text the server tokenizes as the SAE's dataset did (BOS first where the dataset's windows
+    have it), or token ids taken as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    token_ids: list[Annotated[int, Field(strict=True)]] | None = Field(None, min_length=1, max_length=4096,
+                                        description="Token ids instead of text (BOS included where wanted).")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        return self
+
+
+class ActivationsRequest(TextInput):
+    feature: int | None = Field(None, ge=0, strict=True, description="Also every token's activation of this feature.")
+    top: int = Field(5, ge=1, le=100, strict=True, description="Features listed per token, strongest first.")
+
+
+class ActiveFeature(BaseModel):
+    feature: int
+    activation: float
+
+
+class TokenFeatures(BaseModel):
+    position: int
+    token: str = Field(description="As the vocabulary spells it.")
+    token_id: int
+    features: list[ActiveFeature] = Field(description="The active features, strongest first.")
+
+
+class TextActivations(BaseModel):
+    sae_id: str
+    tokens: list[TokenFeatures]
+    feature: int | None = None
+    values: list[float] | None = Field(None, description="The asked feature's activation on each token.")
+    feature_max: float | None = Field(None, description="That feature's maximum over the SAE's feature statistics "
+                                      "(the pages shade by it), when they are computed.")
+
+
+class RowFeatures(BaseModel):
+    """The features active on one stored row (token) of the SAE's dataset."""
+
+    sae_id: str
+    row: int
+    tokens: list[str] = Field(description="The row's token with its context, in its sequence.")
+    position: int = Field(description="Where the row's token is in ``tokens``.")
+    features: list[ActiveFeature] = Field(description="The active features, strongest first.")
+
+
+class SteerRequest(BaseModel):
+    """Generate from a prompt with one feature pushed at the SAE's hook (every position but BOS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    feature: int = Field(ge=0, strict=True)
+    strength: float = Field(10.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, strict=True, description=(
+        "`add`: the feature's decoder row times this is added at every position; `clamp`: the "
+        "feature's activation is set to this (its decoder row times the difference is added)."))
+    mode: Literal["add", "clamp"] = "add"
+    max_new_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS, strict=True)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True, description="0: greedy, so the difference is the feature's.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True, description="Both continuations sample with this seed.")
+
+
+class Continuation(BaseModel):
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+
+
+class Steering(BaseModel):
+    sae_id: str
+    request: SteerRequest
+    prompt_tokens: list[str]
+    unsteered: Continuation
+    steered: Continuation
+    first_difference: int | None = Field(description="The first generated position where the two differ (None: nowhere).")
+
+
+class AttributionRequest(TextInput):
+    position: int | None = Field(None, ge=0, strict=True, description=(
+        "The position whose next-token loss is explained (it predicts the token at position + 1); "
+        "default: the one before the last token."))
+    top: int = Field(20, ge=1, le=500, strict=True)
+
+
+class FeatureAttribution(BaseModel):
+    feature: int
+    attribution: float = Field(description="Its activation times the loss's gradient, summed over positions: "
+                               "positive raises the loss (works against the prediction).")
+    activation: float = Field(description="Its activation at the explained position.")
+    strongest_position: int = Field(description="The position of its largest contribution.")
+
+
+class Attribution(BaseModel):
+    """Each active feature's linear effect on the next-token loss at one position, with the SAE's
+    error term kept so the forward pass is the model's own (SAELens' tutorials' recipe)."""
+
+    sae_id: str
+    tokens: list[str]
+    position: int
+    target: str = Field(description="The token predicted (at position + 1).")
+    loss: float = Field(description="-log p(target) at the position.")
+    total: float = Field(description="The sum of every feature's attribution.")
+    features: list[FeatureAttribution] = Field(description="The largest by absolute attribution.")

@@ -186,7 +186,7 @@ def test_the_feature_page_escapes_every_token_string():
     # no word cut: byte-level BPE continues a word unless Ġ marks a space; WordPiece unless ## continues
     words = example.model_copy(update={"tokens": ["Ġthe", "re", "Ġend"]})
     byte_level = render(detail.model_copy(update={"top": [words], "intervals": []}), d_sae=8, byte_level=True)
-    assert ">there<" not in byte_level and '> the</span><span' in byte_level and ">re</span>" in byte_level
+    assert ">there<" not in byte_level and '> the</a><a' in byte_level and ">re</a>" in byte_level
     pieces = example.model_copy(update={"tokens": ["the", "##re", "end"]})
     # an example's window is widened to whole words at its edges (the server reads a few tokens more)
     from cache_server.features import whole_words
@@ -195,7 +195,9 @@ def test_the_feature_page_escapes_every_token_string():
     assert whole_words(gpt2, 6, 11, byte_level=True) == (6, 11)  # "." and ":" cut no word
     assert whole_words(["a", "##b", "##c", "d"], 1, 2, byte_level=False) == (0, 3)
     wordpiece = render(detail.model_copy(update={"top": [pieces], "intervals": []}), d_sae=8)
-    assert "> the</span>" in wordpiece and ">re</span>" in wordpiece and "> end</span>" in wordpiece
+    assert "> the</a>" in wordpiece and ">re</a>" in wordpiece and "> end</a>" in wordpiece
+    # each token links to the features active on its row (the example's first token is row 5 - 1)
+    assert 'href="/saes/aaaaaaaaaaaaaaaaaaaaaaaa/rows/4"' in wordpiece and 'href="/saes/aaaaaaaaaaaaaaaaaaaaaaaa/rows/6"' in wordpiece
 
 
 def test_the_sae_list_names_each_sae_with_its_figures_and_sorts_by_them(client):

@@ -23,6 +23,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .lens { display: flex; gap: 3em; } .note { color: #666; }
 .ramp { display: inline-block; width: 8em; height: .8em; background: linear-gradient(to right, rgba(220, 80, 40, 0), rgba(220, 80, 40, 1)); }
 .dead { color: #a33; font-size: .85em; } #saes td:first-child { white-space: nowrap; }
+a.tok { color: inherit; text-decoration: none; } a.tok:hover { text-decoration: underline; }
+.tok.target { outline: 1px dashed #36c; } .differs { background: #fde68a; } .prompt { color: #666; }
+.cols { display: flex; gap: 2em; } .cols > div { flex: 1; } textarea { width: 100%; box-sizing: border-box; }
+form { margin: .6em 0; }
 """
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>")
 

@@ -66,11 +66,14 @@ def render(summary: SaeSummary, listing: FeatureList, sort: str, order: str, q: 
               f'placeholder="a token, e.g. the" id="search"><input type="hidden" name="sort" value="{escape(sort)}">'
               f'<button type="submit">search top tokens</button></form>')
     title = escape(sae.name or sae.sae_id)
-    return page(f"SAE {sae.name or sae.sae_id}", f"""<nav><a href="/saes/">SAEs</a><a href="{base}/random" id="random">a random feature</a></nav>
+    return page(f"SAE {sae.name or sae.sae_id}", f"""<nav><a href="/saes/">SAEs</a><a href="{base}/random" id="random">a random feature</a>
+<a href="{base}/text" id="try-text">any text</a></nav>
 <h1>SAE {title}</h1>
 <p>{escape(sae.label())}, {sae.d_sae:,} features on <code>{escape(sae.hook)}</code>
 (d_in {sae.d_in}) of dataset <code>{escape(sae.dataset_id)}</code>; figures over {summary.n_rows:,} rows ({escape(rows)}).</p>
 {_figures(summary)}
+<form method="get" action="{base}/text" id="text-form"><input name="text" id="text" placeholder="any text: what fires on it?"
+size="50"><button type="submit">encode</button></form>
 <h2>Feature density (live features)</h2>{_density(summary)}
 <h2>Features</h2>{search}{_table(base, listing, sort, order, q, limit)}""")
 

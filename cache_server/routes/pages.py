@@ -2,14 +2,17 @@
 too (see ``app.py``): a person reads them."""
 
 from typing import Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from cache_server.browser import feature_page, sae_page
+from cache_server.browser.templates import render
 from cache_server.errors import ServiceError
 from cache_server.routes.deps import services
 from cache_server.services import Services
+from shared.schemas import MAX_NEW_TOKENS, MAX_STRENGTH, MAX_TEXT_CHARS, ActivationsRequest, AttributionRequest, SteerRequest
 
 router = APIRouter(prefix="/saes", include_in_schema=False)
 PAGE = 100  # features a list page shows
@@ -54,4 +57,85 @@ def feature(sae_id: str, index: int, svc: Services = Depends(services)) -> HTMLR
     """One feature's page, from the same figures as GET /v1/saes/<id>/features/<index>."""
     detail = svc.features.detail(sae_id, index)
     sae = svc.saes.info(sae_id)
-    return HTMLResponse(feature_page.render(detail, sae.d_sae, svc.features.byte_level(sae.dataset_id)))
+    return HTMLResponse(feature_page.render(detail, sae.d_sae, svc.features.byte_level(sae.dataset_id),
+                                            svc.probes.causal(sae_id)))
+
+
+# -- custom text: forms over the JSON routes' services (GET, so a result is a link to share) -------
+Text = Query("", max_length=MAX_TEXT_CHARS, description="The text to run (empty: the form only).")
+
+
+def _context(svc: Services, sae_id: str, text: str, **extra) -> dict:
+    """What every text page shows: the SAE, its vocabulary's spelling, the limits, and ``query``
+    (this page's query string with some parameters changed)."""
+    sae = svc.saes.info(sae_id)
+    return dict(sae=sae, text=text, byte_level=svc.features.byte_level(sae.dataset_id), causal=svc.probes.causal(sae_id),
+                max_chars=MAX_TEXT_CHARS, max_tokens=svc.probes.max_tokens(sae_id),
+                query=lambda **changes: urlencode({"text": text, **changes}), **extra)
+
+
+def _check_feature(svc: Services, sae_id: str, index: int) -> None:
+    d_sae = svc.saes.info(sae_id).d_sae
+    if not 0 <= index < d_sae:
+        raise ServiceError(f"feature {index} is out of range: SAE '{sae_id}' has {d_sae} (0..{d_sae - 1})", 404)
+
+
+@router.get("/{sae_id}/text", response_class=HTMLResponse)
+def text(sae_id: str, text: str = Text, token: int | None = Query(None, ge=0),
+         svc: Services = Depends(services)) -> HTMLResponse:
+    """Each token's strongest features (POST /v1/saes/<id>/activations); ``token``: all of one token's."""
+    result = svc.probes.activations(sae_id, ActivationsRequest(text=text, top=50)) if text else None
+    selected = result.tokens[token] if result and token is not None and token < len(result.tokens) else None
+    return HTMLResponse(render("text.html", **_context(svc, sae_id, text, result=result, token=token, selected=selected,
+                                                       action=f"/saes/{sae_id}/text", button="encode")))
+
+
+@router.get("/{sae_id}/features/{index}/text", response_class=HTMLResponse)
+def feature_text(sae_id: str, index: int, text: str = Text, svc: Services = Depends(services)) -> HTMLResponse:
+    """The text shaded by one feature's activation, relative to its maximum over the statistics' rows."""
+    _check_feature(svc, sae_id, index)
+    result = svc.probes.activations(sae_id, ActivationsRequest(text=text, feature=index, top=1)) if text else None
+    scale, scale_name = None, "this feature's max"
+    if result is not None:
+        scale = result.feature_max
+        if not scale:
+            scale, scale_name = max(result.values, default=0.0), "its max on this text"
+    return HTMLResponse(render("feature_text.html", **_context(
+        svc, sae_id, text, result=result, feature=index, scale=scale, scale_name=scale_name,
+        action=f"/saes/{sae_id}/features/{index}/text", button="shade by this feature")))
+
+
+@router.get("/{sae_id}/features/{index}/steer", response_class=HTMLResponse)
+def steer(sae_id: str, index: int, prompt: str = Query("", max_length=MAX_TEXT_CHARS),
+          strength: float | None = Query(None, ge=-MAX_STRENGTH, le=MAX_STRENGTH), mode: Literal["add", "clamp"] = "add",
+          tokens: int = Query(20, ge=1, le=MAX_NEW_TOKENS), temperature: float = Query(0.0, ge=0.0, le=2.0),
+          seed: int = Query(0, ge=0, le=2**31 - 1), svc: Services = Depends(services)) -> HTMLResponse:
+    """Two continuations of a prompt, with the feature pushed and without (POST /v1/saes/<id>/steer)."""
+    _check_feature(svc, sae_id, index)
+    peak = svc.features.max_value(sae_id, index)
+    default = round(2 * peak, 3) if peak else 10.0  # twice the strongest activation seen: a visible push
+    request = result = None
+    if prompt:
+        request = SteerRequest(prompt=prompt, feature=index, strength=default if strength is None else strength, mode=mode,
+                               max_new_tokens=tokens, temperature=temperature, seed=seed)
+        result = svc.probes.steer(sae_id, request)
+    sae = svc.saes.info(sae_id)
+    return HTMLResponse(render("steer.html", **_context(
+        svc, sae_id, prompt, request=request, result=result, feature=index, default_strength=default,
+        max_strength=MAX_STRENGTH, max_new_tokens=MAX_NEW_TOKENS, hooks=sae.output_hooks() or [sae.hook])))
+
+
+@router.get("/{sae_id}/attribution", response_class=HTMLResponse)
+def attribution(sae_id: str, text: str = Text, position: int | None = Query(None, ge=0),
+                svc: Services = Depends(services)) -> HTMLResponse:
+    """The features ranked by their effect on the next-token loss at a position (POST /v1/saes/<id>/attribution)."""
+    result = svc.probes.attribution(sae_id, AttributionRequest(text=text, position=position, top=50)) if text else None
+    return HTMLResponse(render("attribution.html", **_context(svc, sae_id, text, result=result,
+                                                              action=f"/saes/{sae_id}/attribution", button="attribute")))
+
+
+@router.get("/{sae_id}/rows/{row}", response_class=HTMLResponse)
+def row(sae_id: str, row: int, svc: Services = Depends(services)) -> HTMLResponse:
+    """The features active on a stored token (GET /v1/saes/<id>/rows/<row>/features): examples link here."""
+    result = svc.probes.row_features(sae_id, row, 50)
+    return HTMLResponse(render("row.html", **_context(svc, sae_id, "", result=result)))

@@ -5,7 +5,8 @@ from fastapi.responses import Response
 
 from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
-from shared.schemas import FeatureDetail, FeatureJob, FeatureList, SaeInfo, SaeSummary
+from shared.schemas import (ActivationsRequest, Attribution, AttributionRequest, FeatureDetail, FeatureJob, FeatureList,
+                            RowFeatures, SaeInfo, SaeSummary, Steering, SteerRequest, TextActivations)
 
 router = APIRouter(prefix="/v1/saes", tags=["saes"])
 
@@ -87,3 +88,31 @@ def feature_job(sae_id: str, svc: Services = Depends(services)) -> FeatureJob:
 def feature(sae_id: str, index: int, svc: Services = Depends(services)) -> FeatureDetail:
     """One feature: density, activations, top and interval examples with their contexts, neighbours."""
     return svc.features.detail(sae_id, index)
+
+
+# Custom text: reads (no token), but each runs the model: plain ``def`` routes run off the event loop.
+@router.post("/{sae_id}/activations")
+def activations(sae_id: str, request: ActivationsRequest, svc: Services = Depends(services)) -> TextActivations:
+    """Text (tokenized as the SAE's dataset was) or token ids through the model to the SAE's hook:
+    each token's strongest features, and one feature's activation on every token if asked."""
+    return svc.probes.activations(sae_id, request)
+
+
+@router.get("/{sae_id}/rows/{row}/features")
+def row_features(sae_id: str, row: int, top: int = Query(50, ge=1, le=1000),
+                 svc: Services = Depends(services)) -> RowFeatures:
+    """The features active on one stored token (row) of the SAE's dataset, strongest first."""
+    return svc.probes.row_features(sae_id, row, top)
+
+
+@router.post("/{sae_id}/steer")
+def steer(sae_id: str, request: SteerRequest, svc: Services = Depends(services)) -> Steering:
+    """A continuation of the prompt with the feature pushed at the SAE's hook, beside the one without
+    (same seed and sampling). Causal LMs only."""
+    return svc.probes.steer(sae_id, request)
+
+
+@router.post("/{sae_id}/attribution")
+def attribution(sae_id: str, request: AttributionRequest, svc: Services = Depends(services)) -> Attribution:
+    """Each active feature's activation times the gradient of the next-token loss at a position."""
+    return svc.probes.attribution(sae_id, request)
