@@ -5,6 +5,7 @@ SAEs on the same batches; exported in SAELens' transcoder layout."""
 import json
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -486,3 +487,107 @@ def test_a_clt_resamples_its_dead_latents_at_badly_predicted_rows():
     assert optimizer.state[clt.W_enc]["exp_avg_sq"][1, :, 10:].abs().sum() > 0
     with torch.no_grad():  # pointed at rows of the data, they are picked again on some rows
         assert (clt(x).learned_activations[:, 1, :10] > 0).any()
+
+
+def test_text_steering_and_attribution_through_a_clt_and_a_transcoder_as_by_hand(server, layers_dataset, mlp_dataset):
+    """Issue 34 for dictionaries that replace computations: a CLT's latents on a text are each
+    layer's encoder on that layer's MLP input; steering one of layer 0 adds its decoder block at
+    both MLP outputs; its attribution flows through every later layer's prediction. A transcoder's
+    latents read the MLP's input and its steering writes to the MLP's output."""
+    from cache_server.models import ModelRegistry
+
+    t, k = _random_clt(), 4
+    text, feature, strength = "the fox jumps over the dog and runs", 7, 30.0
+    model = ModelRegistry(None, torch.device("cpu"), allow_hub=False).get(TINY)
+    ids = [model.bos_token_id] + model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(x, l):
+        pre = x @ t[f"W_enc_{l}"].T + t[f"b_enc_{l}"]
+        top = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+    with server.client() as client:
+        sae = client.post("/v1/saes", params={"dataset_id": layers_dataset.dataset_id, "hook": LAYERS_IN[0]},
+                          content=clt_body(t, k)).json()["sae_id"]
+        answer = client.post(f"/v1/saes/{sae}/activations", json={"text": text, "feature": 96 + feature}).json()
+        steered = client.post(f"/v1/saes/{sae}/steer", json={"prompt": text, "feature": feature, "strength": strength,
+                                                             "max_new_tokens": 6}).json()
+        attributed = client.post(f"/v1/saes/{sae}/attribution", json={"text": text, "top": 500}).json()
+        d_sae = 96
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(torch.tensor([ids]), names_filter=LAYERS_IN)
+            acts = torch.cat([encode(cache[h][0], l) for l, h in enumerate(LAYERS_IN)], -1)
+        acts[0] = 0
+        np.testing.assert_allclose(answer["values"], acts[:, d_sae + feature], rtol=1e-4, atol=1e-5)
+        assert [f["feature"] for f in answer["tokens"][3]["features"]] == acts[3].topk(5).indices[acts[3].topk(5).values > 0].tolist()
+
+        def push(j):
+            def fn(activation, hook):
+                out = activation.clone()
+                out[:, 1:] += strength * t["W_dec_0"][feature, j]
+                return out
+            return fn
+
+        sequence = list(ids)
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model.bridge.run_with_hooks(torch.tensor([sequence]), fwd_hooks=[(LAYERS_OUT[j], push(j)) for j in range(2)])
+                sequence.append(int(logits[0, -1].argmax()))
+        assert steered["steered"]["token_ids"] == sequence[len(ids):]
+        assert steered["steered"]["token_ids"] != steered["unsteered"]["token_ids"]
+
+        leaves = {}
+
+        def read(l):
+            def fn(activation, hook):
+                leaves[l] = encode(activation.detach(), l).requires_grad_()
+                return activation
+            return fn
+
+        def write(j):
+            def fn(activation, hook):
+                out = sum(leaves[l] @ t[f"W_dec_{l}"][:, j - l] for l in range(j + 1))
+                return activation + out - out.detach()
+            return fn
+
+        hooks = [(h, read(l)) for l, h in enumerate(LAYERS_IN)] + [(h, write(j)) for j, h in enumerate(LAYERS_OUT)]
+        logits = model.bridge.run_with_hooks(torch.tensor([ids]), fwd_hooks=hooks)
+        position = len(ids) - 2
+        loss = -F.log_softmax(logits[0, position], -1)[ids[-1]]
+        grads = torch.autograd.grad(loss, [leaves[0], leaves[1]])
+        scores = torch.cat([leaves[l].detach() * g for l, g in enumerate(grads)], -1)[0]
+        scores[0] = 0
+        summed = scores.sum(0)
+        assert attributed["position"] == position and attributed["total"] == pytest.approx(float(summed.sum()), rel=1e-3, abs=1e-6)
+        assert [f["feature"] for f in attributed["features"]] == summed.abs().argsort(descending=True)[: int((summed != 0).sum())].tolist()
+
+        # a skip transcoder: latents from the MLP's input, steering at its output
+        g = torch.Generator().manual_seed(0)
+        tc = {"W_enc": torch.randn(64, 128, generator=g) / 8, "b_enc": torch.randn(128, generator=g) * 0.1,
+              "W_dec": torch.randn(128, 64, generator=g) / 128**0.5, "b_dec": torch.randn(64, generator=g) * 0.1,
+              "W_skip": torch.randn(64, 64, generator=g) / 8}
+        transcoder = client.post("/v1/saes", params={"dataset_id": mlp_dataset.dataset_id, "hook": MLP_IN},
+                                 content=transcoder_body(tc)).json()["sae_id"]
+        values = client.post(f"/v1/saes/{transcoder}/activations", json={"text": text, "feature": 3}).json()["values"]
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(torch.tensor([ids]), names_filter=[MLP_IN])
+            expected = (cache[MLP_IN][0] @ tc["W_enc"] + tc["b_enc"]).relu()[:, 3]
+        np.testing.assert_allclose(values[1:], expected[1:], rtol=1e-4, atol=1e-5)
+        clamped = client.post(f"/v1/saes/{transcoder}/steer", json={"prompt": text, "feature": 3, "strength": 50.0,
+                                                                    "mode": "clamp", "max_new_tokens": 4}).json()
+        seen, sequence = {}, list(ids)
+
+        def keep(activation, hook):
+            seen["a"] = (activation @ tc["W_enc"] + tc["b_enc"]).relu()[..., 3]
+            return activation
+
+        def clamp(activation, hook):
+            out = activation.clone()
+            out[:, 1:] += ((50.0 - seen["a"])[..., None] * tc["W_dec"][3])[:, 1:]
+            return out
+
+        with torch.no_grad():
+            for _ in range(4):
+                logits = model.bridge.run_with_hooks(torch.tensor([sequence]), fwd_hooks=[(MLP_IN, keep), (MLP_OUT, clamp)])
+                sequence.append(int(logits[0, -1].argmax()))
+        assert clamped["steered"]["token_ids"] == sequence[len(ids):]
