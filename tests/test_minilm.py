@@ -45,3 +45,17 @@ def test_an_encoder_gets_no_downstream_loss_but_its_reconstruction_figures(serve
     assert job["status"] == "completed" and result["downstream"] is None
     assert "not a causal LM (BertForMaskedLM)" in result["downstream_unavailable"]
     assert result["explained_variance"] == pytest.approx(1.0) and result["n_tokens"] == 2 * 127
+    # issue 34: text goes through an encoder's SAE; steering and attribution answer why they do not apply
+    from tests.test_bad_input import assert_refused
+
+    sae_id = sae.json()["sae_id"]
+    with server.client() as client:
+        tokens = client.post(f"/v1/saes/{sae_id}/activations", json={"text": "the cat sat"}).json()["tokens"]
+        assert [t["token"] for t in tokens] == ["[CLS]", "the", "cat", "sat"] and tokens[0]["features"] == []
+        assert len(tokens[1]["features"]) == 5 and tokens[1]["features"][0]["activation"] > 0
+        assert_refused(client.post(f"/v1/saes/{sae_id}/steer", json={"prompt": "the cat", "feature": 0}), 422,
+                       "steering does not apply: 'all-MiniLM-L6-v2' is not a causal LM")
+        assert_refused(client.post(f"/v1/saes/{sae_id}/attribution", json={"text": "the cat sat"}), 422,
+                       "attribution of the next-token loss does not apply")
+        page = client.get(f"/saes/{sae_id}/text", params={"text": "the cat sat"}).text
+        assert page.count('class="tok') == 4 and "why next" not in page

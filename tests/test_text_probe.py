@@ -261,3 +261,30 @@ def test_in_chromium_type_a_text_click_a_token_steer_and_attribute(server, probe
         from_json = server.client().post(f"/v1/saes/{sae}/attribution", json={"text": TEXT, "position": 6, "top": 50}).json()
         assert ranked == [f["feature"] for f in from_json["features"]]
         screenshot(driver, "attribution.png")
+
+
+def test_reads_are_answered_while_a_steering_request_runs(server, probe):
+    """Model work runs on worker threads, not the event loop: reads made during a long steering
+    request each answer in a fraction of its time (a blocked loop would hold one for most of it)."""
+    import threading
+    import time
+
+    sae, took = probe["sae"], {}
+
+    def steer():
+        t0 = time.perf_counter()
+        with server.client() as c:
+            c.post(f"/v1/saes/{sae}/steer", json={"prompt": "the", "feature": 5, "max_new_tokens": 28}).raise_for_status()
+        took["steer"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=steer)
+    latencies = []
+    with server.client() as client:
+        client.get(f"/v1/saes/{sae}")  # connected before the race starts
+        thread.start()
+        while thread.is_alive():
+            t0 = time.perf_counter()
+            assert client.get(f"/v1/saes/{sae}").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+        thread.join()
+    assert len(latencies) >= 3 and max(latencies) < took["steer"] / 2, (latencies, took)
