@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cache_server.browser.layout import error_page
+from cache_server.browser.templates import render
 from cache_server.errors import ServiceError
 from cache_server.files import disk_full_message, is_disk_full
 from cache_server.guard import RequestGuard
@@ -25,7 +25,7 @@ log = logging.getLogger("cache_server")
 def _answer(request: Request, detail: str, status: int, headers: dict | None = None) -> Response:
     """An error as JSON ({"detail": ...}), or as a page under the browser's /saes/ paths."""
     if request.url.path == "/saes" or request.url.path.startswith("/saes/"):
-        return HTMLResponse(error_page(status, detail), status_code=status, headers=headers)
+        return HTMLResponse(render("error.html", status=status, message=detail), status_code=status, headers=headers)
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 

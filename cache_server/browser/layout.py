@@ -1,6 +1,6 @@
-"""The frame every browser page shares: one inline style sheet, no script, no CDN, so the pages
-render offline and in any browser. Every string from the vocabulary or a request is untrusted
-text: callers pass it through ``html.escape`` (``token`` does for vocabulary strings)."""
+"""What every browser page shares: one inline style sheet (``templates/base.html`` holds it), no
+script, no CDN, so the pages render offline and in any browser; and how a vocabulary string is
+shown. Every string from the vocabulary or a request is untrusted text: the templates escape it."""
 
 from html import escape
 
@@ -31,14 +31,6 @@ form { margin: .6em 0; }
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", "<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>")
 
 
-def page(title: str, body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
-<style>{STYLE}</style></head><body>
-{body}
-</body></html>"""
-
-
 def shown(text: str, byte_level: bool = False) -> str:
     """A vocabulary string as the text it stands for, escaped. Byte-level BPE (GPT-2) marks a space
     with Ġ and continues a word otherwise; WordPiece (BERT) starts a word unless ``##`` continues
@@ -47,15 +39,3 @@ def shown(text: str, byte_level: bool = False) -> str:
     if not (byte_level or text.startswith("##") or readable.startswith(" ") or text in SPECIAL):
         readable = " " + readable
     return escape(readable)
-
-
-def bars(counts: list[int], labels: list[str]) -> str:
-    """A histogram as flex bars, each label its hover title."""
-    top = max(counts, default=0) or 1
-    return '<div class="hist">' + "".join(f'<div style="height: {100 * c / top:.1f}%" title="{escape(label)}: {c}">'
-                                          "</div>" for c, label in zip(counts, labels)) + "</div>"
-
-
-def error_page(status: int, message: str) -> str:
-    return page(f"{status}: {message}", f'<nav><a href="/saes/">SAEs</a></nav><h1>{status}</h1>'
-                                        f'<p id="error">{escape(message)}</p>')

@@ -1,12 +1,19 @@
 """The pages' Jinja2 templates: autoescaped, so every string from the vocabulary or a request is
 escaped unless a filter here marks it as already escaped (``shown`` escapes first)."""
 
+from html import escape
+
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from cache_server.browser.layout import STYLE, SPECIAL, shown
 
-ENV = Environment(loader=PackageLoader("cache_server.browser", "templates"), autoescape=True,
+def _escaped(value):
+    """Strings escaped as ``html.escape`` does (quotes as &quot; and &#x27;), the rest as Jinja does."""
+    return Markup(escape(value)) if isinstance(value, str) and not isinstance(value, Markup) else value
+
+
+ENV = Environment(loader=PackageLoader("cache_server.browser", "templates"), autoescape=True, finalize=_escaped,
                   undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 ENV.globals |= {"STYLE": Markup(STYLE), "SPECIAL": SPECIAL}
 ENV.filters["shown"] = lambda text, byte_level=False: Markup(shown(text, byte_level))
@@ -18,6 +25,7 @@ def shade(value: float, max_value: float | None) -> str:
 
 
 ENV.filters["shade"] = shade
+ENV.filters["fmt"] = format
 
 
 def render(template: str, **context) -> str:
