@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache_server.corpora import _builtin_text  # noqa: E402
-from cache_server.corpus_tokens import LINES_PER_BLOCK, READ_BYTES, CorpusTokens  # noqa: E402
-from cache_server.dataset_corpora import DatasetTokens, locate  # noqa: E402
+from cache_server.corpora.corpus_store import _builtin_text  # noqa: E402
+from cache_server.corpora.tokens import LINES_PER_BLOCK, READ_BYTES, CorpusTokens  # noqa: E402
+from cache_server.corpora.hf_datasets import DatasetTokens, locate  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from shared.schemas import HFDataset  # noqa: E402
 from trainer.data.local_server import LocalServer  # noqa: E402

@@ -1,7 +1,7 @@
 """Downstream-evaluation throughput against the bare forward pass, in one process.
 
 (a) a bare forward loop (logits) over token windows of the built-in corpus, and (b) the server's
-evaluation of an SAE on the same windows (``cache_server.downstream.evaluate``: clean, spliced,
+evaluation of an SAE on the same windows (``cache_server.saes.downstream.evaluate``: clean, spliced,
 zero- and mean-ablated forward passes, log-softmax, CE and KL sums), alternated over rounds with
 the best of each kept. An evaluation runs four forward passes, so (b)/(a) has a ceiling of 0.25;
 the figure says how much the rest costs on top.
@@ -20,11 +20,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cache_server.corpora import CorpusStore  # noqa: E402
-from cache_server.downstream import evaluate  # noqa: E402
-from cache_server.harvester import Layout, TokenWindows  # noqa: E402
+from cache_server.corpora.corpus_store import CorpusStore  # noqa: E402
+from cache_server.saes.downstream import evaluate  # noqa: E402
+from cache_server.harvest.harvester import Layout, TokenWindows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
-from cache_server.saes import SaeWeights  # noqa: E402
+from cache_server.saes.registry import SaeWeights  # noqa: E402
 
 
 def bare_forward(model, windows: np.ndarray, batch: int) -> float:

@@ -1,4 +1,4 @@
-"""The feature browser's statistics job (cache_server/feature_stats.py): time and memory for an
+"""The feature browser's statistics job (cache_server/saes/feature_stats.py): time and memory for an
 SAE of --d-sae latents over --rows rows, against its baseline, the two encoding passes alone.
 
     .venv/bin/python bench/feature_stats.py [--rows 65536] [--d-in 768] [--d-sae 24576] [--vocab 50257]
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache_server.feature_stats import ReconstructionSums, feature_statistics, logit_lens  # noqa: E402
+from cache_server.saes.feature_stats import ReconstructionSums, feature_statistics, logit_lens  # noqa: E402
 
 
 def peak_mb() -> float:

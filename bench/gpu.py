@@ -44,8 +44,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache_server.corpora import CorpusStore  # noqa: E402
-from cache_server.harvester import TokenWindows  # noqa: E402
+from cache_server.corpora.corpus_store import CorpusStore  # noqa: E402
+from cache_server.harvest.harvester import TokenWindows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from shared.schemas import HookSpec  # noqa: E402
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402

@@ -20,8 +20,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cache_server.corpora import CorpusStore  # noqa: E402
-from cache_server.harvester import Layout, TokenWindows  # noqa: E402
+from cache_server.corpora.corpus_store import CorpusStore  # noqa: E402
+from cache_server.harvest.harvester import Layout, TokenWindows  # noqa: E402
 from cache_server.models import ModelRegistry  # noqa: E402
 from shared.schemas import HookSpec  # noqa: E402
 from trainer.data.client import CacheClient  # noqa: E402

@@ -53,7 +53,7 @@ def _check_store(store: Path) -> str | None:
 
 
 def _check_bucket(url: str) -> str | None:
-    from cache_server.store import StoreError, open_zarr_store
+    from cache_server.store.dataset_store import StoreError, open_zarr_store
 
     try:
         open_zarr_store(url, check=True)

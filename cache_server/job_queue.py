@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from cache_server.quarantine import Quarantine
 from shared.schemas import ACTIVE_STATUSES
 
-log = logging.getLogger("cache_server.jobs")
+log = logging.getLogger("cache_server.harvest.jobs")
 
 
 class JobQueue:

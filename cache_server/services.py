@@ -3,18 +3,18 @@ evaluations, built from settings."""
 
 from dataclasses import dataclass
 
-from cache_server.corpora import CorpusStore
+from cache_server.corpora.corpus_store import CorpusStore
 from cache_server.errors import ServiceError
-from cache_server.evaluations import EvaluationManager
-from cache_server.features import FeatureJobs
-from cache_server.jobs import JobManager
+from cache_server.saes.evaluations import EvaluationManager
+from cache_server.saes.features import FeatureJobs
+from cache_server.harvest.jobs import JobManager
 from cache_server.metrics import ServerMetrics
 from cache_server.models import ModelRegistry, pick_device
 from cache_server.quarantine import Quarantine
-from cache_server.saes import SaeStore
+from cache_server.saes.registry import SaeStore
 from cache_server.settings import Settings
-from cache_server.store import DatasetStore, DatasetUnreadable
-from cache_server.text_probe import TextProbes
+from cache_server.store.dataset_store import DatasetStore, DatasetUnreadable
+from cache_server.saes.text_probe import TextProbes
 from shared.schemas import ACTIVE_STATUSES, SaeSummary
 
 

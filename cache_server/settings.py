@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     allow_hub: bool = Field(True, description="Let unknown model names load from the HF hub.")
     replica: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=(
         "This server's name among several sharing one store: harvests are split between them "
-        "(see cache_server.shared_harvest). Every server on the store needs one."))
+        "(see cache_server.harvest.shared). Every server on the store needs one."))
     lease_seconds: float = Field(60.0, gt=0, description="A replica silent this long loses its ranges to others.")
 
     @field_validator("token")

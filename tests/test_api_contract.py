@@ -72,3 +72,22 @@ def test_every_answer_is_what_the_openapi_document_says(tmp_path):
         server.stop()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failures" not in run.stdout.splitlines()[-1]
+
+
+def test_cache_server_imports_point_one_way():
+    """cache_server/ by concern (issue 36): corpora and store import neither each other nor anything
+    above them; harvest imports those; saes imports harvest and below; none imports the routes,
+    the pages, the service layer or the app."""
+    import re
+    from pathlib import Path
+
+    rank = {"corpora": 1, "store": 1, "harvest": 2, "saes": 3}
+    top = {"routes", "browser", "services", "app", "cli"}
+    root = Path(__file__).resolve().parents[1] / "cache_server"
+    wrong = []
+    for concern, level in rank.items():
+        for path in (root / concern).glob("*.py"):
+            for other in re.findall(r"^\s*from cache_server\.([a-z_]+)", path.read_text(), re.M):
+                if other in top or (other in rank and other != concern and rank[other] >= level):
+                    wrong.append(f"{concern}/{path.name} imports cache_server.{other}")
+    assert not wrong and len(list(root.glob("*/*.py"))) > 20, wrong

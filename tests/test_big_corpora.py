@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cache_server.corpora import _builtin_text
+from cache_server.corpora.corpus_store import _builtin_text
 from tests.conftest import TINY, TOKEN
 from tests.server import ServerProcess, free_port, wait_job
 

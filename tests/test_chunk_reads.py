@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from cache_server.chunk_reads import _read_cached, _read_from, read_local_chunk
+from cache_server.store.chunk_reads import _read_cached, _read_from, read_local_chunk
 
 
 def test_a_chunk_file_is_read_whole_with_an_etag_that_changes_when_it_is_rewritten(tmp_path):

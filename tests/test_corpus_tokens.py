@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from cache_server import corpus_tokens
-from cache_server.corpora import _builtin_text
-from cache_server.corpus_tokens import CorpusTokens
+from cache_server.corpora import tokens as corpus_tokens
+from cache_server.corpora.corpus_store import _builtin_text
+from cache_server.corpora.tokens import CorpusTokens
 from cache_server.models import _minilm_tokenizer
 
 SEPARATOR = 102

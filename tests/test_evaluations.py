@@ -159,7 +159,7 @@ def test_bad_saes_and_evaluations_get_a_4xx_that_names_the_problem(server, clien
 def test_the_batch_size_asked_for_does_not_set_the_memory_nor_the_figures(client, dataset_id, small_corpus):
     """Four logit tensors of a forward live at once, and a forward holds at most 2^24 logits, so
     batch_size 1024 costs what 16 does (issue 37: it grew to GBs); the figures are the same."""
-    from cache_server.downstream import MAX_LOGITS, windows_per_forward
+    from cache_server.saes.downstream import MAX_LOGITS, windows_per_forward
 
     assert windows_per_forward(1024, 128, 50_257) == 2 and windows_per_forward(16, 32, 100) == 16
     assert windows_per_forward(1024, 100_000, 1_000) == 1 and MAX_LOGITS == 1 << 24

@@ -4,7 +4,7 @@ what a whole-array computation gives: densities, maxima, top rows, histograms, i
 import pytest
 import torch
 
-from cache_server.feature_stats import _priority, feature_statistics
+from cache_server.saes.feature_stats import _priority, feature_statistics
 
 
 @pytest.mark.parametrize("buffer", [1 << 20, 40])  # merged once at the end, or after every few candidates

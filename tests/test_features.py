@@ -189,7 +189,7 @@ def test_the_feature_page_escapes_every_token_string():
     assert ">there<" not in byte_level and '> the</a><a' in byte_level and ">re</a>" in byte_level
     pieces = example.model_copy(update={"tokens": ["the", "##re", "end"]})
     # an example's window is widened to whole words at its edges (the server reads a few tokens more)
-    from cache_server.features import whole_words
+    from cache_server.saes.features import whole_words
     gpt2 = ["Ġthey", "Ġcall", "Ġit", "Ġinter", "l", "ude", ".", "Ċ", "VAL", "ERIA", ":", "Ġsome", "t", "imes", "Ġso"]
     assert whole_words(gpt2, 5, 13, byte_level=True) == (3, 14)  # "interlude" and "sometimes" whole
     assert whole_words(gpt2, 6, 11, byte_level=True) == (6, 11)  # "." and ":" cut no word

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cache_server.corpora import _builtin_text
+from cache_server.corpora.corpus_store import _builtin_text
 from shared.schemas import DatasetManifest
 from tests.conftest import TINY, TOKEN
 from tests.server import ServerProcess, free_port, wait_job

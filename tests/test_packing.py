@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_server.corpus_tokens import CorpusTokens
+from cache_server.corpora.tokens import CorpusTokens
 from shared.codec import to_torch
 from shared.schemas import DatasetManifest, HookSpec
 from tests.conftest import TINY

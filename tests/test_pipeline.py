@@ -252,7 +252,7 @@ def test_the_default_budget_fits_the_corpus(tmp_path):
     """The default harvest leaves enough of the built-in corpus for the default downstream tokens."""
     import torch
 
-    from cache_server.corpora import CorpusStore
+    from cache_server.corpora.corpus_store import CorpusStore
     from cache_server.models import ModelRegistry
     from trainer.pipeline import DEFAULT_MODEL, parse_args
 

@@ -100,7 +100,7 @@ def test_a_replica_that_never_returns_loses_its_ranges_on_a_shared_folder(server
 @pytest.mark.parametrize("where", ["disk", "bucket"])
 def test_conditional_writes_let_one_writer_win(where, bucket, tmp_path, monkeypatch):
     """The compare-and-swap the replicas coordinate with, on both kinds of store."""
-    from cache_server.store import DatasetStore
+    from cache_server.store.dataset_store import DatasetStore
 
     env, _ = bucket
     for key, value in env.items():
@@ -123,7 +123,7 @@ def test_a_replica_starting_a_job_leaves_the_files_another_is_writing(tmp_path):
     import os
     import time
 
-    from cache_server.store import DatasetStore
+    from cache_server.store.dataset_store import DatasetStore
 
     store = DatasetStore(tmp_path / "datasets")
     folder = tmp_path / "datasets" / "0123456789abcdef01234567" / "blocks.0.hook_resid_post" / "c" / "3"

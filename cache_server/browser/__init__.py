@@ -1,1 +1,1 @@
-"""The feature browser: HTML pages over the feature statistics (``cache_server.features``)."""
+"""The feature browser: HTML pages over the feature statistics (``cache_server.saes.features``)."""

@@ -4,7 +4,7 @@ shown. Every string from the vocabulary or a request is untrusted text: the temp
 
 from html import escape
 
-from cache_server.features import token_text
+from cache_server.saes.features import token_text
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 60em; color: #222; }

@@ -5,7 +5,7 @@ from fastapi.responses import Response
 
 from cache_server.routes.deps import MUTATING, require_token, services
 from cache_server.services import Services
-from cache_server.store import chunk_key
+from cache_server.store.dataset_store import chunk_key
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])

@@ -15,24 +15,24 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cache_server.corpora import CorpusStore, check_vocabulary
-from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
+from cache_server.corpora.corpus_store import CorpusStore, check_vocabulary
+from cache_server.corpora.tokens import CorpusTokens, PretokenizedTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
-from cache_server.harvester import (CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state,
+from cache_server.harvest.harvester import (CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state,
                                    token_windows)
 from cache_server.metrics import ServerMetrics
 from cache_server.quarantine import Quarantine
 from cache_server.models import ModelRegistry, SourceModel
-from cache_server.shared_harvest import SharedHarvest, ledger_key, new_ledger
-from cache_server.store import TOKENS_ARRAY, DatasetStore
+from cache_server.harvest.shared import SharedHarvest, ledger_key, new_ledger
+from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore
 from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id
 from shared.schemas import (
     ACTIVE_STATUSES, ArrayInfo, CodecInfo, CorpusInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
 )
 
-log = logging.getLogger("cache_server.jobs")
+log = logging.getLogger("cache_server.harvest.jobs")
 
 
 class JobError(ServiceError):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens
+from cache_server.corpora.tokens import CorpusTokens, PretokenizedTokens
 from cache_server.models import SourceModel
-from cache_server.store import TOKENS_ARRAY, DatasetStore, DatasetWriter
+from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore, DatasetWriter
 from shared.codec import to_storage, to_torch
 from shared.reshape import reshape_hook
 from shared.schemas import DatasetManifest, HookSpec, HookStats

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_server.models import SourceModel
-from cache_server.saes import CltWeights, SaeWeights
+from cache_server.saes.registry import CltWeights, SaeWeights
 from shared.schemas import DownstreamMetrics
 
 MAX_LOGITS = 1 << 24

@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_server.corpora import CorpusStore, check_vocabulary
-from cache_server.downstream import evaluate, not_causal_reason
+from cache_server.corpora.corpus_store import CorpusStore, check_vocabulary
+from cache_server.saes.downstream import evaluate, not_causal_reason
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
-from cache_server.harvester import TokenWindows, token_windows
+from cache_server.harvest.harvester import TokenWindows, token_windows
 from cache_server.job_queue import JobQueue
 from cache_server.quarantine import Quarantine
 from cache_server.models import ModelRegistry, SourceModel
-from cache_server.saes import SaeStore
-from cache_server.store import DatasetStore
+from cache_server.saes.registry import SaeStore
+from cache_server.store.dataset_store import DatasetStore
 from shared.ids import content_id, is_valid_id
 from shared.schemas import ACTIVE_STATUSES, DatasetManifest, EvaluationJob, EvaluationRequest, EvaluationResult
 
-log = logging.getLogger("cache_server.evaluations")
+log = logging.getLogger("cache_server.saes.evaluations")
 
 
 class EvaluationError(ServiceError):

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from cache_server.downstream import not_causal_reason
+from cache_server.saes.downstream import not_causal_reason
 from cache_server.errors import ServiceError
-from cache_server.features import AFTER, BEFORE, FeatureJobs, _side_by_side, _spell
+from cache_server.saes.features import AFTER, BEFORE, FeatureJobs, _side_by_side, _spell
 from cache_server.models import ModelRegistry, SourceModel
-from cache_server.saes import CltWeights, SaeStore, SaeWeights
-from cache_server.store import TOKENS_ARRAY, DatasetStore
+from cache_server.saes.registry import CltWeights, SaeStore, SaeWeights
+from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore
 from shared.reshape import reshape_hook
 from shared.schemas import (ActivationsRequest, ActiveFeature, Attribution, AttributionRequest, Continuation, DatasetManifest,
                             FeatureAttribution, HookSpec, RowFeatures, SaeInfo, Steering, SteerRequest, TextActivations,

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache_server.harvester import (
+from cache_server.harvest.harvester import (
     COMMIT_SECONDS, Harvester, HarvestCancelled, _Chunk, add_stats, empty_state, stats_view,
 )
-from cache_server.store import COORDINATION, DatasetStore
+from cache_server.store.dataset_store import COORDINATION, DatasetStore
 from shared.schemas import DatasetManifest
 
 MAX_RANGES = 16

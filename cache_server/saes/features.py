@@ -18,21 +18,21 @@ import zarr
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cache_server.downstream import not_causal_reason
+from cache_server.saes.downstream import not_causal_reason
 from cache_server.errors import ServiceError
-from cache_server.feature_stats import FeatureStats, ReconstructionSums, feature_statistics, logit_lens
+from cache_server.saes.feature_stats import FeatureStats, ReconstructionSums, feature_statistics, logit_lens
 from cache_server.files import atomic_write
 from cache_server.job_queue import JobQueue
 from cache_server.quarantine import Quarantine, reason_of
 from cache_server.models import ModelRegistry
-from cache_server.saes import SaeStore
-from cache_server.store import TOKENS_ARRAY, DatasetStore
+from cache_server.saes.registry import SaeStore
+from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore
 from shared.codec import to_torch
 from shared.ids import is_valid_id
 from shared.schemas import ACTIVE_STATUSES, DENSE_DENSITY, DatasetManifest, FeatureDetail, FeatureExample, FeatureJob, FeatureList, \
     FeatureRow, SaeSummary
 
-log = logging.getLogger("cache_server.features")
+log = logging.getLogger("cache_server.saes.features")
 BEFORE, AFTER = 8, 4  # tokens of context shown around an example
 WORD_SLACK = 6
 """Tokens read beyond that context on each side, so a word cut by its edge is shown whole."""

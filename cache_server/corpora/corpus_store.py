@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_server.corpus_tokens import CorpusTokens, PretokenizedTokens, check_token_ids
-from cache_server.dataset_corpora import DatasetTokens, check_column, corpus_id_of, locate
+from cache_server.corpora.tokens import CorpusTokens, PretokenizedTokens, check_token_ids
+from cache_server.corpora.hf_datasets import DatasetTokens, check_column, corpus_id_of, locate
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write
 from cache_server.quarantine import Quarantine

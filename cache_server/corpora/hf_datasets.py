@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from cache_server.corpus_tokens import READ_BYTES, CorpusTokens, _State
+from cache_server.corpora.tokens import READ_BYTES, CorpusTokens, _State
 from cache_server.errors import ServiceError
 from shared.ids import content_id
 from shared.schemas import HFDataset

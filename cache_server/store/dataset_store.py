@@ -31,7 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from cache_server.chunk_reads import read_local_chunk
+from cache_server.store.chunk_reads import read_local_chunk
 from cache_server.errors import ServiceError
 from cache_server.quarantine import Quarantine, reason_of
 from cache_server.files import atomic_write

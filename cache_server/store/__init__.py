@@ -1,0 +1,1 @@
+"""The dataset store: Zarr groups on disk or in a bucket, their manifests and chunk reads."""
