@@ -8,6 +8,7 @@ from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_server.browser.templates import render
@@ -83,7 +84,22 @@ def create_app(settings: Settings) -> FastAPI:
 
     for module in (system, corpora, models, harvests, datasets, saes, evaluations, zarr_http, pages):
         app.include_router(module.router)
+    _serve_guide(app, settings)
     return app
+
+
+def _serve_guide(app: FastAPI, settings: Settings) -> None:
+    """The docs site at /guide/, offline like /docs; a clear 404 where none is built."""
+    guide = settings.guide()
+    if guide is not None:
+        app.mount("/guide", StaticFiles(directory=guide, html=True), name="guide")
+        return
+
+    @app.get("/guide", include_in_schema=False)
+    @app.get("/guide/{path:path}", include_in_schema=False)
+    def no_guide(path: str = "") -> Response:
+        return JSONResponse({"detail": "no docs site is built here: run `mkdocs build` in the repository "
+                                       "(pip install -e '.[dev]' installs it), or start with --guide-dir"}, 404)
 
 
 def _describe(error: dict) -> str:

@@ -35,6 +35,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--max-corpus-bytes", type=int, help="largest corpus upload (default 16 GiB)")
     parser.add_argument("--corpus-check-bytes", type=int, help="text a harvest submit may tokenise to check its "
                         "corpus holds the tokens asked for (default 8 MiB; the job reads the rest)")
+    parser.add_argument("--guide-dir", type=Path, help="a built docs site (mkdocs build) to serve at /guide/ "
+                        "(default: the repository's site/ when built)")
     parser.add_argument("--max-sae-bytes", type=int, help="largest SAE file POST /v1/saes accepts (default 1 GiB)")
     parser.add_argument("--no-hub", dest="allow_hub", action="store_false", default=None,
                         help="never load models from the Hugging Face hub")

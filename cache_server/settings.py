@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         "This server's name among several sharing one store: harvests are split between them "
         "(see cache_server.harvest.shared). Every server on the store needs one."))
     lease_seconds: float = Field(60.0, gt=0, description="A replica silent this long loses its ranges to others.")
+    guide_dir: Path | None = Field(None, description=(
+        "A built docs site (``mkdocs build``'s folder) to serve at /guide/; unset: the repository's "
+        "site/ folder when it holds one."))
+
+    def guide(self) -> Path | None:
+        """The docs site to serve, if any."""
+        folder = self.guide_dir or Path(__file__).resolve().parents[1] / "site"
+        return folder if (folder / "index.html").is_file() else None
 
     @field_validator("token")
     @classmethod

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import get_args
 
 from shared.schemas import Packing
-from trainer.config import ConfigError, load_sweep
+from trainer.config import ConfigError, RunConfig, load_sweep
+from trainer.config_docs import field_docs
 from trainer.data.client import CacheClient, CacheError, StoreReader
 from trainer.evaluation.downstream import ce_loss_score, downstream_columns, evaluate_downstream
 from trainer.evaluation.frontier import GUIDANCE, marks
@@ -54,9 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hook", action="append", dest="hooks", required=True, help="hook to train on (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created; never overwritten)")
     parser.add_argument("--config", type=Path, help="sweep file (TOML: [run] and [[sae]] tables)")
-    parser.add_argument("--tokens", type=positive_int, help="training tokens per SAE (overrides [run] tokens)")
-    parser.add_argument("--batch-size", type=positive_int, help="overrides [run] batch_size")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides [run] device)")
+    run_docs = {k: v.replace('%', '%%') for k, v in field_docs(RunConfig).items()}  # the reference's text: said once
+    parser.add_argument("--tokens", type=positive_int, help=f"overrides [run] tokens: {run_docs['tokens']}")
+    parser.add_argument("--batch-size", type=positive_int, help=f"overrides [run] batch_size: {run_docs['batch_size']}")
+    parser.add_argument("--device", help=f"overrides [run] device: {run_docs['device']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "

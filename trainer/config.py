@@ -42,7 +42,12 @@ class SAEConfig:
     to the run: a float is a fraction of its steps, an int a number of steps."""
 
     activation: Activation = "topk"
+    """The latents' nonlinearity: ``topk`` (the k largest a row), ``batchtopk`` (the k x batch largest
+    over the batch, so k a row on average; a calibrated threshold at inference), ``relu`` (with an
+    L1 penalty) or ``jumprelu`` (a learnt threshold per latent, with a tanh or L0 penalty)."""
     objective: Objective = "vanilla"
+    """``vanilla``: reconstruction plus sparsity; ``matryoshka``: the reconstruction of every nested
+    prefix of the dictionary (``matryoshka_prefixes``) summed, so early latents stay general."""
     target_hook: Hook | tuple[Hook, ...] | None = None
     """Make this a transcoder: predict this hook's activations (e.g. ``blocks.2.hook_mlp_out``) from
     the input hook's (``--hook``, e.g. ``blocks.2.mlp.hook_in``), both from one harvest, row-aligned.
@@ -59,6 +64,7 @@ class SAEConfig:
     expansion: Positive = 8
     """d_sae = expansion * d_in (ignored when d_sae is set)."""
     d_sae: Positive | None = None
+    """The number of latents; unset: ``expansion * d_in``."""
     k: Positive = 32
     """Active latents per token for topk / batchtopk."""
     l1_coefficient: NonNegativeFloat = 5.0
@@ -66,6 +72,7 @@ class SAEConfig:
     latents, both averaged over rows): L1 of the decoder-norm-weighted activations (relu) or the
     L0 (jumprelu); unused by topk / batchtopk."""
     lr: PositiveFloat = 1e-3
+    """Adam's learning rate."""
     lr_warmup: Schedule = 0.0
     """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
     lr_decay: Schedule = 0.2
@@ -110,10 +117,13 @@ class SAEConfig:
     gradient reaches the encoder, or DeepMind's L0 step, whose gradient reaches only the thresholds
     (too slow to sparsify a short run: measured dense)."""
     jumprelu_tanh_scale: PositiveFloat = 4.0
+    """The tanh penalty's scale: each latent costs tanh(scale * activation), about 1 once it fires clearly."""
     matryoshka_prefixes: tuple[Positive, ...] = ()
     """Dictionary prefix sizes for matryoshka; default d_sae/8, d_sae/4, d_sae/2, d_sae."""
     aux_k: Positive = 256
+    """AuxK (topk, batchtopk): the dead latents that explain the main reconstruction's residual, a row."""
     aux_coefficient: NonNegativeFloat = 1 / 32
+    """AuxK's loss weight against the reconstruction's."""
     dead_after: Positive | Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 0.05
     """A latent that has not fired for this long counts as dead (AuxK, resampling): a fraction of
     the run's tokens (a float), or tokens (an int). 0.05, not 0.1: latents caught sooner leave fewer
@@ -124,6 +134,8 @@ class SAEConfig:
     them at badly reconstructed rows (sparse_autoencoder's method), so that a short run ends with
     almost none dead (measured, TopK k=32 at 100 steps: 0.2% dead, not 12%, at the same FVU)."""
     seed: Seed = 0
+    """Initialisation seed. SAEs of a sweep share it unless told otherwise, so a data-initialised
+    feature i starts at the same training row in each: feature indices tend to line up across a sweep."""
 
     def schedule_steps(self, total_steps: int) -> dict[str, int]:
         """``lr_warmup``, ``lr_decay`` and ``sparsity_warmup`` in steps of a run of ``total_steps``."""
@@ -175,23 +187,34 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """The stream and the loop, shared by every SAE of a sweep (the sweep file's ``[run]`` table)."""
+
     batch_size: Positive = 4096
+    """Rows a step (every SAE of the sweep trains on the same batches)."""
     tokens: Positive = 10_000_000
     """Training tokens per SAE (saev's BatchLimiter)."""
     device: Annotated[str, Field(strict=True)] = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
     seed: Seed = 0
+    """Seeds the epochs' chunk order and the shuffle (and so which chunks are held out)."""
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     """Scale inputs so their mean norm is sqrt(d_in), using the manifest's statistics."""
     shuffle_buffer_rows: Positive = 262_144
+    """Rows mixed before batching: a window of chunks shuffled together (on the CPU about six windows
+    of rows x d x 4 bytes are alive at once)."""
     prefetch_chunks: Positive = 8
+    """Chunks fetched ahead of the one being read."""
     fetch_threads: Annotated[int, Field(ge=1, le=256, strict=True)] = 4
+    """Threads fetching and decoding chunks."""
     lanes: Annotated[int, Field(ge=0, strict=True)] = 0
     """Streams an epoch is split into (0: the world size at the start of the run); see
     trainer.training.distributed. A run keeps its lanes when resumed with another world size."""
     eval_chunks: Positive = 2
     """Chunks held out (never trained on) for evaluation."""
     log_every: Positive = 50
+    """Steps between metric lines (loss, L0, FVU, dead latents, tokens/s)."""
     checkpoint_every: Positive = 500
+    """Steps between checkpoints (``--resume`` continues from the last; Ctrl-C writes one too)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +323,12 @@ def load_sweep(path: Path | None, overrides: dict | None = None) -> Sweep:
             raise ConfigError(f"cannot read sweep file {path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
+    return sweep_from_dict(data, overrides)
+
+
+def sweep_from_dict(data: dict, overrides: dict | None = None) -> Sweep:
+    """A sweep from the sweep file's tables as Python values: ``{"run": {...}, "sae": [{...}, ...]}``
+    (a list value is a grid axis, as in the file), checked as the file is."""
     unknown = sorted(set(data) - {"run", "sae"})
     if unknown:
         raise ConfigError(f"sweep file: unknown table(s) {unknown}; use [run] and [[sae]]")
