@@ -48,8 +48,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/transcoders-bench"))
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens of each (both sides)")
     parser.add_argument("--downstream-tokens", type=int, default=16_384)
-    parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python")
+    parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
+                        help="its venv's python; a path that does not exist skips the reference column")
+    parser.add_argument("--optimizer", choices=("adam", "signsgd"), default="adam", help="this project's step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="this project's lr")
+    parser.add_argument("--part-one-only", action="store_true", help="layer 1's transcoders only (no CLT)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another [[sae]] setting of this project's transcoders (a TOML value), e.g. resample_every=0")
     return parser.parse_args()
+
+
+def settings(pairs: list[str]) -> dict:
+    import tomllib
+
+    return {key: value for pair in pairs for key, value in tomllib.loads(pair.replace("=", " = ", 1)).items()}
 
 
 def run_config(tokens: int) -> RunConfig:
@@ -73,7 +85,8 @@ def part_one(client, manifest, args, work: Path) -> list[dict]:
     """Layer 1's transcoders, ours and sparsify's."""
     layer = 1
     sweep = Sweep(run=run_config(args.tokens),
-                  saes=tuple(SAEConfig(k=k, d_sae=D_SAE, target_hook=OUTPUTS[layer], skip=skip) for skip, k in PAIRS))
+                  saes=tuple(SAEConfig(k=k, d_sae=D_SAE, target_hook=OUTPUTS[layer], skip=skip, optimizer=args.optimizer,
+                                       lr=args.lr, **settings(args.set)) for skip, k in PAIRS))
     trainer = Trainer(client, manifest, [INPUTS[layer]], sweep, work / "ours", progress=False)
     trainer.prepare(resume=False)
     trainer.train()
@@ -181,8 +194,9 @@ def main() -> None:
             CacheClient(server.url) as client:
         manifest = client.wait(client.harvest(HARVEST), progress=False)
         one = part_one(client, manifest, args, Path(tmp))
-        two = part_two(client, manifest, args, Path(tmp))
-    print(f"shakespeare-gpt layer 1 MLP, {args.tokens:,} training tokens, d_sae {D_SAE}, same rows; "
+        two = [] if args.part_one_only else part_two(client, manifest, args, Path(tmp))
+    print(f"shakespeare-gpt layer 1 MLP, {args.tokens:,} training tokens, d_sae {D_SAE}, same rows, ours {args.optimizer} "
+          f"lr {args.lr:g} {' '.join(args.set)}; "
           f"CE score / KL on {args.downstream_tokens:,} held-out tokens")
     print(f"{'':22} {'FVU':>6} {'dead%':>6} {'CE score':>8} {'KL':>6} | sparsify {'FVU':>6} {'dead%':>6} {'CE score':>8} {'KL':>6}")
     for row in one:

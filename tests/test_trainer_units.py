@@ -151,6 +151,40 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
 
 
+def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_gets_exported():
+    """sparsify's step (issue 32): SignSGD under a schedule-free wrapper. A bare SignSGD step moves
+    every weight by exactly lr; the wrapper keeps the gradient point y and the average x apart, and
+    ``at_average`` puts x in the parameters; a resampled latent's base iterate z is reset with it,
+    so its averaged weights are the new ones, not a blend with the old."""
+    from trainer.training.optimizers import SignSGD, at_average, make_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    w.grad = torch.tensor([0.5, -1e-6, 0.0])
+    SignSGD([w], lr=0.1).step()
+    torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=2, optimizer="signsgd", lr=1e-2), d_in=4)
+    optimizer = make_optimizer("signsgd", sae.parameters(), 1e-2)
+    x = torch.randn(256, 4)
+    first = None
+    for _ in range(60):
+        out = sae_loss(sae, x, 0.0, None)
+        first = first if first is not None else out.mse.item()
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.mse.item() < 0.7 * first
+    dead = torch.zeros(1, 8, dtype=torch.bool)
+    dead[0, [1, 5]] = True
+    resample_dead_neurons(sae, optimizer, dead, x, torch.Generator().manual_seed(0))
+    new_rows, old_row = sae.W_dec[0, [1, 5]].detach().clone(), sae.W_dec[0, 0].detach().clone()
+    at_average(optimizer)
+    torch.testing.assert_close(sae.W_dec[0, [1, 5]], new_rows)  # x = y = z for a resampled latent
+    assert not torch.allclose(sae.W_dec[0, 0], old_row)  # the others' average is not their last point
+    assert SAEConfig(optimizer="signsgd").name().endswith("-signsgd")
+
+
 def test_a_resampled_topk_latent_can_outbid_the_others():
     """Under TopK a resampled latent gets the alive latents' mean encoder norm and no bias: at a
     fifth of it (sparse_autoencoder's ReLU choice) none was ever picked again (measured)."""

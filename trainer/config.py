@@ -72,7 +72,12 @@ class SAEConfig:
     latents, both averaged over rows): L1 of the decoder-norm-weighted activations (relu) or the
     L0 (jumprelu); unused by topk / batchtopk."""
     lr: PositiveFloat = 1e-3
-    """Adam's learning rate."""
+    """The learning rate (Adam's; ``signsgd``'s step size)."""
+    optimizer: Literal["adam", "signsgd"] = "adam"
+    """``adam``, or ``signsgd``: EleutherAI sparsify's step, SignSGD (every weight moves by ``lr``
+    along its gradient's sign) under a schedule-free wrapper (momentum 0.95) whose running average
+    is what gets evaluated and exported; no LR decay (``lr_decay`` then only ends resampling).
+    sparsify's lr for it: 5e-3 / sqrt(d_sae / 16384)."""
     lr_warmup: Schedule = 0.0
     """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
     lr_decay: Schedule = 0.2
@@ -179,7 +184,7 @@ class SAEConfig:
             parts.append(f"k{self.k}")
         else:
             parts.append(f"l1_{self.l1_coefficient:g}")
-        parts += [f"lr{self.lr:g}", f"s{self.seed}"]
+        parts += [f"lr{self.lr:g}", f"s{self.seed}"] + ([self.optimizer] if self.optimizer != "adam" else [])
         if self.target_hook is not None:
             parts.insert(0, "clt" if self.cross_layer else "skip-transcoder" if self.skip else "transcoder")
         return "-".join(parts)

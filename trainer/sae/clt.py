@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from trainer.config import SAEConfig
 from trainer.sae.autoencoder import ForwardPassResult, SparseCode, _at_norm, _SparseDecode, _TopKEncode
+from trainer.sae.resample import reset_rows
 
 
 def memory_bytes(cfg: SAEConfig, d_in: int, d_out: int, n_layers: int) -> int:
@@ -130,7 +131,7 @@ class CrossLayerTranscoder(nn.Module):
         """Point each layer's dead latents at rows whose targets are predicted worst (drawn by the
         squared error's square, as ``trainer.sae.resample``): the encoder column at the row's input
         (from ``b_in``, at the alive latents' mean encoder norm), the own-layer decoder block at its
-        target (from ``b_dec``, at the initial norm), the blocks to later layers zero; their Adam
+        target (from ``b_dec``, at the initial norm), the blocks to later layers zero; their optimizer
         state reset. Returns how many."""
         xc, yc, w = self._components_first(x), self._components_first(y), self.weights()
         losses = (self.decode_sparse(self.encode_sparse(xc, w), w) - yc).pow(2).sum(-1)  # [layer, n]
@@ -149,9 +150,7 @@ class CrossLayerTranscoder(nn.Module):
             self.W_enc[l][:, ids] = _at_norm(xc[l, picks] - self.b_in[l], 1.0).T * (scale / norm)
             self.b_enc[l, ids] = 0
             for parameter, index in ((self.W_enc, (l, slice(None), ids)), (self.b_enc, (l, ids)), (self.W_dec[l], ids)):
-                for moment in ("exp_avg", "exp_avg_sq"):
-                    if moment in optimizer.state.get(parameter, {}):
-                        optimizer.state[parameter][moment][index] = 0
+                reset_rows(optimizer, parameter, index)
             total += ids.numel()
         return total
 

@@ -38,12 +38,22 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         sae.W_enc[c][:, ids] = directions.T * (scale / row_norm)
         sae.b_enc[c, ids] = bias / row_norm
         for detail in sae.reset_optimizer_parameter_details:
-            state = optimizer.state.get(detail.parameter, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key][c].index_fill_(detail.axis, ids, 0)
+            index = [slice(None)] * detail.parameter.dim()
+            index[0], index[detail.axis] = c, ids
+            reset_rows(optimizer, detail.parameter, tuple(index))
         total += ids.numel()
     return total
+
+
+def reset_rows(optimizer, parameter: torch.Tensor, index: tuple) -> None:
+    """A resampled latent starts afresh: Adam's moments zeroed; a schedule-free optimizer's base
+    iterate set to the new weights (so its average and interpolation are them too)."""
+    state = optimizer.state.get(parameter, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][index] = 0
+    if "z" in state:
+        state["z"][index] = parameter.detach()[index]
 
 
 def _unit(rows: Tensor) -> Tensor:

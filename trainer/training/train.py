@@ -33,6 +33,7 @@ from trainer.sae.objectives import sae_loss
 from trainer.sae.resample import resample_dead_neurons
 from trainer.training.distributed import World
 from trainer.training.memory import memory_problem
+from trainer.training.optimizers import at_average, make_optimizer
 from trainer.training.schedulers import LRSchedule, Warmup
 
 CHECKPOINT = "checkpoint.pt"
@@ -88,13 +89,6 @@ class SAEState:
     def __post_init__(self):
         self.objective = self.objective or _Objective(self.sae)
 
-
-
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):  # fused Adam needs a recent torch on this device
-        return torch.optim.Adam(params, lr=lr)
 
 
 def _variance(x: torch.Tensor) -> torch.Tensor:
@@ -339,11 +333,13 @@ class Trainer:
             sae = sae.to(self.device)
             steps = cfg.schedule_steps(self.total_steps)
             self.saes.append(SAEState(
-                cfg=cfg, name=name, sae=sae, optimizer=_adam(sae.parameters(), cfg.lr),
+                cfg=cfg, name=name, sae=sae, optimizer=make_optimizer(cfg.optimizer, sae.parameters(), cfg.lr),
                 dead_after_tokens=cfg.dead_after_tokens(self.sweep.run.tokens),
                 resample_every=steps["resample_every"],
                 last_resample=self.total_steps - max(steps["lr_decay"], steps["resample_every"]),
-                lr=LRSchedule(cfg.lr, steps["lr_warmup"], steps["lr_decay"], self.total_steps),
+                # schedule-free averaging replaces the decay
+                lr=LRSchedule(cfg.lr, steps["lr_warmup"], 0 if cfg.optimizer == "signsgd" else steps["lr_decay"],
+                              self.total_steps),
                 sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
                 tokens_since_fired=torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
 
@@ -499,6 +495,8 @@ class Trainer:
                 "dataset_id": self.manifest.dataset_id, "training_tokens": self.tokens}
 
     def evaluate_and_export(self) -> list[dict]:
+        for s in self.saes:
+            at_average(s.optimizer)  # a schedule-free step's averaged weights are the trained ones
         rows, ys = self.split(self.stream.evaluation_rows()[0])
         from trainer.outputs import plots
 
