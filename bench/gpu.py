@@ -54,7 +54,8 @@ from trainer.data.local_server import LocalServer  # noqa: E402
 from trainer.data.stream import ChunkStream  # noqa: E402
 from trainer.sae.autoencoder import SparseAutoencoder  # noqa: E402
 from trainer.training.schedulers import Warmup  # noqa: E402
-from trainer.training.train import SAEState, Trainer, _adam, train_step  # noqa: E402
+from trainer.training.optimizers import adam  # noqa: E402
+from trainer.training.train import SAEState, Trainer, train_step  # noqa: E402
 
 FULL = dict(d_in=768, d_sae=24_576, batch=4096, steps=20, model="shakespeare-gpt", harvest_tokens=262_144,
             threads=(1, 4, 16), stream_epochs=3, train_tokens=4096 * 200)
@@ -111,7 +112,7 @@ def handwritten(s: dict, x: torch.Tensor, precision: str):
 
 def trainer_step(cfg: SAEConfig, x: torch.Tensor, precision: str):
     sae = SparseAutoencoder(cfg, x.shape[-1]).to(x.device)
-    state = SAEState(cfg=cfg, name=cfg.name(), sae=sae, optimizer=_adam(sae.parameters(), cfg.lr), lr=Warmup(0, cfg.lr, 1),
+    state = SAEState(cfg=cfg, name=cfg.name(), sae=sae, optimizer=adam(sae.parameters(), cfg.lr), lr=Warmup(0, cfg.lr, 1),
                      sparsity=Warmup(0, cfg.l1_coefficient, 1),
                      tokens_since_fired=torch.zeros(1, sae.d_sae, dtype=torch.long, device=x.device),
                      dead_after_tokens=10**12, resample_every=0, last_resample=0)

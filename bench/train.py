@@ -35,7 +35,8 @@ from trainer.data.scatter import scatter_scaled  # noqa: E402
 from trainer.data.stream import ChunkStream  # noqa: E402
 from trainer.sae.autoencoder import SparseAutoencoder  # noqa: E402
 from trainer.training.schedulers import Warmup  # noqa: E402
-from trainer.training.train import SAEState, Trainer, _adam, train_step  # noqa: E402
+from trainer.training.optimizers import adam  # noqa: E402
+from trainer.training.train import SAEState, Trainer, train_step  # noqa: E402
 
 D_IN, D_SAE, BATCH = 512, 4096, 4096
 
@@ -75,7 +76,7 @@ def handwritten_step(x: torch.Tensor):
 
 def sae_state(cfg: SAEConfig, d_in: int) -> SAEState:
     sae = SparseAutoencoder(cfg, d_in)
-    return SAEState(cfg=cfg, name=cfg.name(), sae=sae, optimizer=_adam(sae.parameters(), cfg.lr), lr=Warmup(0, cfg.lr, 1),
+    return SAEState(cfg=cfg, name=cfg.name(), sae=sae, optimizer=adam(sae.parameters(), cfg.lr), lr=Warmup(0, cfg.lr, 1),
                     sparsity=Warmup(0, cfg.l1_coefficient, 1), tokens_since_fired=torch.zeros(1, sae.d_sae, dtype=torch.long),
                     dead_after_tokens=10**12, resample_every=0, last_resample=0)
 
