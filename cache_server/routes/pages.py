@@ -74,12 +74,6 @@ def _context(svc: Services, sae_id: str, text: str, **extra) -> dict:
                 query=lambda **changes: urlencode({"text": text, **changes}), **extra)
 
 
-def _check_feature(svc: Services, sae_id: str, index: int) -> None:
-    d_sae = svc.saes.info(sae_id).d_sae
-    if not 0 <= index < d_sae:
-        raise ServiceError(f"feature {index} is out of range: SAE '{sae_id}' has {d_sae} (0..{d_sae - 1})", 404)
-
-
 @router.get("/{sae_id}/text", response_class=HTMLResponse)
 def text(sae_id: str, text: str = Text, token: int | None = Query(None, ge=0),
          svc: Services = Depends(services)) -> HTMLResponse:
@@ -93,7 +87,7 @@ def text(sae_id: str, text: str = Text, token: int | None = Query(None, ge=0),
 @router.get("/{sae_id}/features/{index}/text", response_class=HTMLResponse)
 def feature_text(sae_id: str, index: int, text: str = Text, svc: Services = Depends(services)) -> HTMLResponse:
     """The text shaded by one feature's activation, relative to its maximum over the statistics' rows."""
-    _check_feature(svc, sae_id, index)
+    svc.probes.check_feature(sae_id, index)
     result = svc.probes.activations(sae_id, ActivationsRequest(text=text, feature=index, top=1)) if text else None
     scale, scale_name = None, "this feature's max"
     if result is not None:
@@ -111,7 +105,7 @@ def steer(sae_id: str, index: int, prompt: str = Query("", max_length=MAX_TEXT_C
           tokens: int = Query(20, ge=1, le=MAX_NEW_TOKENS), temperature: float = Query(0.0, ge=0.0, le=2.0),
           seed: int = Query(0, ge=0, le=2**31 - 1), svc: Services = Depends(services)) -> HTMLResponse:
     """Two continuations of a prompt, with the feature pushed and without (POST /v1/saes/<id>/steer)."""
-    _check_feature(svc, sae_id, index)
+    svc.probes.check_feature(sae_id, index)
     peak = svc.features.max_value(sae_id, index)
     default = round(2 * peak, 3) if peak else 10.0  # twice the strongest activation seen: a visible push
     request = result = None

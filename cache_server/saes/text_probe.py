@@ -56,10 +56,10 @@ class TextProbes:
 
     # -- the requests ---------------------------------------------------------------------------
     def activations(self, sae_id: str, request: ActivationsRequest) -> TextActivations:
+        if request.feature is not None:
+            self.check_feature(sae_id, request.feature)
         text = self._open(sae_id, request)
         d_sae = text.sae.d_sae
-        if request.feature is not None and request.feature >= d_sae:
-            raise ProbeError(f"feature {request.feature} is out of range: SAE '{sae_id}' has {d_sae} (0..{d_sae - 1})", 404)
         with torch.inference_mode():
             acts = text.weights.encode(self._inputs(text)) * text.keep[:, None]
         top = acts.topk(min(request.top, d_sae), dim=-1)
@@ -88,11 +88,9 @@ class TextProbes:
                            position=int(same[: row - lo].sum()), features=_active(best.indices, best.values))
 
     def steer(self, sae_id: str, request: SteerRequest) -> Steering:
+        self.check_feature(sae_id, request.feature)
         text = self._open(sae_id, TextInput(text=request.prompt), room=request.max_new_tokens)
         self._causal(text, "steering")
-        if request.feature >= text.sae.d_sae:
-            raise ProbeError(f"feature {request.feature} is out of range: SAE '{sae_id}' has {text.sae.d_sae} "
-                             f"(0..{text.sae.d_sae - 1})", 404)
         plain = self._generate(text, request, None)
         steered = self._generate(text, request, request.feature)
         differ = [i for i, (a, b) in enumerate(zip(plain, steered)) if a != b]
@@ -121,6 +119,12 @@ class TextProbes:
                     for f in order if summed[f] != 0]
         return Attribution(sae_id=sae_id, tokens=text.spelled(), position=position, target=text.spelled()[position + 1],
                            loss=float(loss.detach()), total=float(summed.sum()), features=features)
+
+    def check_feature(self, sae_id: str, feature: int) -> None:
+        """404 for a feature index the SAE does not have (a CLT's count every layer's)."""
+        d_sae = self.saes.info(sae_id).d_sae
+        if not 0 <= feature < d_sae:
+            raise ProbeError(f"feature {feature} is out of range: SAE '{sae_id}' has {d_sae} (0..{d_sae - 1})", 404)
 
     def causal(self, sae_id: str) -> bool:
         """Whether the SAE's model is a causal LM (steering and attribution apply)."""
