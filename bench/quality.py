@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--saelens-python", default="/work/saelens-venv/bin/python",
                         help="python of a venv with sae-lens (skipped when missing)")
     parser.add_argument("--only", help="comma-separated labels of the sweep to run")
+    parser.add_argument("--optimizer", choices=("adam", "signsgd"), default="adam", help="this project's step")
     return parser.parse_args()
 
 
@@ -77,7 +78,7 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
     figures from the exported files, on the model's own units. Returns the (normalised) held-out
     and training rows too, for the reference side."""
     train_rows = None
-    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0)
+    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer)
     run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
     for label, config, _ in picked:
