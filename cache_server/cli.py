@@ -30,6 +30,12 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
     parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")
+    parser.add_argument("--ray-address", help="run harvests on a Ray cluster: auto | HOST:PORT | local "
+                        "(a private one); unset: in this process")
+    parser.add_argument("--ray-workers", type=int, help="Ray actors a harvest runs on (default 1)")
+    parser.add_argument("--ray-worker-cpus", type=float, help="CPUs per Ray actor on a cluster without GPUs (default 1)")
+    parser.add_argument("--ray-idle-seconds", type=float, help="how long the Ray actors outlive the last harvest "
+                        "(default 300)")
     parser.add_argument("--min-free-bytes", type=int, help="disk space a harvest must leave free (default 0)")
     parser.add_argument("--max-json-bytes", type=int, help="largest JSON request body (default 1 MiB)")
     parser.add_argument("--max-corpus-bytes", type=int, help="largest corpus upload (default 16 GiB)")
@@ -78,6 +84,22 @@ def _check_port(host: str, port: int) -> str | None:
     return None
 
 
+def _check_ray(address: str) -> str | None:
+    """Ray installed, and a HOST:PORT address answering (ray.init would wait minutes on a dead one)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return "--ray-address needs Ray: pip install 'sae-cache[ray]'"
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or address.startswith("ray://") or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        return f"no Ray cluster answers at --ray-address {address} ({exc.strerror or exc}); start one (ray start --head)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
@@ -92,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     problem = (_check_store(settings.local_root)
                or (_check_bucket(settings.store) if settings.store_is_bucket else None)
-               or _check_port(settings.host, settings.port))
+               or _check_port(settings.host, settings.port)
+               or (_check_ray(settings.ray_address) if settings.ray_address else None))
     if problem:
         print(f"cache-server: error: {problem}", file=sys.stderr)
         return 1

@@ -3,13 +3,13 @@ evaluations, built from settings."""
 
 from dataclasses import dataclass
 
-from cache_server.corpora.corpus_store import CorpusStore
 from cache_server.errors import ServiceError
 from cache_server.saes.evaluations import EvaluationManager
 from cache_server.saes.features import FeatureJobs
 from cache_server.harvest.jobs import JobManager
 from cache_server.metrics import ServerMetrics
-from cache_server.models import ModelRegistry, pick_device
+from cache_server.corpora.corpus_store import CorpusStore
+from cache_server.parts import open_parts
 from cache_server.quarantine import Quarantine
 from cache_server.saes.registry import SaeStore
 from cache_server.settings import Settings
@@ -79,22 +79,27 @@ class Services:
         return summary.model_copy(update={"evaluation": latest.result if latest else None})
 
 
+def ray_harvests(settings: Settings):
+    """Ray's side of harvests when the settings name a cluster (ray is imported only then)."""
+    if settings.ray_address is None:
+        return None
+    from cache_server.harvest.ray_harvest import RayHarvests
+
+    return RayHarvests(settings)
+
+
 def build_services(settings: Settings) -> Services:
     root = settings.local_root
-    root.mkdir(parents=True, exist_ok=True)
-    metrics = ServerMetrics()
-    quarantine = Quarantine(root)
-    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets",
-                         shared=settings.replica is not None, quarantine=quarantine)
-    corpus_store = CorpusStore(root / "corpora", settings.max_corpus_bytes, settings.corpora_dir, settings.allow_hub,
-                               quarantine)
-    models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)
+    parts = open_parts(settings)
+    metrics, quarantine, store, corpus_store, models = (ServerMetrics(), parts.quarantine, parts.store, parts.corpora,
+                                                        parts.models)
     # Replicas sharing a store folder keep their own job files (a job is one server's part).
     jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
     jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, quarantine, settings.max_tokens,
                       settings.chunk_bytes,
                       replica=settings.replica, lease_seconds=settings.lease_seconds,
-                      min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes)
+                      min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes,
+                      ray=ray_harvests(settings))
     saes = SaeStore(root / "saes", settings.max_sae_bytes, quarantine)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models, quarantine)
     features = FeatureJobs(root / "features", saes, store, models, quarantine)

@@ -36,6 +36,15 @@ class Settings(BaseSettings):
         "This server's name among several sharing one store: harvests are split between them "
         "(see cache_server.harvest.shared). Every server on the store needs one."))
     lease_seconds: float = Field(60.0, gt=0, description="A replica silent this long loses its ranges to others.")
+    ray_address: str | None = Field(None, description=(
+        "Run harvests on a Ray cluster: its address (``auto``: the cluster this machine belongs to; "
+        "``host:6379``; ``local``: start a private one). Unset: harvests run in this process. The "
+        "store must be a bucket or a folder every node sees at the same path."))
+    ray_workers: int = Field(1, ge=1, description="Ray actors a harvest runs on, each holding the model once.")
+    ray_worker_cpus: float = Field(1.0, gt=0, description=(
+        "CPUs each Ray harvest actor reserves when the cluster has no GPUs (with GPUs: one GPU each)."))
+    ray_idle_seconds: float = Field(300.0, ge=0, description=(
+        "How long the Ray actors (and the cluster resources and models they hold) outlive the last harvest."))
     guide_dir: Path | None = Field(None, description=(
         "A built docs site (``mkdocs build``'s folder) to serve at /guide/; unset: the repository's "
         "site/ folder when it holds one."))

@@ -175,6 +175,11 @@ class CorpusStore:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def stream_for(self, info: CorpusInfo, model) -> "CorpusTokens | PretokenizedTokens":
+        """The corpus' token stream for a source model (``cache_server.models.SourceModel``)."""
+        return self.stream(info, model.tokenizer, model.info.fingerprint, model.separator_token_id,
+                           model.bridge.cfg.d_vocab)
+
     def stream(self, info: CorpusInfo, tokenizer, tokenizer_key: str, separator: int | None,
                vocabulary: int = 2**31 - 1) -> CorpusTokens | PretokenizedTokens:
         """The corpus' token stream under this tokenizer; documents joined by the separator token.

@@ -17,7 +17,7 @@ import torch
 
 from cache_server.corpora.tokens import CorpusTokens, PretokenizedTokens
 from cache_server.models import SourceModel
-from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore, DatasetWriter
+from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore
 from shared.codec import to_storage, to_torch
 from shared.reshape import reshape_hook
 from shared.schemas import DatasetManifest, HookSpec, HookStats
@@ -320,46 +320,59 @@ class Harvester:
         ], axis=1)[keep]
         return _Chunk(index=index, start=start, arrays=arrays, stats=stats)
 
-    def _recount_state(self, writer: DatasetWriter) -> dict:
-        """The running sums rebuilt from the committed chunks, chunk by chunk in order, from the
-        stored values: bit-identical to the sums a straight run accumulates. Used when the stored
-        sums disagree with the committed row count."""
-        widths = {h.name: h.d for h in self.manifest.hooks}
-        state = empty_state(self.hooks, widths)
-        for index in range(self.manifest.n_chunks):
-            start = index * self.layout.chunk_rows
-            stop = start + self.manifest.rows_in_chunk(index)
-            stats = {h.name: _row_stats(to_torch(writer.arrays[h.name][start:stop], self.manifest.dtype))
-                     for h in self.hooks}
-            state = add_stats(state, stats)
-        return state
-
     def _write_loop(self, chunks: "queue.Queue[_Chunk | None]", errors: list[BaseException]) -> None:
         try:
-            writer = self.store.writer(self.manifest.dataset_id)
-            state = writer.harvest_state()
-            if {s["count"] for s in state.values()} != {self.manifest.n_items}:
-                state = self._recount_state(writer)
-            expected, last_commit = self.manifest.n_chunks, time.monotonic()
+            commits = Commits(self)
             while (chunk := chunks.get()) is not None:
-                if chunk.index != expected:
-                    raise RuntimeError(f"chunk {chunk.index} out of order: expected chunk {expected}")
-                expected += 1
-                writer.write_rows(chunk.start, chunk.arrays)
-                state = add_stats(state, chunk.stats)
-                n_chunks = chunk.index + 1
-                if n_chunks < self.layout.n_chunks and time.monotonic() - last_commit < COMMIT_SECONDS:
-                    continue  # written, committed with a later chunk (a crash redoes it identically)
-                last_commit = time.monotonic()
-                manifest = self.manifest.model_copy(update={
-                    "n_chunks": n_chunks,
-                    "n_items": min(n_chunks * self.layout.chunk_rows, self.layout.n_items),
-                    "complete": n_chunks == self.layout.n_chunks,
-                    "hooks": [h.model_copy(update={"stats": stats_view(state[h.name])}) for h in self.manifest.hooks],
-                })
-                writer.commit(manifest, state)
-                self.manifest = manifest
-                self.on_commit(manifest)
+                commits.writer.write_rows(chunk.start, chunk.arrays)
+                commits.add(chunk.index, chunk.stats)
         except BaseException as exc:  # surfaced by run() as the job's failure reason
             errors.append(exc)
 
+
+class Commits:
+    """The committed prefix of a harvest: chunks, whose rows are stored, are added in order; their
+    statistics are summed in that order (float64) and the manifest is published at most every
+    ``COMMIT_SECONDS`` and at the end. Whoever computed the chunks, the sums are the same bits."""
+
+    def __init__(self, harvester: Harvester):
+        self.harvester = harvester
+        self.writer = harvester.store.writer(harvester.manifest.dataset_id)
+        self.state = self.writer.harvest_state()
+        if {s["count"] for s in self.state.values()} != {harvester.manifest.n_items}:
+            self.state = self._recount_state()
+        self.expected, self.last_commit = harvester.manifest.n_chunks, time.monotonic()
+
+    def add(self, index: int, chunk_stats: dict) -> None:
+        h = self.harvester
+        if index != self.expected:
+            raise RuntimeError(f"chunk {index} out of order: expected chunk {self.expected}")
+        self.expected += 1
+        self.state = add_stats(self.state, chunk_stats)
+        n_chunks = index + 1
+        if n_chunks < h.layout.n_chunks and time.monotonic() - self.last_commit < COMMIT_SECONDS:
+            return  # written, committed with a later chunk (a crash redoes it identically)
+        self.last_commit = time.monotonic()
+        manifest = h.manifest.model_copy(update={
+            "n_chunks": n_chunks,
+            "n_items": min(n_chunks * h.layout.chunk_rows, h.layout.n_items),
+            "complete": n_chunks == h.layout.n_chunks,
+            "hooks": [k.model_copy(update={"stats": stats_view(self.state[k.name])}) for k in h.manifest.hooks],
+        })
+        self.writer.commit(manifest, self.state)
+        h.manifest = manifest
+        h.on_commit(manifest)
+
+    def _recount_state(self) -> dict:
+        """The running sums rebuilt from the committed chunks, chunk by chunk in order, from the
+        stored values: bit-identical to the sums a straight run accumulates. Used when the stored
+        sums disagree with the committed row count."""
+        h = self.harvester
+        state = empty_state(h.hooks, {k.name: k.d for k in h.manifest.hooks})
+        for index in range(h.manifest.n_chunks):
+            start = index * h.layout.chunk_rows
+            stop = start + h.manifest.rows_in_chunk(index)
+            stats = {k.name: _row_stats(to_torch(self.writer.arrays[k.name][start:stop], h.manifest.dtype))
+                     for k in h.hooks}
+            state = add_stats(state, stats)
+        return state

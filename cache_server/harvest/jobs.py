@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cache_server.corpora.corpus_store import CorpusStore, check_vocabulary
-from cache_server.corpora.tokens import CorpusTokens, PretokenizedTokens
 from cache_server.errors import ServiceError
 from cache_server.files import atomic_write, disk_full_message, free_bytes, is_disk_full
 from cache_server.harvest.harvester import (CorpusExhausted, Harvester, HarvestCancelled, choose_chunk_rows, empty_state,
@@ -31,6 +31,9 @@ from shared.ids import content_id, is_valid_id
 from shared.schemas import (
     ACTIVE_STATUSES, ArrayInfo, CodecInfo, CorpusInfo, DatasetManifest, HarvestAccepted, HarvestJob, HarvestRequest, HookInfo,
 )
+
+if TYPE_CHECKING:
+    from cache_server.harvest.ray_harvest import RayHarvests
 
 log = logging.getLogger("cache_server.harvest.jobs")
 
@@ -71,13 +74,14 @@ class JobManager:
                  metrics: ServerMetrics, quarantine: Quarantine, max_tokens: int, chunk_bytes: int,
                  replica: str | None = None,
                  lease_seconds: float = 60.0, min_free_bytes: int = 0,
-                 corpus_check_bytes: int = 8 << 20):
+                 corpus_check_bytes: int = 8 << 20, ray: "RayHarvests | None" = None):
         self.folder, self.quarantine = folder, quarantine
         self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
         self.max_tokens, self.chunk_bytes, self.min_free_bytes = max_tokens, chunk_bytes, min_free_bytes
         self.corpus_check_bytes = corpus_check_bytes
+        self.ray = ray
         self._jobs: dict[str, HarvestJob] = {}
         self._cancel: dict[str, threading.Event] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -110,6 +114,8 @@ class JobManager:
         self._queue.put(None)
         if self._worker is not None:
             self._worker.join(timeout=60)
+        if self.ray is not None:
+            self.ray.stop()
 
     # -- requests ----------------------------------------------------------------------------
     def submit(self, request: HarvestRequest) -> tuple[HarvestAccepted, bool]:
@@ -185,10 +191,6 @@ class JobManager:
             identity["packing"] = request.packing
         return _Plan(dataset_id=content_id(identity), model=model, widths=widths, corpus=corpus)
 
-    def _corpus_stream(self, corpus: CorpusInfo, model: SourceModel) -> CorpusTokens | PretokenizedTokens:
-        return self.corpora.stream(corpus, model.tokenizer, model.info.fingerprint, model.separator_token_id,
-                                   model.bridge.cfg.d_vocab)
-
     def _check_corpus(self, request: HarvestRequest, plan: _Plan) -> None:
         """Refuse a harvest the corpus cannot fill, when that is known after reading at most
         ``corpus_check_bytes`` more of it (the job reads the rest)."""
@@ -196,7 +198,7 @@ class JobManager:
         label = request.corpus if isinstance(request.corpus, str) else corpus.corpus_id
         check_vocabulary(corpus, label, request.model, vocabulary)
         bos = plan.model.bos_token_id if request.prepend_bos else None
-        windows = token_windows(request.packing, self._corpus_stream(plan.corpus, plan.model), request.context_size, bos)
+        windows = token_windows(request.packing, self.corpora.stream_for(plan.corpus, plan.model), request.context_size, bos)
         rows, complete = windows.check(request.n_tokens, self.corpus_check_bytes)
         if rows < request.n_tokens and complete:
             raise JobError(_too_short(label, rows, request.context_size, request.packing, request.n_tokens))
@@ -304,7 +306,7 @@ class JobManager:
         # A replica leaves the files other replicas may be writing now (younger than a lease) alone.
         self.store.remove_partial_writes(job.dataset_id, older_than=self.lease_seconds if self.replica else 0.0)
         model = self.models.get(manifest.model.name)
-        corpus = self._corpus_stream(self.corpora.resolve(manifest.corpus_id), model)
+        corpus = self.corpora.stream_for(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items
 
         def progress(rows: int) -> None:
@@ -318,6 +320,8 @@ class JobManager:
             if manifest.complete and (missing := self.store.missing(manifest)):  # a damaged dataset
                 log.warning("dataset %s: %d files missing; re-harvesting them", manifest.dataset_id, len(missing))
                 harvester.repair(missing)
+            elif self.ray is not None:
+                self.ray.run(harvester)
             elif self.replica is None:
                 harvester.run()
             else:
