@@ -17,7 +17,7 @@ COPY shared shared
 COPY cache_server cache_server
 COPY trainer trainer
 RUN pip install --no-cache-dir torch --index-url ${TORCH_INDEX} \
- && pip install --no-cache-dir . \
+ && pip install --no-cache-dir ".[ray]" \
  && rm -rf /src
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /data /runs && chown app:app /data /runs

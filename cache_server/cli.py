@@ -28,8 +28,6 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--corpora-dir", type=Path, help="folder of local Hugging Face datasets (save_to_disk "
                         "folders, or folders of parquet / JSONL / arrow files), named by folder")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--replica", help="this server's name among several sharing one store (harvests are split)")
-    parser.add_argument("--lease-seconds", type=float, help="a replica silent this long loses its ranges (default 60)")
     parser.add_argument("--ray-address", help="run harvests on a Ray cluster: auto | HOST:PORT | local "
                         "(a private one); unset: in this process")
     parser.add_argument("--ray-workers", type=int, help="Ray actors a harvest runs on (default 1)")
@@ -119,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"cache-server: error: {problem}", file=sys.stderr)
         return 1
-    lock = lock_store(settings.local_root, replica=settings.replica is not None)
+    lock = lock_store(settings.local_root)
     if lock is None:
         holder = (settings.local_root / "server.lock").read_text().strip()
         print(f"cache-server: error: another cache server is using the store {settings.local_root}"
-              f"{f' (pid {holder})' if holder else ''}; stop it, or give every server that shares a store "
-              "a --replica name", file=sys.stderr)
+              f"{f' (pid {holder})' if holder else ''}; stop it, or give this one its own --store (or "
+              "--state-dir beside a bucket); to harvest on several machines, use --ray-address", file=sys.stderr)
         return 1
     import uvicorn
 

@@ -35,18 +35,16 @@ def disk_full_message(exc: OSError, folder: Path) -> str:
             "space (delete datasets or corpora) and submit again")
 
 
-def lock_store(root: Path, replica: bool):
+def lock_store(root: Path):
     """Hold ``<root>/server.lock`` for this process' life (the kernel lets go when it exits, a
-    crash included): exclusively for a lone server, shared among replicas. None: another server
-    holds it in a way this one cannot share; the file then names its pid when it is a lone one."""
+    crash included), exclusively. None: another server holds it; the file names its pid."""
     f = (root / "server.lock").open("a+")
     try:
-        fcntl.flock(f, (fcntl.LOCK_SH if replica else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
     f.truncate(0)
-    if not replica:
-        f.write(str(os.getpid()))
-        f.flush()
+    f.write(str(os.getpid()))
+    f.flush()
     return f

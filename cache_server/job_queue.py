@@ -1,5 +1,5 @@
 """One worker thread over a queue of persisted jobs: the lifecycle the evaluation and feature
-managers share (harvests have their own, with cancellation and replicas)."""
+managers share (harvests have their own, with cancellation and Ray)."""
 
 import logging
 import queue

@@ -22,8 +22,7 @@ def open_parts(settings: Settings) -> Parts:
     root = settings.local_root
     root.mkdir(parents=True, exist_ok=True)
     quarantine = Quarantine(root)
-    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets",
-                         shared=settings.replica is not None, quarantine=quarantine)
+    store = DatasetStore(settings.store if settings.store_is_bucket else root / "datasets", quarantine=quarantine)
     corpora = CorpusStore(root / "corpora", settings.max_corpus_bytes, settings.corpora_dir, settings.allow_hub,
                           quarantine)
     models = ModelRegistry(settings.models_dir, pick_device(settings.device), settings.allow_hub)

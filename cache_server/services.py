@@ -93,12 +93,8 @@ def build_services(settings: Settings) -> Services:
     parts = open_parts(settings)
     metrics, quarantine, store, corpus_store, models = (ServerMetrics(), parts.quarantine, parts.store, parts.corpora,
                                                         parts.models)
-    # Replicas sharing a store folder keep their own job files (a job is one server's part).
-    jobs_folder = root / "jobs" / settings.replica if settings.replica else root / "jobs"
-    jobs = JobManager(jobs_folder, store, corpus_store, models, metrics, quarantine, settings.max_tokens,
-                      settings.chunk_bytes,
-                      replica=settings.replica, lease_seconds=settings.lease_seconds,
-                      min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes,
+    jobs = JobManager(root / "jobs", store, corpus_store, models, metrics, quarantine, settings.max_tokens,
+                      settings.chunk_bytes, min_free_bytes=settings.min_free_bytes, corpus_check_bytes=settings.corpus_check_bytes,
                       ray=ray_harvests(settings))
     saes = SaeStore(root / "saes", settings.max_sae_bytes, quarantine)
     evaluations = EvaluationManager(root / "evaluations", saes, store, corpus_store, models, quarantine)

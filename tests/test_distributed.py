@@ -1,5 +1,6 @@
 """Data-parallel training: ``torchrun`` with 2 CPU ranks (gloo) against a single process, over HTTP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -59,13 +60,14 @@ def test_lanes_split_every_epoch_between_them(server, dataset):  # noqa: F811
             assert torch.equal(torch.cat(seen).sort().values, train_rows.sort().values)
 
 
-def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resample=0):  # noqa: F811
+def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resample=0, split="data"):  # noqa: F811
     sweep = out.parent / f"{out.name}.toml"
     # No LR decay: it follows the run's budget, so the half run resumed to the whole would differ
     # (so would resampling, which stops where the decay starts or ``resample`` steps before the end).
     text = "\n".join(line for line in SWEEP.splitlines() if not line.startswith("dead_after"))
     text = text.replace("[[sae]]\n", f"[[sae]]\nlr_decay = 0\nresample_every = {resample}\ndead_after = 768\n")
-    sweep.write_text(text.replace("[run]\n", "[run]\n" + (f"lanes = {lanes}\n" if lanes else ""), 1))
+    run = f"[run]\nsplit = \"{split}\"\n" + (f"lanes = {lanes}\n" if lanes else "")
+    sweep.write_text(text.replace("[run]\n", run, 1))
     args = ["-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
             "--config", str(sweep), "--tokens", str(tokens), "--out", str(out), "--no-progress",
             "--downstream-tokens", "0", "--no-browser"]  # the run's checkpoint is what is compared
@@ -99,3 +101,30 @@ def test_two_ranks_train_what_one_process_trains_and_resume_on_one(server, datas
                 torch.testing.assert_close(b["model"][name], x, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
     exported = tmp_path / "ranks" / "saes"
     assert len(list(exported.glob("*/sae_weights.safetensors"))) == 2  # rank 0 exported both SAEs
+
+
+@pytest.mark.slow
+def test_two_ranks_each_training_its_own_saes_train_what_one_process_trains(server, dataset, tmp_path):  # noqa: F811
+    """split = "saes": rank r trains SAE r on whole batches; the checkpoint (gathered on rank 0) and
+    the exports equal one process's, and the run resumes on one process under the same split."""
+    tokens = STEPS * BATCH
+    # No resampling: the half run's budget would move its last resample (as in the test above).
+    single = _train(server, dataset, tmp_path / "single", tokens, split="saes")
+    ranks = _train(server, dataset, tmp_path / "ranks", tokens, ranks=2, split="saes")
+    _train(server, dataset, tmp_path / "mixed", tokens // 2, ranks=2, split="saes")
+    mixed = _train(server, dataset, tmp_path / "mixed", tokens, resume=True, split="saes")
+    for other in (ranks, mixed):
+        assert other["step"] == single["step"] == STEPS and other["lanes"] == single["lanes"] == 1
+        assert other["positions"] == single["positions"]
+        for a, b in zip(single["saes"], other["saes"], strict=True):
+            assert torch.equal(a["tokens_since_fired"], b["tokens_since_fired"])
+            for name, x in a["model"].items():  # one SAE, one process: only thread counts differ
+                torch.testing.assert_close(b["model"][name], x, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert len(list((tmp_path / "ranks" / "saes").glob("*/sae_weights.safetensors"))) == 2  # rank 0 exported both
+    run = json.loads((tmp_path / "ranks" / "run.json").read_text())
+    assert run["run"]["split"] == "saes"
+    refused = subprocess.run([sys.executable, "-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id,
+                              "--hook", HOOKS[0], "--config", str(tmp_path / "ranks.toml"), "--tokens", str(tokens),
+                              "--out", str(tmp_path / "ranks"), "--resume", "--split", "data", "--no-progress"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "sae-train: error: --out" in refused.stderr and "--split saes" in refused.stderr

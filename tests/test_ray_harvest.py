@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
+from tests.test_compose import COMPOSE
 from tests.server import ServerProcess, assert_same_as_single_harvest, free_port, wait_job
 
 pytest.importorskip("ray")
@@ -19,21 +20,21 @@ pytest.importorskip("ray")
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
            "n_tokens": 48_000, "context_size": 64, "batch_size": 8}
 CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server: 48 chunks
-# A throwaway cluster on 127.0.0.1: no token (Ray's token lives in the home folder, shared by all).
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {k: str(v) for k, v in COMPOSE["x-ray-env"].items() if v}  # compose's: no Ray token by default
 RAY = Path(sys.executable).with_name("ray")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A local Ray head (2 CPUs, no dashboard) in its own temp folder; its address."""
+def ray_cluster():
+    """docker-compose.yml's ray profile on this machine: its head's and worker's exact command lines
+    (the port moved, not blocking); the address."""
     port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, **RAY_ENV}
-    args = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-            "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(temp),
-            "--object-store-memory", str(200 << 20)]
-    subprocess.run(args, env=env, check=True, capture_output=True, timeout=120)
+    for service in ("ray-head", "ray-worker"):
+        command = [a for a in COMPOSE["services"][service]["command"] if a != "--block"]
+        command = [a.replace("ray-head:6379", f"127.0.0.1:{port}").replace("6379", str(port)) for a in command]
+        assert command[:2] == ["ray", "start"], command
+        subprocess.run([str(RAY), *command[1:]], env=env, check=True, capture_output=True, timeout=120)
     yield f"127.0.0.1:{port}"
     subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
 

@@ -34,8 +34,8 @@ def test_bad_setting_value(tmp_path):
     assert result.returncode == 2 and "--port" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bad_replica_name_or_lease_is_one_line(tmp_path):
-    for args, setting in ((["--replica", "../b"], "replica='../b'"), (["--lease-seconds", "0"], "lease_seconds=0.0"),
+def test_a_bad_token_or_ray_setting_is_one_line(tmp_path):
+    for args, setting in ((["--ray-workers", "0"], "ray_workers=0"), (["--ray-worker-cpus", "0"], "ray_worker_cpus=0.0"),
                           (["--token", "clé secrète"], "token='clé secrète'")):  # no HTTP header carries it
         result = run_cli("--store", str(tmp_path), *args)
         assert result.returncode == 2, result.stderr
@@ -77,7 +77,7 @@ def test_a_port_just_left_by_a_stopped_server_is_free():
 
 def test_a_second_server_on_a_store_in_use_refuses_to_start(tmp_path):
     """Two lone servers on one store would harvest the same dataset twice and delete under each
-    other (issue 14): the second one says who holds it. Replicas share; the lock dies with its holder."""
+    other (issue 14): the second one says who holds it; the lock dies with its holder."""
     from tests.server import ServerProcess, free_port
 
     store = tmp_path / "store"
@@ -86,15 +86,10 @@ def test_a_second_server_on_a_store_in_use_refuses_to_start(tmp_path):
         second = run_cli("--store", str(store), "--port", str(free_port()), "--no-hub")
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert second.stderr.strip() == (f"cache-server: error: another cache server is using the store {store} "
-                                         f"(pid {first.process.pid}); stop it, or give every server that shares "
-                                         "a store a --replica name")
-        replica = run_cli("--store", str(store), "--port", str(free_port()), "--replica", "r1")
-        assert replica.returncode == 1 and "another cache server is using the store" in replica.stderr
+                                         f"(pid {first.process.pid}); stop it, or give this one its own --store "
+                                         "(or --state-dir beside a bucket); to harvest on several machines, use "
+                                         "--ray-address")
     finally:
         first.kill()  # a crash: the kernel lets go of the lock
     again = ServerProcess(store=store, port=free_port()).start()
     again.stop()
-    replicas = [ServerProcess(store=tmp_path / "shared", port=free_port(), extra_args=["--replica", name]).start()
-                for name in ("a", "b")]
-    for replica in replicas:
-        replica.stop()

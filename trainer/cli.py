@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=positive_int, help=f"overrides [run] tokens: {run_docs['tokens']}")
     parser.add_argument("--batch-size", type=positive_int, help=f"overrides [run] batch_size: {run_docs['batch_size']}")
     parser.add_argument("--device", help=f"overrides [run] device: {run_docs['device']}")
+    parser.add_argument("--split", choices=["data", "saes"], help=f"overrides [run] split: {run_docs['split']}")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--follow", action="store_true", help="wait for an incomplete dataset's harvest to finish")
     parser.add_argument("--from-bucket", action="store_true", help="read chunks straight from the dataset's S3 "
@@ -154,7 +155,7 @@ def positive_int(text: str) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    values = {"tokens": args.tokens, "batch_size": args.batch_size, "device": args.device}
+    values = {"tokens": args.tokens, "batch_size": args.batch_size, "device": args.device, "split": args.split}
     return {k: v for k, v in values.items() if v is not None}
 
 

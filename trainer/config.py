@@ -212,8 +212,15 @@ class RunConfig:
     fetch_threads: Annotated[int, Field(ge=1, le=256, strict=True)] = 4
     """Threads fetching and decoding chunks."""
     lanes: Annotated[int, Field(ge=0, strict=True)] = 0
-    """Streams an epoch is split into (0: the world size at the start of the run); see
-    trainer.training.distributed. A run keeps its lanes when resumed with another world size."""
+    """Streams an epoch is split into (0: the world size at the start of the run under ``split =
+    "data"``, 1 under ``"saes"``); see trainer.training.distributed. A run keeps its lanes when
+    resumed with another world size."""
+    split: Literal["data", "saes"] = "data"
+    """How ranks under ``torchrun`` share a sweep: ``data`` (DDP: every SAE on every rank, each rank
+    its share of every batch's rows, gradients averaged) or ``saes`` (each rank trains every
+    ``world size``-th SAE of the sweep on whole batches, no gradient traffic; as sparsify's
+    ``distribute_modules``): for a sweep of many SAEs, each rank holds only its own. A run
+    resumes under the split it started with."""
     eval_chunks: Positive = 2
     """Chunks held out (never trained on) for evaluation."""
     log_every: Positive = 50

@@ -95,7 +95,7 @@ class CorpusTokens:
     # -- extending ----------------------------------------------------------------------------
     @contextmanager
     def _extending(self) -> Iterator[_State]:
-        """This process' lock and a file lock (replicas share a folder), and the state on disk,
+        """This process' lock and a file lock (Ray workers share the folder), and the state on disk,
         the token file cut back to it (a crash between the two writes leaves extra tokens)."""
         with self._lock, self._lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,1 +1,1 @@
-"""Harvests: the loop that runs the model into chunks, the job queue over it, and the replica ledger."""
+"""Harvests: the loop that runs the model into chunks, the job queue over it, and its Ray executor."""

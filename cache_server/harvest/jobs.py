@@ -5,7 +5,6 @@ that were queued or running when the server stopped (or was killed) are queued a
 from the dataset's last committed chunk.
 """
 
-import json
 import logging
 import queue
 import secrets
@@ -24,7 +23,6 @@ from cache_server.harvest.harvester import (CorpusExhausted, Harvester, HarvestC
 from cache_server.metrics import ServerMetrics
 from cache_server.quarantine import Quarantine
 from cache_server.models import ModelRegistry, SourceModel
-from cache_server.harvest.shared import SharedHarvest, ledger_key, new_ledger
 from cache_server.store.dataset_store import TOKENS_ARRAY, DatasetStore
 from shared.codec import STORAGE_DTYPES
 from shared.ids import content_id, is_valid_id
@@ -72,11 +70,9 @@ class _Plan:
 class JobManager:
     def __init__(self, folder: Path, store: DatasetStore, corpora: CorpusStore, models: ModelRegistry,
                  metrics: ServerMetrics, quarantine: Quarantine, max_tokens: int, chunk_bytes: int,
-                 replica: str | None = None,
-                 lease_seconds: float = 60.0, min_free_bytes: int = 0,
+                 min_free_bytes: int = 0,
                  corpus_check_bytes: int = 8 << 20, ray: "RayHarvests | None" = None):
         self.folder, self.quarantine = folder, quarantine
-        self.replica, self.lease_seconds = replica, lease_seconds
         folder.mkdir(parents=True, exist_ok=True)
         self.store, self.corpora, self.models, self.metrics = store, corpora, models, metrics
         self.max_tokens, self.chunk_bytes, self.min_free_bytes = max_tokens, chunk_bytes, min_free_bytes
@@ -124,11 +120,11 @@ class JobManager:
         if request.prepend_bos is None:  # text gets a BOS, pre-tokenized ids are used as they are
             request = request.model_copy(update={"prepend_bos": not corpus.pretokenized})
         plan = self._plan(request, corpus)
-        known = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
+        known = self.store.manifest(plan.dataset_id)
         if known is None:
             self._check_corpus(request, plan)  # outside the lock: reading a corpus may take a while
         with self._lock:
-            manifest = self.store.manifest(plan.dataset_id, fresh=self.replica is not None)
+            manifest = self.store.manifest(plan.dataset_id)
             if manifest is not None and manifest.complete and not self.store.missing(manifest):
                 done = [j for j in self._jobs.values() if j.dataset_id == plan.dataset_id and j.status == "completed"]
                 job_id = done[-1].job_id if done else None
@@ -234,25 +230,7 @@ class JobManager:
             n_chunks=0, complete=False, batch_size=request.batch_size, created_at=_now(),
             store_url=self.store.bucket_url(plan.dataset_id),
         )
-        if self.replica is not None and not self._won_creation(manifest):
-            return self._await_creation(manifest)
         self.store.create(manifest, empty_state(hooks, plan.widths))
-        return manifest
-
-    def _won_creation(self, manifest: DatasetManifest) -> bool:
-        """Replicas on one store: whoever creates the ledger creates the dataset."""
-        ledger = json.dumps(new_ledger(manifest.n_chunks_total)).encode()
-        return self.store.conditional.write(ledger_key(manifest.dataset_id), ledger, None)
-
-    def _await_creation(self, manifest: DatasetManifest, timeout: float = 60.0) -> DatasetManifest:
-        """Another replica is creating the dataset: wait for its manifest (or create it, if that
-        replica died in between; no chunk is written before a manifest exists)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (found := self.store.manifest(manifest.dataset_id, fresh=True)) is not None:
-                return found
-            time.sleep(0.5)
-        self.store.create(manifest, empty_state(manifest.hooks, {h.name: h.d for h in manifest.hooks}))
         return manifest
 
     # -- the worker --------------------------------------------------------------------------
@@ -276,7 +254,7 @@ class JobManager:
         still ends failed (in memory) so the worker moves on to the next one."""
         job = self._jobs[job_id]
         if is_disk_full(exc):
-            self.store.remove_partial_writes(job.dataset_id, older_than=self.lease_seconds if self.replica else 0.0)
+            self.store.remove_partial_writes(job.dataset_id)
             error = disk_full_message(exc, self.folder)
             if (manifest := self.store.manifest(job.dataset_id)) is not None:
                 error += f"; this harvest needs about {_stored_bytes(manifest):,} bytes in all"
@@ -303,8 +281,7 @@ class JobManager:
         manifest = self.store.manifest(job.dataset_id)
         if manifest is None:
             raise RuntimeError(f"dataset {job.dataset_id} was deleted")
-        # A replica leaves the files other replicas may be writing now (younger than a lease) alone.
-        self.store.remove_partial_writes(job.dataset_id, older_than=self.lease_seconds if self.replica else 0.0)
+        self.store.remove_partial_writes(job.dataset_id)
         model = self.models.get(manifest.model.name)
         corpus = self.corpora.stream_for(self.corpora.resolve(manifest.corpus_id), model)
         t0, rows0 = time.perf_counter(), manifest.n_items
@@ -322,10 +299,8 @@ class JobManager:
                 harvester.repair(missing)
             elif self.ray is not None:
                 self.ray.run(harvester)
-            elif self.replica is None:
-                harvester.run()
             else:
-                SharedHarvest(harvester, self.replica, self.lease_seconds, progress).run()
+                harvester.run()
         except HarvestCancelled:
             status = "queued" if self._stopping.is_set() else "cancelled"
             self._set(self._jobs[job.job_id], status=status, tokens_per_second=None, eta_seconds=None)

@@ -96,6 +96,7 @@ class RayHarvests:
         self._pool: list | None = None
         self._lock = threading.Lock()
         self._idle: threading.Timer | None = None
+        self._busy = False
 
     def connect(self) -> None:
         if not ray.is_initialized():
@@ -108,6 +109,7 @@ class RayHarvests:
         with self._lock:
             if self._idle is not None:
                 self._idle.cancel()
+            self._busy = True
             if self._pool is None:
                 self.connect()
                 gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -116,16 +118,20 @@ class RayHarvests:
                 self._pool = [actor.remote(self.settings) for _ in range(self.settings.ray_workers)]
             return self._pool
 
-    def stop(self) -> None:
-        """Kill the pool (its actors hold models and the cluster's resources)."""
+    def stop(self, if_idle: bool = False) -> None:
+        """Kill the pool (its actors hold models and the cluster's resources); ``if_idle``: unless a
+        harvest took it up again meanwhile."""
         with self._lock:
+            if if_idle and self._busy:
+                return
             pool, self._pool = self._pool, None
         for actor in pool or []:
             ray.kill(actor, no_restart=True)
 
     def _release_later(self) -> None:
         with self._lock:
-            self._idle = threading.Timer(self.settings.ray_idle_seconds, self.stop)
+            self._busy = False
+            self._idle = threading.Timer(self.settings.ray_idle_seconds, self.stop, kwargs={"if_idle": True})
             self._idle.daemon = True
             self._idle.start()
 

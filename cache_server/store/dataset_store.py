@@ -17,8 +17,6 @@ zarr's own store layer (LocalStore, or ObjectStore over obstore); everything els
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import threading
 import time
@@ -34,15 +32,14 @@ from zarr.storage import LocalStore
 from cache_server.store.chunk_reads import read_local_chunk
 from cache_server.errors import ServiceError
 from cache_server.quarantine import Quarantine, reason_of
-from cache_server.files import atomic_write
 from shared.codec import zarr_compressors
 from shared.ids import is_valid_id
 from shared.schemas import ArrayInfo, DatasetManifest, DatasetSummary
 
 TOKENS_ARRAY = "tokens"
-COORDINATION = "_harvest"
 BUCKET_RECHECK_SECONDS = 1.0
-"""Prefix of the objects replicas sharing a store coordinate through (``<prefix>/<dataset_id>/``)."""
+"""A bucket's cached manifests are re-read after this long: another server on the bucket may have
+written or deleted the dataset."""
 
 
 def chunk_key(dataset_id: str, array: str, index: int) -> str:
@@ -71,69 +68,18 @@ def open_zarr_store(location: str | Path, check: bool = False):
     return ObjectStore(bucket)
 
 
-class Conditional:
-    """Compare-and-swap on one small object, for replicas that share a store: S3 conditional
-    writes (If-None-Match / If-Match) on a bucket, a lock file around a read-compare-replace on
-    a folder. A version is an opaque string (the ETag; a content hash on disk)."""
-
-    def __init__(self, zarr_store, root: Path | None):
-        self.zarr_store, self.root = zarr_store, root
-
-    def read(self, key: str) -> tuple[bytes | None, str | None]:
-        if self.root is not None:
-            path = self.root / key
-            data = path.read_bytes() if path.exists() else None
-            return data, (None if data is None else hashlib.sha256(data).hexdigest())
-        import obstore
-        from obstore.exceptions import NotFoundError
-
-        try:
-            result = obstore.get(self.zarr_store.store, key)
-        except (NotFoundError, FileNotFoundError):
-            return None, None
-        return bytes(result.bytes()), result.meta["e_tag"]
-
-    def write(self, key: str, data: bytes, version: str | None) -> bool:
-        """Store ``data`` if ``key`` is still at ``version`` (None: if it does not exist yet);
-        False when another writer got there first."""
-        if self.root is not None:
-            return self._write_local(self.root / key, data, version)
-        import obstore
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
-
-        try:
-            obstore.put(self.zarr_store.store, key, data, mode="create" if version is None else {"e_tag": version})
-        except (AlreadyExistsError, PreconditionError):
-            return False
-        return True
-
-    @staticmethod
-    def _write_local(path: Path, data: bytes, version: str | None) -> bool:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = path.read_bytes() if path.exists() else None
-            if (None if current is None else hashlib.sha256(current).hexdigest()) != version:
-                return False
-            atomic_write(path, data)
-            return True
-
-
 class DatasetUnreadable(ServiceError):
     """A dataset is stored but its manifest cannot be read (409): left in place, listed in /health."""
 
 
 class DatasetStore:
-    def __init__(self, location: str | Path, shared: bool = False, quarantine: Quarantine | None = None):
+    def __init__(self, location: str | Path, quarantine: Quarantine | None = None):
         self.location = str(location)
         self.quarantine = quarantine or Quarantine(Path(location).parent if not self.location.startswith("s3://")
                                                    else Path("."))
-        self.shared = shared
-        """Replicas write it too: a bucket's cached manifests are re-read after ``BUCKET_RECHECK_SECONDS``."""
         self.root = None if self.location.startswith("s3://") else Path(location)
         """The local folder, or None for a bucket."""
         self.zarr_store = open_zarr_store(location)
-        self.conditional = Conditional(self.zarr_store, self.root)
         self._manifests: dict[str, tuple[DatasetManifest, object]] = {}
         self._lock = threading.Lock()
 
@@ -154,7 +100,7 @@ class DatasetStore:
             return None
         manifest, stamp = entry
         if self.root is None:
-            return manifest if not self.shared or time.monotonic() - stamp < BUCKET_RECHECK_SECONDS else None
+            return manifest if time.monotonic() - stamp < BUCKET_RECHECK_SECONDS else None
         return manifest if self._stamp(dataset_id) == stamp else None
 
     def _remember(self, manifest: DatasetManifest) -> None:
@@ -171,7 +117,7 @@ class DatasetStore:
     # -- reading -----------------------------------------------------------------------------
     def manifest(self, dataset_id: str, fresh: bool = False) -> DatasetManifest | None:
         """The dataset's manifest, or None for an id that is not one of ours. ``fresh`` reads the
-        store past this process's cache (another replica may have written it)."""
+        store past this process's cache (another server may have written it)."""
         if not is_valid_id(dataset_id):
             return None
         cached = None if fresh else self._cached(dataset_id)
@@ -302,18 +248,16 @@ class DatasetStore:
     def _published(self, manifest: DatasetManifest) -> None:
         self._remember(manifest)
 
-    def remove_partial_writes(self, dataset_id: str, older_than: float = 0.0) -> int:
+    def remove_partial_writes(self, dataset_id: str) -> int:
         """Delete temp files a killed writer left behind (zarr writes ``<key>.<uuid>.partial``; an
-        object store has none: a PUT lands whole or not at all). Replicas sharing the folder pass
-        ``older_than`` (seconds): a file another live replica is writing now is younger than that."""
+        object store has none: a PUT lands whole or not at all)."""
         if self.root is None:
             return 0
-        now, removed = time.time(), 0
+        removed = 0
         for path in (self.root / dataset_id).rglob("*.partial"):
             try:
-                if now - path.stat().st_mtime >= older_than:
-                    path.unlink()
-                    removed += 1
+                path.unlink()
+                removed += 1
             except FileNotFoundError:  # its writer renamed it meanwhile
                 pass
         return removed
@@ -326,8 +270,7 @@ class DatasetStore:
         except DatasetUnreadable:
             pass
         self._manifests.pop(dataset_id, None)
-        for prefix in (dataset_id, f"{COORDINATION}/{dataset_id}"):
-            sync(self.zarr_store.delete_dir(prefix))
+        sync(self.zarr_store.delete_dir(dataset_id))
         return True
 
 

@@ -44,6 +44,17 @@ class RunError(Exception):
     """A problem with the run folder or the data, reported as one line."""
 
 
+def _to_cpu(state):
+    """A state dict's tensors on the CPU (gathered between ranks as pickles, which keep devices)."""
+    if torch.is_tensor(state):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
 def pick_device(setting: str, world: World = World()) -> torch.device:
     try:
         device = resolve_device(setting)
@@ -98,11 +109,11 @@ def _variance(x: torch.Tensor) -> torch.Tensor:
     return ((x - x.mean(0)) ** 2).sum(-1).mean()
 
 
-def _progress(groups, saes, rows: list[dict]) -> str:
+def _progress(groups, cfgs, rows: list[dict]) -> str:
     """The progress bar's summary, a part per group of SAEs: how many, their FVU and L0 ranges."""
     parts = []
     for group in groups:
-        mine = [r for s, r in zip(saes, rows) if s.cfg in group]
+        mine = [r for c, r in zip(cfgs, rows) if c in group]
         fvu, l0 = sorted(r["fvu"] for r in mine), sorted(r["l0"] for r in mine)
         span = (lambda v, f: f"{v[0]:{f}}" if len(v) == 1 else f"{v[0]:{f}}-{v[-1]:{f}}")
         parts.append(f"{len(mine)} {group[0].activation}: FVU {span(fvu, '.3f')} L0 {span(l0, '.0f')}")
@@ -146,6 +157,12 @@ class Trainer:
         """Where chunk bytes come from: the server, or a ``StoreReader`` straight from the store."""
         self.run: RunConfig = sweep.run
         self.world = world
+        self.by_saes = self.run.split == "saes" and world.size > 1
+        self.share = World() if self.run.split == "saes" else world
+        if self.by_saes and len(sweep.saes) < world.size:
+            raise RunError(f"split = \"saes\" gives each of {world.size} ranks its own SAEs and the sweep has "
+                           f"{len(sweep.saes)}: run fewer ranks, or split = \"data\"")
+        """The ranks an SAE's step spans: all of them (data split), or this one (each rank its own SAEs)."""
         self.progress = progress and world.main
         self.extra_sinks = sinks or []  # wandb / tensorboard, besides metrics.jsonl
         self.targets = list(dict.fromkeys(h for c in sweep.saes for h in c.targets()))
@@ -164,7 +181,8 @@ class Trainer:
         self.scales = [self._scale(h) for h in self.stream_hooks]
         self.step, self.tokens = 0, 0
         self.saes: list[SAEState] = []
-        self._use_lanes(self.run.lanes or world.size)
+        """This rank's SAEs: all of the sweep's, or under ``split = "saes"`` every ``world.size``-th."""
+        self._use_lanes(self.run.lanes or self.share.size)
 
     def _check_targets(self) -> None:
         for cfg in self.sweep.saes:
@@ -213,11 +231,11 @@ class Trainer:
 
     def _use_lanes(self, lanes: int) -> None:
         """Stream this rank's lanes; ``positions`` holds each one's place (see trainer.training.distributed)."""
-        run, world = self.run, self.world
-        if lanes % world.size or run.batch_size % lanes:
-            raise RunError(f"{lanes} stream lane(s) cannot be shared by {world.size} rank(s) with batch_size "
+        run, share = self.run, self.share
+        if lanes % share.size or run.batch_size % lanes:
+            raise RunError(f"{lanes} stream lane(s) cannot be shared by {share.size} rank(s) with batch_size "
                            f"{run.batch_size}: lanes must be a multiple of the world size and divide the batch")
-        mine = world.lanes_of_rank(lanes)
+        mine = share.lanes_of_rank(lanes)
         window = max(1, run.shuffle_buffer_rows // lanes)
         self.lanes = lanes
         self.streams = [ChunkStream(
@@ -242,7 +260,8 @@ class Trainer:
     # -- run folder --------------------------------------------------------------------------
     def identity(self) -> dict:
         """What makes a run folder this run. Not the token budget: ``--resume --tokens N`` trains on."""
-        run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "tokens"}
+        run = {k: v for k, v in dataclasses.asdict(self.run).items()
+               if k != "tokens" and (k, v) != ("split", "data")}  # runs from before splits resume
         return {"dataset_id": self.manifest.dataset_id, "hooks": self.hooks,
                 "run": run, "saes": [c.record() for c in self.sweep.saes]}
 
@@ -289,6 +308,10 @@ class Trainer:
             raise RunError(f"--resume: --out {self.out} holds no run to resume; drop --resume to start one there")
         if run_file.exists():
             recorded = json.loads(run_file.read_text())
+            split = recorded.get("run", {}).get("split", "data")
+            if split != self.run.split:
+                raise RunError(f"--out {self.out} holds a run trained with split = \"{split}\": resume it with "
+                               f"--split {split}")
             if recorded != json.loads(json.dumps(self.identity())):
                 raise RunError(f"--out {self.out} holds another run (different dataset, hooks or sweep); "
                                "pick another folder")
@@ -315,10 +338,18 @@ class Trainer:
             if s.cfg.decoder_init == "data":
                 s.sae.initialize_from_data(x, self.target_rows(s.cfg, ys))
 
-    def _build_saes(self, centres: dict[str, torch.Tensor | None]) -> None:
-        """The sweep's SAEs; ``centres``: each kind of centre of the streamed rows ``[stream hook, d]``."""
-        self.saes = []
-        for cfg, name in zip(self.sweep.saes, sae_names(self.sweep.saes)):
+    def _mine(self, index: int) -> bool:
+        return not self.by_saes or index % self.world.size == self.world.rank
+
+    def _build_saes(self, centres: dict[str, torch.Tensor | None], every: bool = False) -> None:
+        """This rank's SAEs (``every``: all of the sweep's); ``centres``: each kind of centre of the
+        streamed rows ``[stream hook, d]``. Each SAE draws its weights from its own seed, so which
+        others a rank builds changes none."""
+        self.saes, self.indices = [], []
+        for index, (cfg, name) in enumerate(zip(self.sweep.saes, sae_names(self.sweep.saes))):
+            if not (every or self._mine(index)):
+                continue
+            self.indices.append(index)
             centre, n = centres.get(cfg.centre()), len(self.hooks)
             if cfg.target_hook is None:
                 sae = SparseAutoencoder(cfg, self.d_in, self.n_components,
@@ -351,29 +382,37 @@ class Trainer:
         return rows[:max_rows]
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _gathered(self, mine: list) -> list:
+        """Per-SAE items of this rank's SAEs (in ``self.indices`` order) as the sweep's, in sweep
+        order, on every rank (under ``split = "saes"``; otherwise this rank holds them all)."""
+        if not self.by_saes:
+            return mine
+        pairs = [p for part in self.world.gather(list(zip(self.indices, mine))) for p in part]
+        return [item for _, item in sorted(pairs, key=lambda p: p[0])]
+
     def _save(self) -> None:
         """Checkpoint; never weights gone NaN or infinite (the last good checkpoint stands)."""
-        for s in self.saes:
-            if not all(torch.isfinite(p).all() for p in s.sae.parameters()):
-                raise RunError(f"SAE {s.name}: its weights are not finite at step {self.step}; lower its lr (or its "
-                               "coefficients) and start again; nothing was exported, the last checkpoint stands")
+        broken = self._gathered([s.name for s in self.saes if not all(torch.isfinite(p).all() for p in s.sae.parameters())])
+        if broken := [name for name in broken if name]:
+            raise RunError(f"SAE {broken[0]}: its weights are not finite at step {self.step}; lower its lr (or its "
+                           "coefficients) and start again; nothing was exported, the last checkpoint stands")
         positions = {lane: dataclasses.asdict(p) for mine in self.world.gather(self.positions)
                      for lane, p in mine.items()}
+        portable = _to_cpu if self.by_saes else (lambda state: state)
+        saes = self._gathered([portable({
+            "model": s.sae.state_dict(), "optimizer": s.optimizer.state_dict(), "lr": s.lr.state_dict(),
+            "sparsity": s.sparsity.state_dict(), "tokens_since_fired": s.tokens_since_fired}) for s in self.saes])
         if not self.world.main:
             return
-        state = {
-            "step": self.step, "tokens": self.tokens, "lanes": self.lanes, "positions": positions,
-            "saes": [{"model": s.sae.state_dict(), "optimizer": s.optimizer.state_dict(), "lr": s.lr.state_dict(),
-                      "sparsity": s.sparsity.state_dict(), "tokens_since_fired": s.tokens_since_fired} for s in self.saes],
-        }
+        state = {"step": self.step, "tokens": self.tokens, "lanes": self.lanes, "positions": positions, "saes": saes}
         tmp = self.out / (CHECKPOINT + ".partial")
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, every: bool = False) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self._build_saes({})  # every value comes from the checkpoint
-        for s, saved in zip(self.saes, state["saes"], strict=True):
+        self._build_saes({}, every)  # every value comes from the checkpoint
+        for s, saved in zip(self.saes, [state["saes"][i] for i in self.indices], strict=True):
             s.sae.load_state_dict(saved["model"])
             s.optimizer.load_state_dict(saved["optimizer"])
             s.lr.load_state_dict(saved["lr"])
@@ -405,10 +444,10 @@ class Trainer:
         bar = tqdm(total=total_steps * run.batch_size, initial=self.tokens, unit="tok", unit_scale=True,
                    desc="train", disable=not self.progress)
         rows_per_seq = self.manifest.context_size
-        expected = iid_distinct_sequences(run.batch_size // world.size, self.manifest.n_items_total, rows_per_seq)
+        expected = iid_distinct_sequences(run.batch_size // self.share.size, self.manifest.n_items_total, rows_per_seq)
         sinks = [JsonlSink(self.out / "metrics.jsonl"), *self.extra_sinks] if world.main else []
         for s in self.saes:
-            s.objective = world.wrap(_Objective(s.sae))
+            s.objective = self.share.wrap(_Objective(s.sae))
         t_last, tokens_last, steps_done = time.perf_counter(), self.tokens, 0
         try:
             for batch, positions in self.batches():
@@ -417,7 +456,7 @@ class Trainer:
                     break
                 x, ys = self.split(batch.activations)
                 targets = [self.target_rows(s.cfg, ys) for s in self.saes]
-                outputs = [train_step(s, x, world, y) for s, y in zip(self.saes, targets)]
+                outputs = [train_step(s, x, self.share, y) for s, y in zip(self.saes, targets)]
                 self.step += 1
                 steps_done += 1
                 self.tokens += run.batch_size
@@ -431,16 +470,16 @@ class Trainer:
                     rate = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens
                     shuffle = distinct_sequences(batch.row_ids // rows_per_seq) / expected
-                    variance = world.mean(torch.stack([_variance(x if y is None else y) for y in targets])).tolist()
-                    rows = [{"step": self.step, "tokens": self.tokens, "sae": s.name, **self._logged(out, v),
-                             "lr": s.optimizer.param_groups[0]["lr"],
-                             "dead": int((s.tokens_since_fired >= s.dead_after_tokens).sum()),
-                             "tokens_per_second": rate, "shuffle_quality": shuffle}
-                            for s, out, v in zip(self.saes, outputs, variance)]
+                    variance = self.share.mean(torch.stack([_variance(x if y is None else y) for y in targets])).tolist()
+                    rows = self._gathered([{"step": self.step, "tokens": self.tokens, "sae": s.name,
+                                            **self._logged(out, v), "lr": s.optimizer.param_groups[0]["lr"],
+                                            "dead": int((s.tokens_since_fired >= s.dead_after_tokens).sum()),
+                                            "tokens_per_second": rate, "shuffle_quality": shuffle}
+                                           for s, out, v in zip(self.saes, outputs, variance)])
                     for sink in sinks:
                         sink.log(rows)
                     _stop_if_not_finite(rows, self.step, run.log_every)
-                    bar.set_postfix_str(_progress(groups, self.saes, rows))
+                    bar.set_postfix_str(_progress(groups, self.sweep.saes, rows))
                 if self.step % run.checkpoint_every == 0:
                     self._save()
         except CacheError as exc:  # the server went away for longer than the client retries
@@ -459,7 +498,7 @@ class Trainer:
         """A step's loss terms averaged over ranks, and its FVU (the batch's squared error over its
         variance: comparable across hooks and scales, where MSE is not)."""
         names = ("loss", "mse", "l0", "sparsity", "aux")
-        values = dict(zip(names, self.world.mean(torch.stack([getattr(out, n).detach().float() for n in names])).tolist()))
+        values = dict(zip(names, self.share.mean(torch.stack([getattr(out, n).detach().float() for n in names])).tolist()))
         return {**values, "fvu": values["mse"] / variance if variance > 0 else float("nan")}
 
     def _resample(self, s: SAEState, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -469,17 +508,17 @@ class Trainer:
         dead = s.tokens_since_fired >= s.dead_after_tokens
         if not dead.any():
             return
-        gathered = (lambda t: torch.cat([part.to(t.device) for part in self.world.gather(t.cpu())])
-                    if self.world.size > 1 else t)
+        gathered = (lambda t: torch.cat([part.to(t.device) for part in self.share.gather(t.cpu())])
+                    if self.share.size > 1 else t)
         rows, targets = gathered(x), None if y is None else gathered(y)
-        if self.world.main:
+        if self.share.main:
             generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step)
             if isinstance(s.sae, CrossLayerTranscoder):
                 s.sae.resample(s.optimizer, dead, rows, targets, generator)
             else:
                 resample_dead_neurons(s.sae, s.optimizer, dead, rows, generator, targets)
         params = list(s.sae.parameters())
-        self.world.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
+        self.share.broadcast_(params + [v for p in params for v in s.optimizer.state[p].values() if torch.is_tensor(v)])
         s.tokens_since_fired[dead] = 0
 
     @property
@@ -495,6 +534,9 @@ class Trainer:
                 "dataset_id": self.manifest.dataset_id, "training_tokens": self.tokens}
 
     def evaluate_and_export(self) -> list[dict]:
+        """Rank 0's part (every SAE: under ``split = "saes"`` read back from the last checkpoint)."""
+        if self.by_saes:
+            self._load(self.out / CHECKPOINT, every=True)
         for s in self.saes:
             at_average(s.optimizer)  # a schedule-free step's averaged weights are the trained ones
         rows, ys = self.split(self.stream.evaluation_rows()[0])
