@@ -1,5 +1,5 @@
-"""SAE quality, side by side: a fixed sweep trained by this project's trainer and by SAELens on the
-same cached activations, the same budget and the same held-out rows.
+"""SAE quality, side by side: a fixed sweep trained by this project's trainer, by SAELens and (the
+TopK rows) by sparsify on the same cached activations, the same budget and the same held-out rows.
 
     .venv/bin/python bench/quality.py [--lr 4e-4] [--tokens 409600] [--saelens-python /work/saelens-venv/bin/python]
 
@@ -10,7 +10,10 @@ project trains through its real path (stream from the server, ``Trainer``, expor
 computed from the exported safetensors on the held-out rows in the model's units. SAELens (its own
 virtual environment, see bench/saelens_reference.py) trains on the same training rows, shuffled,
 and is evaluated on the same held-out rows. Both use batch 4096, d_sae 3072 (x8) and the given lr
-with no warmup or decay; every other setting is each library's default.
+with no warmup or decay; every other setting is each library's default. sparsify (its venv, see
+bench/sparsify_reference.py) trains its TopK SAEs with its own Trainer's step and lr (SignSGD
+under schedule-free averaging, lr 5e-3 / sqrt(d_sae / 2^14), FVU loss, decoder renormalised every
+step), not the given lr.
 
 Dead latents are counted as the field does, over the data the SAE is for: a latent is dead when the
 final weights never fire it on any of the corpus's rows (training and held-out, 290,944); "silent" is
@@ -68,6 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=4e-4, help="both sides (4e-4: issue 13's reference runs)")
     parser.add_argument("--saelens-python", default="/work/saelens-venv/bin/python",
                         help="python of a venv with sae-lens (skipped when missing)")
+    parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
+                        help="python of a venv with eai-sparsify, for the TopK rows (skipped when missing)")
     parser.add_argument("--only", help="comma-separated labels of the sweep to run")
     parser.add_argument("--optimizer", choices=("adam", "signsgd"), default="adam", help="this project's step")
     return parser.parse_args()
@@ -125,6 +130,31 @@ def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> 
     return results
 
 
+def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> dict:
+    """sparsify's TopK SAEs with its own step and lr (bench/sparsify_reference.py) on the same rows."""
+    python = Path(args.sparsify_python)
+    topk = [(label, config) for label, config, _ in picked if config["activation"] == "topk"]
+    if not python.exists() or not topk:
+        print(f"(no sparsify venv at {python} or no TopK row: its column skipped)", file=sys.stderr)
+        return {}
+    order = torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(0))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/train.npy", train_rows[order].numpy())
+        np.save(f"{tmp}/eval.npy", eval_rows.numpy())
+        for label, config in topk:
+            command = [str(python), str(Path(__file__).with_name("sparsify_reference.py")), "--train-x",
+                       f"{tmp}/train.npy", "--eval-x", f"{tmp}/eval.npy", "--out", f"{tmp}/sae.safetensors",
+                       "--k", str(config["k"]), "--d-sae", "3072", "--tokens", str(args.tokens)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                print(f"sparsify {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"sparsify {label}: {results[label]}", file=sys.stderr)
+    return results
+
+
 def frontier(table: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -133,13 +163,14 @@ def frontier(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in table:
         family = "matryoshka" if row["label"].startswith("matryoshka") else row["label"].split()[0]
-        for side, colour in (("ours", "tab:blue"), ("saelens", "tab:orange")):
+        for side, colour in (("ours", "tab:blue"), ("saelens", "tab:orange"), ("sparsify", "tab:green")):
             if side in row:
                 ax.scatter(row[side]["l0"], row[side]["fvu"], marker=MARKERS[family], color=colour, s=50)
     for family, marker in MARKERS.items():
         ax.scatter([], [], marker=marker, color="grey", label=family)
     ax.scatter([], [], marker="o", color="tab:blue", label="this project")
     ax.scatter([], [], marker="o", color="tab:orange", label="SAELens 6.54")
+    ax.scatter([], [], marker="o", color="tab:green", label="sparsify 1.3.3")
     ax.set(xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU",
            title="MiniLM blocks.3.hook_resid_post, same rows and budget")
     ax.legend(fontsize=8)
@@ -159,19 +190,22 @@ def main() -> None:
         manifest = client.wait(client.harvest(HARVEST), progress=False)
         mine, scaled_eval, scaled_train = ours(client, manifest, args, picked, run_folder)
     reference = saelens(args, picked, scaled_eval, scaled_train)
-    table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {})}
+    strongest = sparsify(args, picked, scaled_eval, scaled_train)
+    table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {}),
+              **({"sparsify": strongest[label]} if label in strongest else {})}
              for label, _, _ in picked]
     print(f"MiniLM {HOOK}: {manifest.n_items:,} rows, {args.tokens:,} training tokens, lr {args.lr:g}, "
           f"{scaled_eval.shape[0]:,} held-out rows")
     head = f"{'L0':>7} {'FVU':>7} {'dead%':>6} {'silent%':>7} {'tok/s':>7}"
-    print(f"{'SAE':26} {head} | SAELens {head}")
+    print(f"{'SAE':26} {head} | SAELens {head} | sparsify {head}")
 
     def cells(r: dict) -> str:
         return (f"{r['l0']:7.1f} {r['fvu']:7.3f} {r['dead_pct']:6.2f} {r['silent_pct']:7.2f} "
                 f"{r['tokens_per_second']:7.0f}")
 
     for row in table:
-        print(f"{row['label']:26} {cells(row['ours'])} | {cells(row['saelens']) if 'saelens' in row else '-'}")
+        print(f"{row['label']:26} {cells(row['ours'])} | " + " | ".join(
+            cells(row[side]) if side in row else "-" for side in ("saelens", "sparsify")))
     tag = f"lr{args.lr:g}-{args.tokens}"
     (args.out / f"quality-{tag}.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
     frontier(table, args.out / f"frontier-{tag}.png")

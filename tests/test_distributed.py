@@ -76,6 +76,8 @@ def _train(server, dataset, out, tokens, lanes=None, ranks=1, resume=False, resa
     result = subprocess.run([sys.executable, *args, *(["--resume"] if resume else [])],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    if ranks > 1:  # the run says how its ranks share the sweep
+        assert f'{ranks} ranks, split = "{split}"' in result.stderr, result.stderr[-3000:]
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 

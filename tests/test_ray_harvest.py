@@ -77,8 +77,9 @@ def test_a_ray_harvest_with_a_killed_worker_equals_the_in_process_one(server, ra
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_ray_workers(ray_cluster, tmp_path):
-    ray_side = ray_server(tmp_path, ray_cluster, workers=1).start()
+def test_cancel_stops_the_ray_workers_of_a_private_cluster(tmp_path):
+    """``--ray-address local``: the server starts its own cluster; cancel kills the pool."""
+    ray_side = ray_server(tmp_path, "local", workers=1).start()
     try:
         with ray_side.client() as client:
             job = client.post("/v1/harvests", json={**REQUEST, "n_tokens": 96_000}).json()

@@ -296,6 +296,10 @@ class Trainer:
             raise RunError(error)
         for warning in warnings if self.world.main else []:  # after the folder's checks: an error is one line
             print(f"warning: {warning}", file=sys.stderr)
+        if self.world.main and self.world.size > 1:
+            share = ("each trains every SAE on its share of each batch (DDP)" if self.run.split == "data" else
+                     f"rank r trains SAEs r, r + {self.world.size}, ... of the sweep on whole batches")
+            print(f"{self.world.size} ranks, split = \"{self.run.split}\": {share}", file=sys.stderr)
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.exists():
             self._load(checkpoint)
