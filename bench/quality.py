@@ -74,7 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
                         help="python of a venv with eai-sparsify, for the TopK rows (skipped when missing)")
     parser.add_argument("--only", help="comma-separated labels of the sweep to run")
-    parser.add_argument("--optimizer", choices=("adam", "signsgd"), default="adam", help="this project's step")
+    parser.add_argument("--optimizer", choices=("adam", "signsgd", "schedulefree_adam"), default="adam", help="this project's step")
     return parser.parse_args()
 
 

@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--downstream-tokens", type=int, default=16_384)
     parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
                         help="its venv's python; a path that does not exist skips the reference column")
-    parser.add_argument("--optimizer", choices=("adam", "signsgd"), default="adam", help="this project's step")
+    parser.add_argument("--optimizer", choices=("adam", "signsgd", "schedulefree_adam"), default="adam", help="this project's step")
     parser.add_argument("--lr", type=float, default=1e-3, help="this project's lr")
     parser.add_argument("--part-one-only", action="store_true", help="layer 1's transcoders only (no CLT)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

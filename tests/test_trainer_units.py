@@ -151,7 +151,8 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
 
 
-def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_gets_exported():
+@pytest.mark.parametrize("step", ["signsgd", "schedulefree_adam"])
+def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_gets_exported(step):
     """sparsify's step (issue 32): SignSGD under a schedule-free wrapper. A bare SignSGD step moves
     every weight by exactly lr; the wrapper keeps the gradient point y and the average x apart, and
     ``at_average`` puts x in the parameters; a resampled latent's base iterate z is reset with it,
@@ -164,8 +165,8 @@ def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_g
     torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
 
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=2, optimizer="signsgd", lr=1e-2), d_in=4)
-    optimizer = make_optimizer("signsgd", sae.parameters(), 1e-2)
+    sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=2, optimizer=step, lr=1e-2), d_in=4)
+    optimizer = make_optimizer(step, sae.parameters(), 1e-2)
     x = torch.randn(256, 4)
     first = None
     for _ in range(60):
@@ -182,7 +183,7 @@ def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_g
     at_average(optimizer)
     torch.testing.assert_close(sae.W_dec[0, [1, 5]], new_rows)  # x = y = z for a resampled latent
     assert not torch.allclose(sae.W_dec[0, 0], old_row)  # the others' average is not their last point
-    assert SAEConfig(optimizer="signsgd").name().endswith("-signsgd")
+    assert SAEConfig(optimizer=step).name().endswith(f"-{step}")
 
 
 def test_a_resampled_topk_latent_can_outbid_the_others():

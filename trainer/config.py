@@ -73,11 +73,13 @@ class SAEConfig:
     L0 (jumprelu); unused by topk / batchtopk."""
     lr: PositiveFloat = 1e-3
     """The learning rate (Adam's; ``signsgd``'s step size)."""
-    optimizer: Literal["adam", "signsgd"] = "adam"
-    """``adam``, or ``signsgd``: EleutherAI sparsify's step, SignSGD (every weight moves by ``lr``
+    optimizer: Literal["adam", "signsgd", "schedulefree_adam"] = "adam"
+    """``adam``; ``signsgd``: EleutherAI sparsify's step, SignSGD (every weight moves by ``lr``
     along its gradient's sign) under a schedule-free wrapper (momentum 0.95) whose running average
-    is what gets evaluated and exported; no LR decay (``lr_decay`` then only ends resampling).
-    sparsify's lr for it: 5e-3 / sqrt(d_sae / 16384)."""
+    is what gets evaluated and exported (sparsify's lr for it: 5e-3 / sqrt(d_sae / 16384)); or
+    ``schedulefree_adam``: schedule-free Adam (``schedulefree.AdamWScheduleFree``, beta1 0.9 as
+    its interpolation, no weight decay). The schedule-free
+    steps take no LR decay (``lr_decay`` then only ends resampling)."""
     lr_warmup: Schedule = 0.0
     """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
     lr_decay: Schedule = 0.2

@@ -1,10 +1,11 @@
-"""The two steps an SAE can train with (``SAEConfig.optimizer``): Adam, and sparsify's SignSGD
-under a schedule-free wrapper (``schedulefree.ScheduleFreeWrapper``, Defazio et al., 2024): the
-gradient is taken at an interpolation of the sign-SGD iterate and its running average, and the
-average is what gets evaluated and exported (``at_average``)."""
+"""The steps an SAE can train with (``SAEConfig.optimizer``): Adam; sparsify's SignSGD under a
+schedule-free wrapper (``schedulefree.ScheduleFreeWrapper``, Defazio et al., 2024), where the
+gradient is taken at an interpolation of the base iterate and its running average, and the average
+is what gets evaluated and exported (``at_average``); and the package's schedule-free Adam (the
+averaging without the sign step, to measure each alone)."""
 
 import torch
-from schedulefree import ScheduleFreeWrapper
+from schedulefree import AdamWScheduleFree, ScheduleFreeWrapper
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -29,14 +30,17 @@ def adam(params, lr: float) -> torch.optim.Optimizer:
 
 
 def make_optimizer(name: str, params, lr: float):
+    if name == "adam":
+        return adam(params, lr)
     if name == "signsgd":
         optimizer = ScheduleFreeWrapper(SignSGD(params, lr), momentum=0.95)
-        optimizer.train()  # the weights hold the point the gradient is taken at
-        return optimizer
-    return adam(params, lr)
+    else:  # the package's own Adam (the wrapper's state would hide torch Adam's from it)
+        optimizer = AdamWScheduleFree(params, lr=lr, betas=(0.9, 0.999), warmup_steps=0, weight_decay=0.0)
+    optimizer.train()  # the weights hold the point the gradient is taken at
+    return optimizer
 
 
 def at_average(optimizer) -> None:
     """Put a schedule-free optimizer's averaged weights in the parameters (evaluation, export)."""
-    if isinstance(optimizer, ScheduleFreeWrapper):
+    if isinstance(optimizer, (ScheduleFreeWrapper, AdamWScheduleFree)):
         optimizer.eval()

@@ -373,7 +373,7 @@ class Trainer:
                 resample_every=steps["resample_every"],
                 last_resample=self.total_steps - max(steps["lr_decay"], steps["resample_every"]),
                 # schedule-free averaging replaces the decay
-                lr=LRSchedule(cfg.lr, steps["lr_warmup"], 0 if cfg.optimizer == "signsgd" else steps["lr_decay"],
+                lr=LRSchedule(cfg.lr, steps["lr_warmup"], 0 if cfg.optimizer != "adam" else steps["lr_decay"],
                               self.total_steps),
                 sparsity=Warmup(0.0, cfg.l1_coefficient, steps["sparsity_warmup"]),
                 tokens_since_fired=torch.zeros(self.n_components or 1, sae.d_sae, dtype=torch.long, device=self.device)))
