@@ -45,6 +45,7 @@ from trainer.data.local_server import LocalServer  # noqa: E402
 from trainer.evaluation.metrics import evaluate  # noqa: E402
 from trainer.outputs.export import load_saelens  # noqa: E402
 from trainer.training.train import Trainer  # noqa: E402
+from bench.transcoders import settings  # noqa: E402
 
 HOOK = "blocks.3.hook_resid_post"
 HARVEST = {"model": "all-MiniLM-L6-v2", "hooks": [HOOK], "corpus": "default", "n_tokens": 290_944,
@@ -75,6 +76,8 @@ def parse_args() -> argparse.Namespace:
                         help="python of a venv with eai-sparsify, for the TopK rows (skipped when missing)")
     parser.add_argument("--only", help="comma-separated labels of the sweep to run")
     parser.add_argument("--optimizer", choices=("adam", "signsgd", "schedulefree_adam"), default="adam", help="this project's step")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another [[sae]] setting of this project's SAEs (a TOML value), e.g. aux_coefficient=0")
     return parser.parse_args()
 
 
@@ -83,7 +86,8 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
     figures from the exported files, on the model's own units. Returns the (normalised) held-out
     and training rows too, for the reference side."""
     train_rows = None
-    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer)
+    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer,
+                  **settings(args.set))
     run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
     for label, config, _ in picked:

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description=(
         "Run harvests on a Ray cluster: its address (``auto``: the cluster this machine belongs to; "
         "``host:6379``; ``local``: start a private one). Unset: harvests run in this process. The "
-        "store must be a bucket or a folder every node sees at the same path."))
+        "store, the corpora (and models_dir) must be where every node sees them, at the same paths."))
     ray_workers: int = Field(1, ge=1, description="Ray actors a harvest runs on, each holding the model once.")
     ray_worker_cpus: float = Field(1.0, gt=0, description=(
         "CPUs each Ray harvest actor reserves when the cluster has no GPUs (with GPUs: one GPU each)."))
