@@ -3,13 +3,14 @@ TopK rows) by sparsify on the same cached activations, the same budget and the s
 
     .venv/bin/python bench/quality.py [--lr 4e-4] [--tokens 409600] [--saelens-python /work/saelens-venv/bin/python]
 
-The data is the offline default: all-MiniLM-L6-v2 ``blocks.3.hook_resid_post`` harvested by a cache
-server started here (float32, context 128, the whole built-in corpus: 290,944 rows), normalised as
+The data (``--case``): all-MiniLM-L6-v2 ``blocks.3.hook_resid_post`` (the default; the whole
+built-in corpus, 290,944 rows) or shakespeare-gpt ``blocks.1.hook_resid_post`` (250,000 rows),
+harvested by a cache server started here (float32, context 128), normalised as
 the trainer does (mean norm sqrt(d)). 16 chunks (20,480 rows) are held out; no SAE sees them. This
 project trains through its real path (stream from the server, ``Trainer``, export); its figures are
 computed from the exported safetensors on the held-out rows in the model's units. SAELens (its own
 virtual environment, see bench/saelens_reference.py) trains on the same training rows, shuffled,
-and is evaluated on the same held-out rows. Both use batch 4096, d_sae 3072 (x8) and the given lr
+and is evaluated on the same held-out rows. Both use batch 4096, d_sae 8 x d (3072 for MiniLM) and the given lr
 with no warmup or decay; every other setting is each library's default. sparsify (its venv, see
 bench/sparsify_reference.py) trains its TopK SAEs with its own Trainer's step and lr (SignSGD
 under schedule-free averaging, lr 5e-3 / sqrt(d_sae / 2^14), FVU loss, decoder renormalised every
@@ -47,9 +48,13 @@ from trainer.outputs.export import load_saelens  # noqa: E402
 from trainer.training.train import Trainer  # noqa: E402
 from bench.transcoders import settings  # noqa: E402
 
-HOOK = "blocks.3.hook_resid_post"
-HARVEST = {"model": "all-MiniLM-L6-v2", "hooks": [HOOK], "corpus": "default", "n_tokens": 290_944,
-           "context_size": 128, "dtype": "float32", "batch_size": 32}
+# (hook, harvest request) of each case; d_sae is 8 x the hook's width
+CASES = {
+    "minilm": ("blocks.3.hook_resid_post", {"model": "all-MiniLM-L6-v2", "corpus": "default", "n_tokens": 290_944,
+                                            "context_size": 128, "dtype": "float32", "batch_size": 32}),
+    "shakespeare": ("blocks.1.hook_resid_post", {"model": "shakespeare-gpt", "corpus": "default", "n_tokens": 250_000,
+                                                 "context_size": 128, "dtype": "float32", "batch_size": 32}),
+}
 # (label, this project's config, SAELens' arch and flags)
 SWEEP = [
     ("topk k16", dict(activation="topk", k=16), ("topk", ["--k", "16"])),
@@ -68,6 +73,8 @@ MARKERS = {"topk": "o", "batchtopk": "s", "matryoshka": "D", "relu": "^", "jumpr
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--case", choices=sorted(CASES), default="minilm",
+                        help="minilm: MiniLM blocks.3 (d 384); shakespeare: shakespeare-gpt blocks.1 (d 192)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE (both sides)")
     parser.add_argument("--lr", type=float, default=4e-4, help="both sides (4e-4: issue 13's reference runs)")
     parser.add_argument("--saelens-python", default="/work/saelens-venv/bin/python",
@@ -86,13 +93,13 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
     figures from the exported files, on the model's own units. Returns the (normalised) held-out
     and training rows too, for the reference side."""
     train_rows = None
-    common = dict(d_sae=3072, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer,
+    common = dict(d_sae=args.d_sae, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer,
                   **settings(args.set))
     run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
     for label, config, _ in picked:
         out = folder / label.replace(" ", "-")
-        trainer = Trainer(client, manifest, [HOOK], Sweep(run=run, saes=(SAEConfig(**common, **config),)), out,
+        trainer = Trainer(client, manifest, [args.hook], Sweep(run=run, saes=(SAEConfig(**common, **config),)), out,
                           progress=False)
         trainer.prepare(resume=False)
         trainer.train()
@@ -125,7 +132,7 @@ def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> 
         for label, _, (arch, flags) in picked:
             command = [str(python), str(Path(__file__).with_name("saelens_reference.py")), "--train", f"{tmp}/train.npy",
                        "--eval", f"{tmp}/eval.npy", "--arch", arch, *flags, "--tokens", str(args.tokens),
-                       "--batch-size", "4096", "--lr", str(args.lr), "--d-sae", "3072", "--seed", "0"]
+                       "--batch-size", "4096", "--lr", str(args.lr), "--d-sae", str(args.d_sae), "--seed", "0"]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(f"SAELens {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -149,7 +156,7 @@ def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) ->
         for label, config in topk:
             command = [str(python), str(Path(__file__).with_name("sparsify_reference.py")), "--train-x",
                        f"{tmp}/train.npy", "--eval-x", f"{tmp}/eval.npy", "--out", f"{tmp}/sae.safetensors",
-                       "--k", str(config["k"]), "--d-sae", "3072", "--tokens", str(args.tokens)]
+                       "--k", str(config["k"]), "--d-sae", str(args.d_sae), "--tokens", str(args.tokens)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(f"sparsify {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -159,7 +166,7 @@ def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) ->
     return results
 
 
-def frontier(table: list[dict], path: Path) -> None:
+def frontier(table: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,7 +183,7 @@ def frontier(table: list[dict], path: Path) -> None:
     ax.scatter([], [], marker="o", color="tab:orange", label="SAELens 6.54")
     ax.scatter([], [], marker="o", color="tab:green", label="sparsify 1.3.3")
     ax.set(xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU",
-           title="MiniLM blocks.3.hook_resid_post, same rows and budget")
+           title=f"{title}, same rows and budget")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -188,17 +195,21 @@ def main() -> None:
     args = parse_args()
     picked = [s for s in SWEEP if not args.only or s[0] in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    run_folder = args.out / f"train-lr{args.lr:g}-{args.tokens}"
+    args.hook, harvest = CASES[args.case]
+    tag = ("" if args.case == "minilm" else f"{args.case}-") + f"lr{args.lr:g}-{args.tokens}"
+    run_folder = args.out / f"train-{tag}"
     shutil.rmtree(run_folder, ignore_errors=True)  # a fresh run each time
     with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server, CacheClient(server.url) as client:
-        manifest = client.wait(client.harvest(HARVEST), progress=False)
+        manifest = client.wait(client.harvest({**harvest, "hooks": [args.hook]}), progress=False)
+        args.d_sae = 8 * manifest.hook(args.hook).d
         mine, scaled_eval, scaled_train = ours(client, manifest, args, picked, run_folder)
     reference = saelens(args, picked, scaled_eval, scaled_train)
     strongest = sparsify(args, picked, scaled_eval, scaled_train)
     table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {}),
               **({"sparsify": strongest[label]} if label in strongest else {})}
              for label, _, _ in picked]
-    print(f"MiniLM {HOOK}: {manifest.n_items:,} rows, {args.tokens:,} training tokens, lr {args.lr:g}, "
+    title = f"{manifest.model.name} {args.hook}"
+    print(f"{title}: {manifest.n_items:,} rows, d_sae {args.d_sae}, {args.tokens:,} training tokens, lr {args.lr:g}, "
           f"{scaled_eval.shape[0]:,} held-out rows")
     head = f"{'L0':>7} {'FVU':>7} {'dead%':>6} {'silent%':>7} {'tok/s':>7}"
     print(f"{'SAE':26} {head} | SAELens {head} | sparsify {head}")
@@ -210,9 +221,8 @@ def main() -> None:
     for row in table:
         print(f"{row['label']:26} {cells(row['ours'])} | " + " | ".join(
             cells(row[side]) if side in row else "-" for side in ("saelens", "sparsify")))
-    tag = f"lr{args.lr:g}-{args.tokens}"
     (args.out / f"quality-{tag}.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
-    frontier(table, args.out / f"frontier-{tag}.png")
+    frontier(table, args.out / f"frontier-{tag}.png", title)
     print(f"frontier plot: {args.out / f'frontier-{tag}.png'}")
     assert all(math.isfinite(row["ours"]["fvu"]) for row in table)
 
