@@ -450,12 +450,8 @@ def test_the_progress_bar_summarises_each_group_of_saes():
     relu = [SAEConfig(activation="relu", l1_coefficient=c) for c in (2.0, 5.0)]
     topk = SAEConfig(activation="topk", k=16)
 
-    class S:
-        def __init__(self, cfg):
-            self.cfg = cfg
-
     rows = [{"fvu": 0.2, "l0": 80.0}, {"fvu": 0.31, "l0": 41.0}, {"fvu": 0.1, "l0": 16.0}]
-    text = _progress([relu, [topk]], [S(c) for c in (*relu, topk)], rows)
+    text = _progress([relu, [topk]], [*relu, topk], rows)
     assert text == "2 relu: FVU 0.200-0.310 L0 41-80 | 1 topk: FVU 0.100 L0 16"
 
 
