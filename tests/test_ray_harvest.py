@@ -45,8 +45,15 @@ def ray_server(tmp_path: Path, address: str, workers: int = 2) -> ServerProcess:
 
 
 def worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "ray::HarvestWorker"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
+    """The Ray harvest actors' processes (Ray titles them ``ray::HarvestWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::HarvestWorker"):
+                pids.append(int(proc.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return pids
 
 
 def progress(client, job: dict) -> dict:
