@@ -396,7 +396,8 @@ class Trainer:
 
     def _save(self) -> None:
         """Checkpoint; never weights gone NaN or infinite (the last good checkpoint stands)."""
-        broken = self._gathered([s.name for s in self.saes if not all(torch.isfinite(p).all() for p in s.sae.parameters())])
+        broken = self._gathered([None if all(torch.isfinite(p).all() for p in s.sae.parameters()) else s.name
+                                 for s in self.saes])
         if broken := [name for name in broken if name]:
             raise RunError(f"SAE {broken[0]}: its weights are not finite at step {self.step}; lower its lr (or its "
                            "coefficients) and start again; nothing was exported, the last checkpoint stands")
