@@ -46,3 +46,15 @@ def screenshot(driver, name: str) -> Path:
     path = ARTIFACTS / name
     driver.save_screenshot(str(path))
     return path
+
+
+def click_through(driver, element, timeout: float = 60) -> None:
+    """Click a link or a form's button and wait for the next page: a click does not wait for the
+    navigation it starts, so on a busy machine the old page's elements would still be read."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, timeout).until(staleness_of(page))

@@ -5,6 +5,13 @@ import pytest
 from tests.server import ServerProcess, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under ``pytest -n 2`` each worker (and every process it starts, which inherits this) keeps to
+    # one core: two workers each spinning two torch threads on a 2-core machine lose to one each.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 TOKEN = "test-secret"
 TINY = "tiny-random-gpt"

@@ -94,11 +94,11 @@ def test_two_ranks_train_what_one_process_trains_under_either_split_and_resume_o
     # No resampling from here: the half run's budget would move its last resample.
     _train(server, dataset, tmp_path / "mixed", tokens // 2, ranks=2)
     mixed = _train(server, dataset, tmp_path / "mixed", tokens, resume=True)  # lanes from the checkpoint
+    # Its checkpoint, gathered on rank 0, is one process's format: resuming it on one process is the
+    # "mixed" case's load (so not run again here).
     by_saes = _train(server, dataset, tmp_path / "by-saes", tokens, lanes=2, ranks=2, split="saes")
-    _train(server, dataset, tmp_path / "by-saes-mixed", tokens // 2, lanes=2, ranks=2, split="saes")
-    by_saes_mixed = _train(server, dataset, tmp_path / "by-saes-mixed", tokens, lanes=2, resume=True, split="saes")
     assert not torch.equal(resampled["saes"][1]["model"]["W_dec"], single["saes"][1]["model"]["W_dec"])  # it resampled
-    for reference, other in ((resampled, ranks), (single, mixed), (single, by_saes), (single, by_saes_mixed)):
+    for reference, other in ((resampled, ranks), (single, mixed), (single, by_saes)):
         assert other["step"] == reference["step"] == STEPS and other["lanes"] == 2
         assert other["positions"] == reference["positions"]  # the same rows, lane by lane
         for a, b in zip(reference["saes"], other["saes"], strict=True):

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import httpx
@@ -19,18 +20,31 @@ from shared.schemas import DatasetManifest
 from tests.browser import browser_available, chromium, screenshot
 
 
-def run_pipeline(out) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
-            "--downstream-tokens", "2048"]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                                "HF_HUB_OFFLINE": "1"})
+SMALL = ["--tokens", "24000", "--train-tokens", "40960", "--downstream-tokens", "2048"]
+
+
+def interrupt_during_training(out) -> str:
+    """sae-pipeline stopped by Ctrl-C once its first metrics are written: its stderr, after checking
+    that it stopped cleanly (exit 130, no traceback) and saved a checkpoint."""
+    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), *SMALL]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = out / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "checkpoint saved; run again to continue from it" in stderr and (out / "train" / "checkpoint.pt").exists()
+    return stderr
 
 
 def serve_pipeline(out) -> tuple[str, str]:
     """sae-pipeline --serve: its stdout up to the line that says the browser is served, and then
     the rest after Ctrl-C, which must end it cleanly."""
-    return served(["trainer.pipeline", "--out", str(out), "--tokens", "24000", "--train-tokens", "20480",
-                   "--downstream-tokens", "2048", "--serve"], out.parent / f"{out.name}-stderr.txt")
+    return served(["trainer.pipeline", "--out", str(out), *SMALL, "--serve"], out.parent / f"{out.name}-stderr.txt")
 
 
 def served(module_args: list[str], stderr_file) -> tuple[str, str]:
@@ -119,10 +133,16 @@ def check_the_feature_browser(stdout: str, out) -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_is_a_cache_hit(tmp_path):
+def test_pipeline_runs_end_to_end_continues_after_ctrl_c_and_serves_its_feature_browser(tmp_path):
+    """The main job, twice on one folder. The first run is stopped by Ctrl-C during training (issue
+    16: it stops after the step and saves); the second continues there (its harvest a cache hit, no
+    step trained twice), evaluates, reports, and serves the browser until Ctrl-C. Then sae-browse
+    serves the folder again."""
     out = tmp_path / "run"
+    interrupt_during_training(out)
     pipeline = serve_pipeline(out)
     stdout = next(pipeline)
+    assert "cache hit" in stdout
     if browser_available():
         check_the_feature_browser(stdout, out)
     else:  # a machine without Debian's chromium: the rest of the run is still checked
@@ -145,10 +165,9 @@ def test_pipeline_runs_end_to_end_serves_its_feature_browser_and_the_second_run_
     assert cfg["metadata"]["dataset_path"] is None and len(cfg["metadata"]["dataset_id"]) == 24
     html = (out / "report" / "report.html").read_text()
     assert "<table>" in html and "<mark>" in html and (out / "report" / "curves.png").exists()
-    second = run_pipeline(out)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "cache hit" in second.stdout
-    assert f"once `python -m cache_server --store {out / 'store'}` serves it" in second.stdout  # no --serve
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics]
+    assert len(steps) == len(set(steps)) * len({m["sae"] for m in metrics}) and max(steps) == 40  # none twice, all
 
     # sae-browse pointed at the folder afterwards: a server over its store, the same SAEs' pages
     # (registered and computed already: cache hits), until Ctrl-C.
@@ -219,35 +238,6 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "new").exists() and sorted(p.name for p in sae_run.iterdir()) == ["run.json"]
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_training_checkpoints_and_the_next_run_continues(tmp_path):
-    """Issue 16: the first Ctrl-C stops after the step and saves; running again picks up there."""
-    import json
-    import os
-    import signal
-    import time
-
-    args = [sys.executable, "-m", "trainer.pipeline", "--out", str(tmp_path), "--tokens", "24000",
-            "--train-tokens", "40960", "--downstream-tokens", "1024", "--no-browser"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = tmp_path / "train" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    assert "checkpoint saved; run again to continue from it" in stderr
-    assert (tmp_path / "train" / "checkpoint.pt").exists()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    per_sae = len({json.loads(line)["sae"] for line in metrics.read_text().splitlines()})
-    assert len(steps) == len(set(steps)) * per_sae and max(steps) == 40  # no step trained twice, all trained
-
-
 def test_the_default_budget_fits_the_corpus(tmp_path):
     """The default harvest leaves enough of the built-in corpus for the default downstream tokens."""
     import torch
@@ -273,7 +263,7 @@ def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp
     server, reported and browsable."""
     out = tmp_path / "tc"
     result = subprocess.run([sys.executable, "-m", "trainer.pipeline", "--transcoders", "--out", str(out), "--tokens",
-                             "48000", "--train-tokens", "10240", "--downstream-tokens", "1024"],
+                             "24000", "--train-tokens", "10240", "--downstream-tokens", "512"],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = {r["sae"]: r for r in json.loads((out / "train" / "eval.json").read_text())}
@@ -288,4 +278,5 @@ def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp
         assert all("path" in page for page in r["browser"].values()), r["browser"]
     assert len(results["clt-topk-vanilla-x8-k32-lr0.001-s0"]["downstream"][layers[0]]["layers"]) == 4
     assert "transcoders, skip transcoders and a CLT" in result.stdout and "CE score" in result.stdout
+    assert f"once `python -m cache_server --store {out / 'store'}` serves it" in result.stdout  # no --serve
     assert (out / "report" / "report.md").exists()

@@ -202,7 +202,7 @@ def test_in_chromium_type_a_text_click_a_token_steer_and_attribute(server, probe
     """A researcher's path through the pages in a real browser, every figure against this test's."""
     from selenium.webdriver.common.by import By
 
-    from tests.browser import chromium, screenshot
+    from tests.browser import chromium, click_through, screenshot
 
     p, sae = probe, probe["sae"]
     ids = _ids(p["model"], TEXT)
@@ -211,30 +211,30 @@ def test_in_chromium_type_a_text_click_a_token_steer_and_attribute(server, probe
     with chromium() as driver:
         driver.get(f"{server.url}/saes/{sae}/features/{feature}")
         driver.find_element(By.ID, "text").send_keys(TEXT)
-        driver.find_element(By.CSS_SELECTOR, "#text-form button").click()
+        click_through(driver, driver.find_element(By.CSS_SELECTOR, "#text-form button"))
         shaded = driver.find_elements(By.CSS_SELECTOR, "#shaded .tok")
         np.testing.assert_allclose([float(t.get_attribute("data-value")) for t in shaded], acts[:, feature], rtol=1e-4, atol=1e-5)
         strongest = int(acts[:, feature].argmax())
         alpha = float(shaded[strongest].value_of_css_property("background-color").rsplit(",", 1)[1].rstrip(")"))
         assert alpha > 0.05  # shaded, relative to the feature's max over the dataset's rows
         screenshot(driver, "text-feature-shading.png")
-        shaded[strongest].click()  # the token's features, on the SAE's text page
+        click_through(driver, shaded[strongest])  # the token's features, on the SAE's text page
         listed = [int(a.text) for a in driver.find_elements(By.CSS_SELECTOR, "#token-features a")]
         assert listed == acts[strongest].argsort(descending=True)[: int((acts[strongest] > 0).sum())].tolist()[:50]
         assert feature in listed
         screenshot(driver, "text-token-features.png")
-        driver.find_element(By.CSS_SELECTOR, f'#token-features a[href="/saes/{sae}/features/{listed[1]}"]').click()
+        click_through(driver, driver.find_element(By.CSS_SELECTOR, f'#token-features a[href="/saes/{sae}/features/{listed[1]}"]'))
         assert driver.find_element(By.TAG_NAME, "h1").text == f"Feature {listed[1]}"
 
         # steer from the feature's own page
         driver.get(f"{server.url}/saes/{sae}/features/5")
         driver.find_element(By.ID, "prompt").send_keys("the king said")
-        driver.find_element(By.CSS_SELECTOR, "#steer-form button").click()
+        click_through(driver, driver.find_element(By.CSS_SELECTOR, "#steer-form button"))
         driver.find_element(By.ID, "strength").clear()
         driver.find_element(By.ID, "strength").send_keys("40")
         driver.find_element(By.ID, "tokens").clear()
         driver.find_element(By.ID, "tokens").send_keys("8")
-        driver.find_element(By.CSS_SELECTOR, "#steer-form button").click()
+        click_through(driver, driver.find_element(By.CSS_SELECTOR, "#steer-form button"))
 
         def add(activation, hook):
             out = activation.clone()
@@ -254,7 +254,7 @@ def test_in_chromium_type_a_text_click_a_token_steer_and_attribute(server, probe
 
         # why the next token: from the text page's link, ranked as the JSON (checked by hand above) ranks it
         driver.get(f"{server.url}/saes/{sae}/text?text={TEXT}")
-        driver.find_elements(By.LINK_TEXT, "why next")[6].click()
+        click_through(driver, driver.find_elements(By.LINK_TEXT, "why next")[6])
         rows = driver.find_elements(By.CSS_SELECTOR, "#attribution tr")[1:]
         assert rows and driver.find_element(By.ID, "target").text.strip().removeprefix("##") == spell([ids[7]])[0].removeprefix("##")
         ranked = [int(r.find_element(By.TAG_NAME, "a").text) for r in rows]

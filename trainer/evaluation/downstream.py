@@ -16,11 +16,14 @@ from shared.schemas import DatasetManifest
 def evaluate_downstream(client: CacheClient, manifest: DatasetManifest, hooks: list[str], run_dir: Path,
                         results: list[dict], n_tokens: int) -> list[dict]:
     """Adds ``downstream`` (one entry per hook: CE loss score, KL, ... or why not) to each result,
-    and rewrites the run's and each SAE's eval.json with it."""
-    for result in results:
-        folder = run_dir / "saes" / result["sae"]
-        result["downstream"] = {hook: _one(client, manifest, part, hook, n_tokens) for hook, part in exported_parts(folder, hooks)}
-        (folder / "eval.json").write_text(json.dumps(result, indent=1))
+    and rewrites the run's and each SAE's eval.json with it. Every evaluation is requested before
+    any is waited on: the server works through its queue while the next SAE uploads, and no poll
+    interval is paid per SAE."""
+    asked = [[(hook, _submit(client, manifest, part, hook, n_tokens)) for hook, part in exported_parts(run_dir / "saes" / r["sae"], hooks)]
+             for r in results]
+    for result, jobs in zip(results, asked):
+        result["downstream"] = {hook: _figures(client, *job) for hook, job in jobs}
+        (run_dir / "saes" / result["sae"] / "eval.json").write_text(json.dumps(result, indent=1))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -34,10 +37,20 @@ def exported_parts(folder: Path, hooks: list[str]) -> list[tuple[str, Path]]:
     return [(hook, folder / hook) for hook in hooks]
 
 
-def _one(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, n_tokens: int) -> dict:
+def _submit(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, n_tokens: int):
+    """(the registered SAE, its evaluation job), or (None, why not)."""
     try:
         sae = client.register_sae(folder, manifest.dataset_id, hook)
-        job = client.wait_evaluation(client.evaluate({"sae_id": sae.sae_id, "n_tokens": n_tokens}))
+        return sae, client.evaluate({"sae_id": sae.sae_id, "n_tokens": n_tokens})
+    except CacheError as exc:
+        return None, str(exc)
+
+
+def _figures(client: CacheClient, sae, job) -> dict:
+    if sae is None:
+        return {"unavailable": job}
+    try:
+        job = client.wait_evaluation(job)
     except CacheError as exc:
         return {"unavailable": str(exc)}
     result = job.result
