@@ -18,8 +18,8 @@ from tests.server import ServerProcess, assert_same_as_single_harvest, free_port
 pytest.importorskip("ray")
 
 REQUEST = {"model": TINY, "hooks": ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"],
-           "n_tokens": 48_000, "context_size": 64, "batch_size": 8}
-CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server: 48 chunks
+           "n_tokens": 24_000, "context_size": 64, "batch_size": 8}
+CHUNKS = {"CACHE_SERVER_CHUNK_BYTES": str(64 * 1024)}  # as the session server: 24 chunks
 RAY_ENV = {k: str(v) for k, v in COMPOSE["x-ray-env"].items() if v}  # compose's: no Ray token by default
 RAY = Path(sys.executable).with_name("ray")
 

@@ -570,7 +570,7 @@ def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume
     request = {"model": TINY, "hooks": [HOOKS[0]], "n_tokens": 20_000, "context_size": 64}
     with CacheClient(server.url) as client:
         dataset = client.wait(client.harvest(request), progress=False)
-    (tmp_path / "s.toml").write_text("[run]\nbatch_size = 256\ntokens = 12800\neval_chunks = 1\n"
+    (tmp_path / "s.toml").write_text("[run]\nbatch_size = 256\ntokens = 25600\neval_chunks = 1\n"
                                      "shuffle_buffer_rows = 1024\ncheckpoint_every = 100000\nlog_every = 5\n")
     args = ["--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0], "--no-progress",
             "--config", str(tmp_path / "s.toml"), "--downstream-tokens", "0", "--no-browser", "--out", str(tmp_path / "run")]
@@ -592,6 +592,6 @@ def test_a_server_gone_for_longer_than_the_retries_leaves_a_checkpoint_to_resume
     try:
         resumed = sae_train_here(*args, "--resume")
         assert resumed.returncode == 0, resumed.stderr
-        assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["tokens"] == 12_800
+        assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["tokens"] == 25_600
     finally:
         server.stop()
