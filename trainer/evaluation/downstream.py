@@ -7,6 +7,7 @@ printed in place of the figures.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.data.client import CacheClient, CacheError
@@ -16,13 +17,23 @@ from shared.schemas import DatasetManifest
 def evaluate_downstream(client: CacheClient, manifest: DatasetManifest, hooks: list[str], run_dir: Path,
                         results: list[dict], n_tokens: int) -> list[dict]:
     """Adds ``downstream`` (one entry per hook: CE loss score, KL, ... or why not) to each result,
-    and rewrites the run's and each SAE's eval.json with it. Every evaluation is requested before
-    any is waited on: the server works through its queue while the next SAE uploads, and no poll
-    interval is paid per SAE."""
-    asked = [[(hook, _submit(client, manifest, part, hook, n_tokens)) for hook, part in exported_parts(run_dir / "saes" / r["sae"], hooks)]
-             for r in results]
-    for result, jobs in zip(results, asked):
-        result["downstream"] = {hook: _figures(client, *job) for hook, job in jobs}
+    and rewrites the run's and each SAE's eval.json with it."""
+    return on_the_server(client, manifest, hooks, run_dir, results, "downstream",
+                         start=lambda sae: client.evaluate({"sae_id": sae.sae_id, "n_tokens": n_tokens}),
+                         finish=lambda sae, job: _figures(sae, client.wait_evaluation(job)))
+
+
+def on_the_server(client: CacheClient, manifest: DatasetManifest, hooks: list[str], run_dir: Path, results: list[dict],
+                  key: str, start: Callable, finish: Callable) -> list[dict]:
+    """Each result's exported parts registered with the server and a job started for each
+    (``start(sae)``) before any is waited on: the server works through its queue while the next
+    SAE uploads, and no poll interval is paid per SAE. Then ``finish(sae, job)`` gives each part's
+    entry under ``result[key]`` (a CacheError's message as ``unavailable``: it costs the run
+    nothing), and the run's and each SAE's eval.json are rewritten with them."""
+    asked = [[(hook, *_started(client, manifest, part, hook, start)) for hook, part in
+              exported_parts(run_dir / "saes" / r["sae"], hooks)] for r in results]
+    for result, parts in zip(results, asked):
+        result[key] = {hook: _finished(finish, sae, job) for hook, sae, job in parts}
         (run_dir / "saes" / result["sae"] / "eval.json").write_text(json.dumps(result, indent=1))
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     return results
@@ -37,22 +48,25 @@ def exported_parts(folder: Path, hooks: list[str]) -> list[tuple[str, Path]]:
     return [(hook, folder / hook) for hook in hooks]
 
 
-def _submit(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, n_tokens: int):
-    """(the registered SAE, its evaluation job), or (None, why not)."""
+def _started(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, start: Callable):
+    """(the registered SAE, its job), or (None, why not)."""
     try:
         sae = client.register_sae(folder, manifest.dataset_id, hook)
-        return sae, client.evaluate({"sae_id": sae.sae_id, "n_tokens": n_tokens})
+        return sae, start(sae)
     except CacheError as exc:
         return None, str(exc)
 
 
-def _figures(client: CacheClient, sae, job) -> dict:
+def _finished(finish: Callable, sae, job) -> dict:
     if sae is None:
         return {"unavailable": job}
     try:
-        job = client.wait_evaluation(job)
+        return finish(sae, job)
     except CacheError as exc:
         return {"unavailable": str(exc)}
+
+
+def _figures(sae, job) -> dict:
     result = job.result
     figures = {"sae_id": sae.sae_id, "evaluation_id": job.evaluation_id, "n_tokens": result.n_tokens,
                "l0": result.l0, "explained_variance": result.explained_variance, "l2_ratio": result.l2_ratio}

@@ -6,47 +6,23 @@ As with the downstream figures, a server that cannot do it costs the run nothing
 recorded in eval.json and printed instead of the page's address.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from shared.schemas import DatasetManifest
-from trainer.data.client import CacheClient, CacheError
-from trainer.evaluation.downstream import exported_parts
+from trainer.data.client import CacheClient
+from trainer.evaluation.downstream import on_the_server
 
 
 def browse_features(client: CacheClient, manifest: DatasetManifest, hooks: list[str], run_dir: Path,
                     results: list[dict], chunk_ids: list[int]) -> list[dict]:
     """Adds ``browser`` (per hook: the SAE's id and page path, or why not) to each result, and
-    rewrites the run's and each SAE's eval.json with it. Every job is requested before any is
-    waited on (the server's queue stays busy; no poll interval per SAE)."""
-    asked = [[(hook, _submit(client, manifest, part, hook, chunk_ids)) for hook, part in exported_parts(run_dir / "saes" / r["sae"], hooks)]
-             for r in results]
-    for result, jobs in zip(results, asked):
-        result["browser"] = {hook: _page(client, *job) for hook, job in jobs}
-        (run_dir / "saes" / result["sae"] / "eval.json").write_text(json.dumps(result, indent=1))
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
-def _submit(client: CacheClient, manifest: DatasetManifest, folder: Path, hook: str, chunk_ids: list[int]):
-    """(the registered SAE, its feature job), or (None, why not)."""
-    try:
-        sae = client.register_sae(folder, manifest.dataset_id, hook)
-        return sae, client.compute_features(sae.sae_id, chunk_ids)
-    except CacheError as exc:
-        return None, str(exc)
-
-
-def _page(client: CacheClient, sae, job) -> dict:
-    if sae is None:
-        return {"unavailable": job}
-    try:
-        job = client.wait_features(job)
-    except CacheError as exc:
-        return {"unavailable": str(exc)}
-    return {"sae_id": sae.sae_id, "path": f"/saes/{sae.sae_id}/", "n_rows": job.n_rows}
+    rewrites the run's and each SAE's eval.json with it."""
+    return on_the_server(client, manifest, hooks, run_dir, results, "browser",
+                         start=lambda sae: client.compute_features(sae.sae_id, chunk_ids),
+                         finish=lambda sae, job: {"sae_id": sae.sae_id, "path": f"/saes/{sae.sae_id}/",
+                                                  "n_rows": client.wait_features(job).n_rows})
 
 
 def page_lines(results: list[dict], url: str) -> list[str]:
