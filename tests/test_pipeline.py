@@ -267,8 +267,8 @@ def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp
                             capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = {r["sae"]: r for r in json.loads((out / "train" / "eval.json").read_text())}
-    assert sorted(results) == ["clt-topk-vanilla-x8-k32-lr0.001-s0", "skip-transcoder-topk-vanilla-x8-k32-lr0.001-s0",
-                               "transcoder-topk-vanilla-x8-k32-lr0.001-s0"]
+    assert sorted(results) == ["clt-topk-vanilla-x8-k32-lr0.008-s0", "skip-transcoder-topk-vanilla-x8-k32-lr0.008-s0",
+                               "transcoder-topk-vanilla-x8-k32-lr0.008-s0"]
     layers = [f"blocks.{l}.mlp.hook_in" for l in range(4)]  # shakespeare-gpt's four MLPs
     for name, r in results.items():
         assert r["l0"] == 32 and r["fvu"] < 1, r
@@ -276,7 +276,7 @@ def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp
         for figures in r["downstream"].values():
             assert 0 < figures["kl_div_with_sae"] < figures["kl_div_with_ablation"], figures
         assert all("path" in page for page in r["browser"].values()), r["browser"]
-    assert len(results["clt-topk-vanilla-x8-k32-lr0.001-s0"]["downstream"][layers[0]]["layers"]) == 4
+    assert len(results["clt-topk-vanilla-x8-k32-lr0.008-s0"]["downstream"][layers[0]]["layers"]) == 4
     assert "transcoders, skip transcoders and a CLT" in result.stdout and "CE score" in result.stdout
     assert f"once `python -m cache_server --store {out / 'store'}` serves it" in result.stdout  # no --serve
     assert (out / "report" / "report.md").exists()

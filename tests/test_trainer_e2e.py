@@ -21,6 +21,7 @@ from trainer.config import load_sweep
 from trainer.data.client import CacheClient, CacheError
 from trainer.data.stream import ChunkStream, StreamPosition
 from trainer.outputs.export import load_saelens
+from trainer.training.optimizers import at_average
 from trainer.training.train import Trainer
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -234,6 +235,8 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
     trainer = Trainer(CacheClient(server.url), dataset, [HOOKS[1]], load_sweep(sweep_file), out, progress=False)
     trainer.prepare(resume=True)
     scale = trainer.scales[0]
+    at_average(trainer.saes[1].optimizer)  # the checkpoint holds schedule-free Adam's training point
+    trainer._refit(trainer.saes[1])  # and the decoder as it was before the refit: the same rows, the same solve
     trained = trainer.saes[1].sae.eval()
     torch.testing.assert_close(exported(raw).decoded_activations, trained(raw * scale).decoded_activations / scale,
                                atol=1e-4, rtol=1e-4)

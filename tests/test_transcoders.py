@@ -141,8 +141,8 @@ def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_ba
                       "--downstream-tokens", "1024"])
     assert code == 0, capsys.readouterr().err
     results = {r["sae"]: r for r in json.loads((out / "eval.json").read_text())}
-    assert sorted(results) == ["skip-transcoder-relu-vanilla-x8-l1_1-lr0.001-s0", "topk-vanilla-x8-k8-lr0.001-s0",
-                               "transcoder-topk-vanilla-x8-k8-lr0.001-s0"]
+    assert sorted(results) == ["skip-transcoder-relu-vanilla-x8-l1_1-lr0.008-s0", "topk-vanilla-x8-k8-lr0.008-s0",
+                               "transcoder-topk-vanilla-x8-k8-lr0.008-s0"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for name, r in results.items():
         mine = [m for m in metrics if m["sae"] == name]
@@ -165,7 +165,7 @@ def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_ba
         rows = torch.cat([torch.stack([to_torch(client.chunk(mlp_dataset, hook, i), mlp_dataset.dtype).float()
                                        for hook in (MLP_IN, MLP_OUT)], 1) for i in trainer.stream.eval_chunk_ids])
     x, y = rows[:, 0], rows[:, 1]
-    for name in ("transcoder-topk-vanilla-x8-k8-lr0.001-s0", "skip-transcoder-relu-vanilla-x8-l1_1-lr0.001-s0"):
+    for name in ("transcoder-topk-vanilla-x8-k8-lr0.008-s0", "skip-transcoder-relu-vanilla-x8-l1_1-lr0.008-s0"):
         exported, cfg = load_saelens(out / "saes" / name)
         assert cfg["metadata"]["hook_name"] == MLP_IN and cfg["metadata"]["hook_name_out"] == MLP_OUT
         with torch.no_grad():
@@ -335,7 +335,7 @@ def test_per_layer_transcoders_and_a_clt_train_side_by_side_from_one_harvest(ser
             "--no-progress", "--downstream-tokens", "1024"]
     assert sae_train(args) == 0, capsys.readouterr().err
     results = {r["sae"]: r for r in json.loads((out / "eval.json").read_text())}
-    per_layer, clt = results["transcoder-topk-vanilla-x8-k8-lr0.001-s0"], results["clt-topk-vanilla-x8-k8-lr0.001-s0"]
+    per_layer, clt = results["transcoder-topk-vanilla-x8-k8-lr0.008-s0"], results["clt-topk-vanilla-x8-k8-lr0.008-s0"]
     print("per-layer transcoders", per_layer["fvu"], per_layer["l0"], "CLT", clt["fvu"], clt["l0"])
     assert per_layer["l0"] == clt["l0"] == 8  # per layer: the same total L0
     assert per_layer["fvu"] < 0.6 and clt["fvu"] < 0.6

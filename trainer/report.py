@@ -13,7 +13,6 @@ import torch
 
 from trainer.evaluation.downstream import ce_loss_score, downstream_columns
 from trainer.evaluation.frontier import GUIDANCE, marks
-from trainer.outputs import plots
 from trainer.training.train import Trainer
 
 N_FEATURES, N_EXAMPLES, LEFT, RIGHT = 12, 5, 10, 3
@@ -166,6 +165,8 @@ def write_report(trainer: Trainer, results: list[dict], rates: dict[str, float],
            "into the model on held-out text; KL: of the spliced next-token distribution from the clean one. "
            "Frontier: no other SAE of the sweep is as sparse (L0) and better (FVU lower, CE loss score higher).",
            "", GUIDANCE.replace("guide: ", "Guide: "), ""]
+    from trainer.outputs import plots  # matplotlib: a second's import that only a report needs
+
     plots.frontier(results, folder / "frontier.png")
     md += ["![FVU and CE loss score against L0](frontier.png)", "", "![FVU, L0 and dead latents](curves.png)", ""]
     md += [f"![{r['sae']}]({r['sae']}-histograms.png)" for r in results]

@@ -15,7 +15,7 @@ _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _mix(z: np.uint64) -> np.uint64:
     """SplitMix64's output function: a bijection of 64-bit words that scatters every input bit."""
     z = (z ^ (z >> _S30)) * _MIX1
@@ -31,7 +31,7 @@ def seed_of(*parts: int) -> np.uint64:
     return np.uint64(z)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def permutation(n: int, seed: np.uint64) -> Int[np.ndarray, " n"]:
     """A seeded random permutation of ``range(n)``. Each swap draws 32 random bits and scales them
     to the range (Lemire's multiply-shift), so a choice's bias is below n / 2**32."""
@@ -44,7 +44,7 @@ def permutation(n: int, seed: np.uint64) -> Int[np.ndarray, " n"]:
     return order
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def places_of(order: Int[np.ndarray, " n"], first: int) -> Int[np.ndarray, " n"]:
     """Where each row goes when rows are emitted in ``order`` from position ``first`` on: the
     inverse permutation, shifted."""

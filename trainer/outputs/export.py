@@ -32,7 +32,7 @@ ARCHITECTURES = {"relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumpr
 
 def saelens_state(sae: SparseAutoencoder, component: int, scale: float) -> dict[str, torch.Tensor]:
     """One component's weights with the input scale folded in: x' = scale * x."""
-    w = sae.weights()  # unit-norm decoder rows: what SAELens' tools expect
+    w = sae.weights()  # the encoder that ranks and thresholds as SAELens does, rows at their refit norms
     state = {
         "W_enc": w.W_enc[component] * scale,
         "b_enc": w.b_enc[component],
@@ -168,10 +168,9 @@ def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_saelens(folder: Path | str) -> tuple[SparseAutoencoder, dict]:
-    """An exported SAE, on raw activations (``n_components`` None). It computes what the file's
-    weights compute (decoder rows of any norm); a TopK's latents are ranked by what they add to
-    the reconstruction, which is the file's ranking when its rows share one norm (SAELens folds
-    them to 1; this project's exports have 1 / input scale)."""
+    """An exported SAE, on raw activations (``n_components`` None). It computes what SAELens computes
+    from the file: latents from its encoder (a TopK ranked by them, a JumpReLU thresholded on
+    them), decoded through its rows at their norms (``decoder_gain``)."""
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     state = load_file(folder / "sae_weights.safetensors")
@@ -181,24 +180,25 @@ def load_saelens(folder: Path | str) -> tuple[SparseAutoencoder, dict]:
     sae_cfg = SAEConfig(activation=activation, d_sae=cfg["d_sae"], k=cfg.get("k", 32))
     sae = SparseAutoencoder(sae_cfg, cfg["d_in"])
     _copy_weights(sae, state)
-    with torch.no_grad():
-        if activation == "jumprelu":
-            # The SAE thresholds what a latent adds through a unit-norm row: the file's threshold
-            # times its decoder row's norm (1 / input scale for this project's exports).
-            threshold = state["threshold"] * state["W_dec"].norm(dim=-1)
-            sae.log_threshold.copy_(threshold.clamp_min(1e-12).log().unsqueeze(0))
     return sae, cfg
 
 
 def _copy_weights(sae: SparseAutoencoder, state: dict[str, torch.Tensor]) -> None:
+    """The file's weights, its decoder rows stored at unit norm with their norms as the gain (so the
+    SAE's encoder is the file's); a JumpReLU's threshold as it is."""
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in ("W_enc", "b_enc", "b_dec"):
             getattr(sae, name).copy_(state[name].unsqueeze(0))
+        norm = state["W_dec"].norm(dim=-1)
+        sae.W_dec.copy_((state["W_dec"] / norm.clamp_min(1e-12)[:, None]).unsqueeze(0))
+        sae.decoder_gain.copy_(norm.unsqueeze(0))
+        if sae.cfg.activation == "jumprelu":
+            sae.log_threshold.copy_(state["threshold"].clamp_min(1e-12).log().unsqueeze(0))
 
 
 def _load_transcoder(cfg: dict, state: dict[str, torch.Tensor]) -> SparseAutoencoder:
     """A transcoder's export, on raw activations: this project's exact TopK where it trained one, else
-    what the architecture says (a JumpReLU at the file's threshold, through unit-norm rows)."""
+    what the architecture says (a JumpReLU at the file's threshold)."""
     activation = "relu" if cfg["architecture"] in ("transcoder", "skip_transcoder") else "jumprelu"
     if "k" in cfg:
         activation = "topk"
@@ -206,9 +206,7 @@ def _load_transcoder(cfg: dict, state: dict[str, torch.Tensor]) -> SparseAutoenc
                         target_hook=cfg["metadata"].get("hook_name_out") or "target")
     sae = SparseAutoencoder(sae_cfg, cfg["d_in"], d_out=cfg["d_out"])
     _copy_weights(sae, state)
-    with torch.no_grad():
-        if sae_cfg.skip:
+    if sae_cfg.skip:
+        with torch.no_grad():
             sae.W_skip.copy_(state["W_skip"].T.unsqueeze(0))
-        if activation == "jumprelu":
-            sae.log_threshold.copy_((state["threshold"] * state["W_dec"].norm(dim=-1)).clamp_min(1e-12).log().unsqueeze(0))
     return sae

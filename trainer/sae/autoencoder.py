@@ -252,6 +252,9 @@ class SparseAutoencoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((c, self.d_sae), float(torch.tensor(cfg.jumprelu_threshold).log())))
         # BatchTopK's inference threshold: a running estimate, exported as a JumpReLU threshold.
         self.register_buffer("threshold", torch.zeros(c))
+        # Each decoder row's norm as the SAE computes, 1 until the refit after training sets it
+        # (trainer.training.refit; a loaded file's rows of any norm), so the encoder's ranking stays.
+        self.register_buffer("decoder_gain", torch.ones(c, self.d_sae))
         self.reset_parameters()
         if geometric_median_dataset is not None:  # sparse_autoencoder's name: any centre of the data
             self.initialize_tied_parameters(geometric_median_dataset)
@@ -318,9 +321,16 @@ class SparseAutoencoder(nn.Module):
         return y.squeeze(1) if self.n_components is None else y
 
     def weights(self) -> Weights:
-        """Unit-norm decoder rows, the stored rows' norms moved into the encoder (see the module)."""
+        """Unit-norm decoder rows (times ``decoder_gain``, 1 while training), the stored rows' norms
+        moved into the encoder (see the module)."""
         norm = self.W_dec.norm(dim=-1).clamp_min(1e-8)
-        return Weights(self.W_enc * norm.unsqueeze(1), self.b_enc * norm, self.W_dec / norm.unsqueeze(-1))
+        return Weights(self.W_enc * norm.unsqueeze(1), self.b_enc * norm,
+                       self.W_dec * (self.decoder_gain / norm).unsqueeze(-1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the refit have no gain: theirs is 1.
+        state_dict.setdefault(prefix + "decoder_gain", torch.ones_like(self.decoder_gain))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def pre_activations(self, xc: Float[Tensor, "component batch d_in"], w: Weights) -> Tensor:
         return _Encode.apply(xc, self.centre, w.W_enc, w.b_enc)

@@ -34,9 +34,13 @@ from trainer.sae.resample import resample_dead_neurons
 from trainer.training.distributed import World
 from trainer.training.memory import memory_problem
 from trainer.training.optimizers import at_average, make_optimizer
+from trainer.training.refit import refit_decoder
 from trainer.training.schedulers import LRSchedule, Warmup
 
 CHECKPOINT = "checkpoint.pt"
+REFIT_MAX_LATENTS = 16_384
+"""Past this, the decoder refit's (d_sae + 1)^2 system (2 GiB in float64) is skipped."""
+REFIT_LOAD_ROWS = 65_536
 RUN_FILE = "run.json"
 
 
@@ -552,6 +556,8 @@ class Trainer:
             sample = self.split(self._training_sample().to(self.device))[0]
             for s in thresholded:
                 s.sae.calibrate_threshold(sample)
+        for s in self.saes:
+            self._refit(s)
         results, drawn = [], []
         for s in self.saes:
             metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size, targets=self.target_rows(s.cfg, ys))
@@ -568,6 +574,32 @@ class Trainer:
         plots.curves(self.out / "metrics.jsonl", self.out, [s.name for s in self.saes])
         (self.out / "eval.json").write_text(json.dumps(results, indent=1))
         return results
+
+    def _refit(self, s: SAEState) -> None:
+        """The decoder's least-squares refit (``trainer.training.refit``) on training rows: the first
+        ``refit_rows`` of epoch 0's chunk order, loaded ``REFIT_LOAD_ROWS`` at a time."""
+        if not s.cfg.refit_rows or s.cfg.cross_layer:
+            return
+        if s.sae.d_sae > REFIT_MAX_LATENTS:
+            print(f"SAE {s.name}: no decoder refit past {REFIT_MAX_LATENTS:,} latents (its system is d_sae^2); "
+                  "the trained decoder is exported", file=sys.stderr)
+            return
+        order, per_load = self.stream.epoch_order(0), max(1, REFIT_LOAD_ROWS // self.manifest.chunk_rows)
+
+        def batches():
+            left = s.cfg.refit_rows
+            with ThreadPoolExecutor(self.run.fetch_threads) as pool:
+                for lo in range(0, len(order), per_load):
+                    if left <= 0:
+                        return
+                    rows = self.stream.load_rows(order[lo : lo + per_load], pool)[0][:left]
+                    left -= rows.shape[0]
+                    x, ys = self.split(rows.to(self.device))
+                    y = self.target_rows(s.cfg, ys)
+                    for b in range(0, x.shape[0], self.run.batch_size):
+                        yield x[b : b + self.run.batch_size], None if y is None else y[b : b + self.run.batch_size]
+
+        refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
 
     def _export(self, s: SAEState, folder: Path, metrics) -> None:
         """SAELens' layout, a folder per hook for a multi-hook SAE or per-layer transcoders;

@@ -1,0 +1,99 @@
+"""The decoder's least-squares refit, after training.
+
+A short run ends with a decoder that lags its encoder: the trained encoder's latents on training
+rows admit a better decoder, and for a fixed encoder that decoder is a linear least-squares
+problem with a closed form. ``refit_decoder`` accumulates the normal equations over training rows
+(``[z, 1]ᵀ[z, 1]`` and ``[z, 1]ᵀ target``), adds a ridge that pulls each row towards the trained
+one (a latent that rarely fires keeps its row), and solves for every decoder row and the
+decoder bias at once. The encoder is untouched, so which latents fire (L0, dead latents, the
+TopK ranking) stays as trained; each row's new norm goes into ``decoder_gain``. Matryoshka
+SAEs solve their own objective: each latent's terms are weighted by the number of nested
+prefixes that hold it, so the refit still favours early latents' reconstructions.
+
+Measured (bench/quality.py, shakespeare-gpt, 409,600 training tokens, schedule-free Adam at 8e-3,
+the refit over 131,072 training rows): held-out FVU of TopK k=16 0.082 -> 0.071, k=32 0.056 -> 0.050.
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from trainer.sae.autoencoder import SparseAutoencoder
+
+
+class NormalEquations:
+    """``[z, 1]ᵀ[z, 1]`` and ``[z, 1]ᵀ target`` of one SAE component, summed over batches."""
+
+    def __init__(self, d_sae: int, d_out: int, device: torch.device):
+        self.gram = torch.zeros(d_sae + 1, d_sae + 1, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(d_sae + 1, d_out, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, z: Tensor, target: Tensor) -> None:
+        """A batch's products in float32 (a float64 matmul costs twice as much, on a GPU far more),
+        summed in float64."""
+        za = torch.cat([z.float(), z.new_ones(z.shape[0], 1, dtype=torch.float32)], dim=1)
+        self.gram += za.T @ za
+        self.cross += za.T @ target.float()
+        self.rows += z.shape[0]
+
+
+def prefix_weights(d_sae: int, prefixes: list[int] | None, device: torch.device) -> Tensor:
+    """How many of the objective's reconstructions each latent (and, last, the bias) is in: 1 for a
+    vanilla SAE; for Matryoshka, the number of prefixes longer than the latent's index."""
+    if not prefixes:
+        return torch.ones(d_sae + 1, device=device)
+    index = torch.arange(d_sae, device=device)
+    counts = sum((index < m).float() for m in prefixes)
+    return torch.cat([counts, torch.tensor([float(len(prefixes))], device=device)])
+
+
+def solve(eq: NormalEquations, old: Tensor, ridge: float, weights: Tensor) -> Tensor:
+    """The refit ``[d_sae + 1, d_out]`` (decoder rows, then the bias): argmin over D of
+    ``sum_p |[z_p, 1] D - target|² + λ |D_rows - old_rows|²``, λ = ``ridge`` x the mean of the
+    Gram matrix's diagonal (so it is relative to the latents' scale), in float64."""
+    pair = torch.minimum(weights[:, None], weights[None, :])  # prefixes holding both latents
+    gram = eq.gram * pair.double()
+    cross = eq.cross * weights[:, None].double()
+    lam = ridge * float(gram.diagonal()[:-1].mean().clamp_min(1e-12))
+    reg = torch.full((gram.shape[0],), lam, dtype=gram.dtype, device=gram.device)
+    reg[-1] = 0.0  # the bias is free
+    gram.diagonal().add_(reg)
+    return torch.linalg.solve(gram, cross + reg[:, None] * old.double()).to(old.dtype)
+
+
+@torch.no_grad()
+def refit_decoder(sae: SparseAutoencoder, batches: Iterable[tuple[Tensor, Tensor | None]], ridge: float) -> int:
+    """Refit ``sae``'s decoder on ``batches`` of (rows ``[batch, *component, d_in]``, their targets
+    or None) in the training's units; returns the rows used."""
+    sae.eval()
+    c = sae.n_components or 1
+    equations = [NormalEquations(sae.d_sae, sae.d_out, sae.W_dec.device) for _ in range(c)]
+    for x, y in batches:
+        acts, _ = sae(x)
+        xc, zc = sae._components_first(x), sae._components_first(acts)
+        target = sae.target(xc, sae._components_first(y)) if sae.transcoder else xc
+        for i, eq in enumerate(equations):
+            eq.add(zc[i], target[i])
+    w = sae.weights()
+    prefixes = sae.cfg.prefixes(sae.d_in) if sae.cfg.objective == "matryoshka" else None
+    weights = prefix_weights(sae.d_sae, prefixes, sae.W_dec.device)
+    for i, eq in enumerate(equations):
+        old = torch.cat([w.W_dec[i], sae.b_dec[i : i + 1]])
+        _apply(sae, i, solve(eq, old, ridge, weights))
+    return equations[0].rows
+
+
+def _apply(sae: SparseAutoencoder, i: int, refit: Tensor) -> None:
+    """Rows' directions into ``W_dec`` at their stored norms (the encoder's effective weights stay),
+    their norms into ``decoder_gain``; the bias into ``b_dec``, and for an SAE, whose encoder
+    subtracts ``b_dec`` from its input, the shift folded into ``b_enc`` so no pre-activation moves."""
+    rows, bias = refit[:-1], refit[-1]
+    gain = rows.norm(dim=-1)
+    stored = sae.W_dec[i].norm(dim=-1, keepdim=True)
+    if not sae.transcoder:
+        sae.b_enc[i] += (bias - sae.b_dec[i]) @ sae.W_enc[i]
+    sae.b_dec[i] = bias
+    sae.W_dec[i] = rows / gain.clamp_min(1e-12)[:, None] * stored
+    sae.decoder_gain[i] = gain
