@@ -10,12 +10,23 @@ import numpy as np
 from jaxtyping import Int
 from numba import njit
 
+
+
+def _compiled(fn):
+    """numba-compiled, and cached on disk (a process then loads it in ms rather than compiling it
+    in ~0.75 s); uncached where no cache folder is writable (numba refuses at decoration)."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError:
+        return njit(nogil=True)(fn)
+
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(32)
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def _mix(z: np.uint64) -> np.uint64:
     """SplitMix64's output function: a bijection of 64-bit words that scatters every input bit."""
     z = (z ^ (z >> _S30)) * _MIX1
@@ -31,7 +42,7 @@ def seed_of(*parts: int) -> np.uint64:
     return np.uint64(z)
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def permutation(n: int, seed: np.uint64) -> Int[np.ndarray, " n"]:
     """A seeded random permutation of ``range(n)``. Each swap draws 32 random bits and scales them
     to the range (Lemire's multiply-shift), so a choice's bias is below n / 2**32."""
@@ -44,7 +55,7 @@ def permutation(n: int, seed: np.uint64) -> Int[np.ndarray, " n"]:
     return order
 
 
-@njit(nogil=True, cache=True)
+@_compiled
 def places_of(order: Int[np.ndarray, " n"], first: int) -> Int[np.ndarray, " n"]:
     """Where each row goes when rows are emitted in ``order`` from position ``first`` on: the
     inverse permutation, shifted."""
