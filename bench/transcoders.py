@@ -50,8 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--downstream-tokens", type=int, default=16_384)
     parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
                         help="its venv's python; a path that does not exist skips the reference column")
-    parser.add_argument("--optimizer", choices=("adam", "signsgd", "schedulefree_adam"), default="adam", help="this project's step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="this project's lr")
+    parser.add_argument("--optimizer", choices=("adam", "signsgd", "schedulefree_adam"), default=SAEConfig.optimizer,
+                        help="this project's step (default: its default)")
+    parser.add_argument("--lr", type=float, default=SAEConfig.lr, help="this project's lr (default: its default)")
     parser.add_argument("--part-one-only", action="store_true", help="layer 1's transcoders only (no CLT)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another [[sae]] setting of this project's transcoders (a TOML value), e.g. resample_every=0")
