@@ -201,6 +201,9 @@ def test_train_two_sae_types_end_to_end(server, dataset, sweep_file, tmp_path, c
         assert 0 < mine[-1]["shuffle_quality"] <= 1.5
     topk = next(r for r in results if r["sae"].startswith("topk"))
     assert topk["l0"] == pytest.approx(8, abs=0.5)
+    # Every decoder was refit on the training rows (all of them: fewer than refit_rows), never the held-out ones.
+    training_rows = int(re.search(r"the dataset's ([\d,]+) training rows", warnings[1]).group(1).replace(",", ""))
+    assert {r["refit_rows"] for r in results} == {training_rows}
     # Each SAE went home to the server and was spliced into the model on held-out text.
     for r in results:
         down = r["downstream"][HOOKS[1]]

@@ -556,15 +556,14 @@ class Trainer:
             sample = self.split(self._training_sample().to(self.device))[0]
             for s in thresholded:
                 s.sae.calibrate_threshold(sample)
-        for s in self.saes:
-            self._refit(s)
+        refit_rows = {s.name: self._refit(s) for s in self.saes}
         results, drawn = [], []
         for s in self.saes:
             metrics = evaluate(s.sae, rows, batch_size=self.run.batch_size, targets=self.target_rows(s.cfg, ys))
             folder = self.out / "saes" / s.name
             self._export(s, folder, metrics)
             summary = {"sae": s.name, **metrics.summary(), "d_sae": s.sae.d_sae, "tokens": self.tokens,
-                       "eval_rows": rows.shape[0]}
+                       "eval_rows": rows.shape[0], "refit_rows": refit_rows[s.name]}
             (folder / "eval.json").write_text(json.dumps(summary, indent=1))
             drawn.append((metrics, folder, s.name))
             results.append(summary)
@@ -575,15 +574,16 @@ class Trainer:
         (self.out / "eval.json").write_text(json.dumps(results, indent=1))
         return results
 
-    def _refit(self, s: SAEState) -> None:
+    def _refit(self, s: SAEState) -> int:
         """The decoder's least-squares refit (``trainer.training.refit``) on training rows: the first
-        ``refit_rows`` of epoch 0's chunk order, loaded ``REFIT_LOAD_ROWS`` at a time."""
+        ``refit_rows`` of epoch 0's chunk order, loaded ``REFIT_LOAD_ROWS`` at a time. Returns the
+        rows it used (0: none, the trained decoder stands)."""
         if not s.cfg.refit_rows or s.cfg.cross_layer:
-            return
+            return 0
         if s.sae.d_sae > REFIT_MAX_LATENTS:
             print(f"SAE {s.name}: no decoder refit past {REFIT_MAX_LATENTS:,} latents (its system is d_sae^2); "
                   "the trained decoder is exported", file=sys.stderr)
-            return
+            return 0
         order, per_load = self.stream.epoch_order(0), max(1, REFIT_LOAD_ROWS // self.manifest.chunk_rows)
 
         def batches():
@@ -599,7 +599,7 @@ class Trainer:
                     for b in range(0, x.shape[0], self.run.batch_size):
                         yield x[b : b + self.run.batch_size], None if y is None else y[b : b + self.run.batch_size]
 
-        refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
+        return refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
 
     def _export(self, s: SAEState, folder: Path, metrics) -> None:
         """SAELens' layout, a folder per hook for a multi-hook SAE or per-layer transcoders;
