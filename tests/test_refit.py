@@ -102,3 +102,15 @@ def test_a_multi_component_sae_refits_each_component_on_its_own_rows():
         singles.append(one(x[:, c]).decoded_activations)
     refit_decoder(sae, [(x, None)], ridge=0.01)
     torch.testing.assert_close(sae(x).decoded_activations, torch.stack(singles, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_past_the_largest_system_the_trained_decoder_stands_and_no_row_is_read():
+    sae = SparseAutoencoder(SAEConfig(activation="topk", d_sae=16_385, k=4), d_in=4).eval()
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+
+    def unread():
+        raise AssertionError("a row was read")
+        yield
+
+    assert refit_decoder(sae, unread(), ridge=0.01) == 0
+    assert all(torch.equal(v, sae.state_dict()[k]) for k, v in before.items())

@@ -56,6 +56,8 @@ class NormalEquations:
         self.gram[-1, -1] += n
 
 
+MAX_LATENTS = 16_384
+"""Past this, no refit: its (d_sae + 1)^2 system would be over 2 GiB in float64."""
 SPARSE_WIDTH = 8
 """A code with at most d_sae / 8 active latents a row has its Gram matrix taken sparsely."""
 
@@ -87,7 +89,10 @@ def solve(eq: NormalEquations, old: Tensor, ridge: float, weights: Tensor) -> Te
 @torch.no_grad()
 def refit_decoder(sae: SparseAutoencoder, batches: Iterable[tuple[Tensor, Tensor | None]], ridge: float) -> int:
     """Refit ``sae``'s decoder on ``batches`` of (rows ``[batch, *component, d_in]``, their targets
-    or None) in the training's units; returns the rows used."""
+    or None) in the training's units; returns the rows used: 0, and nothing read, past
+    ``MAX_LATENTS``."""
+    if sae.d_sae > MAX_LATENTS:
+        return 0
     sae.eval()
     c = sae.n_components or 1
     equations = [NormalEquations(sae.d_sae, sae.d_out, sae.W_dec.device) for _ in range(c)]

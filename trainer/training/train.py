@@ -34,12 +34,10 @@ from trainer.sae.resample import resample_dead_neurons
 from trainer.training.distributed import World
 from trainer.training.memory import memory_problem
 from trainer.training.optimizers import at_average, make_optimizer
-from trainer.training.refit import refit_decoder
+from trainer.training.refit import MAX_LATENTS, refit_decoder
 from trainer.training.schedulers import LRSchedule, Warmup
 
 CHECKPOINT = "checkpoint.pt"
-REFIT_MAX_LATENTS = 16_384
-"""Past this, the decoder refit's (d_sae + 1)^2 system (2 GiB in float64) is skipped."""
 REFIT_LOAD_ROWS = 65_536
 RUN_FILE = "run.json"
 
@@ -580,10 +578,6 @@ class Trainer:
         rows it used (0: none, the trained decoder stands)."""
         if not s.cfg.refit_rows or s.cfg.cross_layer:
             return 0
-        if s.sae.d_sae > REFIT_MAX_LATENTS:
-            print(f"SAE {s.name}: no decoder refit past {REFIT_MAX_LATENTS:,} latents (its system is d_sae^2); "
-                  "the trained decoder is exported", file=sys.stderr)
-            return 0
         order, per_load = self.stream.epoch_order(0), max(1, REFIT_LOAD_ROWS // self.manifest.chunk_rows)
 
         def batches():
@@ -599,7 +593,11 @@ class Trainer:
                     for b in range(0, x.shape[0], self.run.batch_size):
                         yield x[b : b + self.run.batch_size], None if y is None else y[b : b + self.run.batch_size]
 
-        return refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
+        used = refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
+        if not used:
+            print(f"SAE {s.name}: no decoder refit past {MAX_LATENTS:,} latents (its system is d_sae^2); "
+                  "the trained decoder is exported", file=sys.stderr)
+        return used
 
     def _export(self, s: SAEState, folder: Path, metrics) -> None:
         """SAELens' layout, a folder per hook for a multi-hook SAE or per-layer transcoders;
