@@ -11,7 +11,6 @@ from jaxtyping import Int
 from numba import njit
 
 
-
 def _compiled(fn):
     """numba-compiled, and cached on disk (a process then loads it in ms rather than compiling it
     in ~0.75 s); uncached where no cache folder is writable (numba refuses at decoration)."""

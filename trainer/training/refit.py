@@ -62,7 +62,7 @@ SPARSE_WIDTH = 8
 """A code with at most d_sae / 8 active latents a row has its Gram matrix taken sparsely."""
 
 
-def prefix_weights(d_sae: int, prefixes: list[int] | None, device: torch.device) -> Tensor:
+def prefix_weights(d_sae: int, prefixes: tuple[int, ...] | None, device: torch.device) -> Tensor:
     """How many of the objective's reconstructions each latent (and, last, the bias) is in: 1 for a
     vanilla SAE; for Matryoshka, the number of prefixes longer than the latent's index."""
     if not prefixes:

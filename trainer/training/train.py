@@ -382,10 +382,19 @@ class Trainer:
 
     def _training_sample(self, max_rows: int = 8192) -> torch.Tensor:
         """Rows of the first training chunks (decoder directions, b_dec's geometric median, BatchTopK's threshold)."""
+        return torch.cat(list(self._training_rows(max_rows)))
+
+    def _training_rows(self, max_rows: int, load_rows: int | None = None) -> Iterator[torch.Tensor]:
+        """The first ``max_rows`` rows of epoch 0's training chunks (at most all of them), loaded the
+        chunks of ``load_rows`` rows at a time (None: at once)."""
+        chunk_ids = self.stream.epoch_order(0)[: max(1, -(-max_rows // self.manifest.chunk_rows))]
+        per_load = len(chunk_ids) if load_rows is None else max(1, load_rows // self.manifest.chunk_rows)
+        left = max_rows
         with ThreadPoolExecutor(self.run.fetch_threads) as pool:
-            chunk_ids = self.stream.epoch_order(0)[: max(1, -(-max_rows // self.manifest.chunk_rows))]
-            rows, _ = self.stream.load_rows(chunk_ids, pool)
-        return rows[:max_rows]
+            for lo in range(0, len(chunk_ids), per_load):
+                rows = self.stream.load_rows(chunk_ids[lo : lo + per_load], pool)[0][:left]
+                left -= rows.shape[0]
+                yield rows
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _gathered(self, mine: list) -> list:
@@ -575,23 +584,17 @@ class Trainer:
     def _refit(self, s: SAEState) -> int:
         """The decoder's least-squares refit (``trainer.training.refit``) on training rows: the first
         ``refit_rows`` of epoch 0's chunk order, loaded ``REFIT_LOAD_ROWS`` at a time. Returns the
-        rows it used (0: none, the trained decoder stands)."""
+        rows it used (0: none, the trained decoder stands). Each SAE reads the rows again: one Gram
+        matrix, (d_sae + 1)^2, is in memory at a time, not the sweep's."""
         if not s.cfg.refit_rows or s.cfg.cross_layer:
             return 0
-        order, per_load = self.stream.epoch_order(0), max(1, REFIT_LOAD_ROWS // self.manifest.chunk_rows)
 
         def batches():
-            left = s.cfg.refit_rows
-            with ThreadPoolExecutor(self.run.fetch_threads) as pool:
-                for lo in range(0, len(order), per_load):
-                    if left <= 0:
-                        return
-                    rows = self.stream.load_rows(order[lo : lo + per_load], pool)[0][:left]
-                    left -= rows.shape[0]
-                    x, ys = self.split(rows.to(self.device))
-                    y = self.target_rows(s.cfg, ys)
-                    for b in range(0, x.shape[0], self.run.batch_size):
-                        yield x[b : b + self.run.batch_size], None if y is None else y[b : b + self.run.batch_size]
+            for rows in self._training_rows(s.cfg.refit_rows, REFIT_LOAD_ROWS):
+                x, ys = self.split(rows.to(self.device))
+                y = self.target_rows(s.cfg, ys)
+                for b in range(0, x.shape[0], self.run.batch_size):
+                    yield x[b : b + self.run.batch_size], None if y is None else y[b : b + self.run.batch_size]
 
         used = refit_decoder(s.sae, batches(), s.cfg.refit_ridge)
         if not used:
