@@ -13,6 +13,8 @@ def _trained_like(cfg: SAEConfig, d_in: int = 8, d_out: int | None = None) -> Sp
     torch.manual_seed(0)
     sae = SparseAutoencoder(cfg, d_in=d_in, d_out=d_out)
     with torch.no_grad():
+        if not sae.W_dec.any():  # decoder_init = "zeros": rows as training leaves them
+            sae.W_dec.normal_(0, 0.3)
         sae.W_dec.mul_(torch.rand(1, sae.d_sae, 1) + 0.5)  # stored rows of several norms, as Adam leaves them
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_()
@@ -75,8 +77,10 @@ def test_a_matryoshka_refit_weighs_each_latent_by_the_prefixes_that_hold_it():
     assert_optimal(sae, blocks, old, lam)
 
 
-def test_a_skip_transcoders_refit_predicts_the_target_less_its_skip_path():
-    cfg = SAEConfig(activation="topk", expansion=4, k=3, target_hook="blocks.0.hook_mlp_out", skip=True)
+@pytest.mark.parametrize("decoder_init", ["data", "zeros"])  # zeros: free rows, no gain
+def test_a_skip_transcoders_refit_predicts_the_target_less_its_skip_path(decoder_init):
+    cfg = SAEConfig(activation="topk", expansion=4, k=3, target_hook="blocks.0.hook_mlp_out", skip=True,
+                    decoder_init=decoder_init)
     sae = _trained_like(cfg, d_in=8, d_out=6)
     x, y = torch.randn(300, 8), torch.randn(300, 6)
     z = sae(x).learned_activations.detach()

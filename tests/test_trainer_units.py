@@ -42,6 +42,27 @@ def test_initialisation_from_data_points_each_latent_from_the_bias_to_a_distinct
     assert torch.equal(few.W_dec[0, 5:], before[0, 5:]) and not torch.equal(few.W_dec[0, :5], before[0, :5])
 
 
+def test_zeros_init_is_sparsifys_transcoder_init_and_its_rows_stay_free():
+    """decoder_init = "zeros": the decoder from zero, nn.Linear's encoder init, and the SAE computes
+    with its rows as stored (no unit norm): the first step moves the decoder, not the encoder."""
+    cfg = SAEConfig(d_sae=16, k=4, decoder_init="zeros", target_hook="blocks.0.hook_mlp_out")
+    sae = SparseAutoencoder(cfg, d_in=9, d_out=5)
+    assert not sae.W_dec.any() and not sae.b_enc.any()
+    assert sae.W_enc.abs().max() <= 1 / 3 and sae.W_enc.std() > 0.15  # U(-1/sqrt(9), 1/sqrt(9)): std 0.19
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    w = sae.weights()
+    assert torch.equal(w.W_dec, sae.W_dec) and torch.equal(w.W_enc, sae.W_enc)
+    x, y = torch.randn(32, 9), torch.randn(32, 5)
+    out = sae(x)
+    acts = ((x - sae.b_in[0]) @ sae.W_enc[0] + sae.b_enc[0]).topk(4, dim=-1)
+    dense = torch.zeros(32, 16).scatter(-1, acts.indices, acts.values.relu())
+    torch.testing.assert_close(out.decoded_activations, dense @ sae.W_dec[0] + sae.b_dec[0])
+    fresh = SparseAutoencoder(cfg, d_in=9, d_out=5)
+    ((fresh(x).decoded_activations - y) ** 2).sum().backward()
+    assert fresh.W_dec.grad.abs().sum() > 0 and not fresh.W_enc.grad.any()
+
+
 def test_the_sae_computes_with_unit_decoder_rows_and_scales_in_the_encoder():
     """weights() is the same function as the stored parameters (SAELens' decoder-norm rescaling):
     an activation is what the latent adds to the reconstruction, through a unit-norm row."""

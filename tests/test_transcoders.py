@@ -76,13 +76,17 @@ def _synthetic(n: int = 512, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
-def test_a_transcoder_learns_its_target_and_its_export_computes_the_same_on_raw_activations(activation, skip, tmp_path):
+@pytest.mark.parametrize("activation,decoder_init", [("topk", "data"), ("batchtopk", "data"), ("relu", "data"),
+                                                     ("jumprelu", "data"), ("topk", "zeros"), ("relu", "zeros")])
+def test_a_transcoder_learns_its_target_and_its_export_computes_the_same_on_raw_activations(activation, decoder_init,
+                                                                                           skip, tmp_path):
     x, y = _synthetic()
-    sae = SparseAutoencoder(SAEConfig(activation=activation, d_sae=64, k=4, target_hook="t", skip=skip), 16)
+    cfg = SAEConfig(activation=activation, d_sae=64, k=4, target_hook="t", skip=skip, decoder_init=decoder_init)
+    sae = SparseAutoencoder(cfg, 16)
     assert sae.W_enc.shape == (1, 16, 64) and sae.W_dec.shape == (1, 64, 16) and sae.b_in.shape == (1, 16)
     sae.initialize_tied_parameters(x.mean(0), y.mean(0))
-    sae.initialize_from_data(x, y)
+    if decoder_init == "data":
+        sae.initialize_from_data(x, y)
     _fit(sae, x, y, steps=150, coefficient=0.1)
     if skip:
         assert sae.W_skip.abs().sum() > 0  # the skip path trains with the dictionary
@@ -465,6 +469,8 @@ def test_clt_settings_it_cannot_train_are_refused(tmp_path):
     assert "a cross-layer transcoder is a vanilla TopK per layer" in refusal(
         'cross_layer = true\nactivation = "relu"\ntarget_hook = ["a", "b"]')
     assert "target_hook[1]=''" in refusal('target_hook = ["a", ""]')
+    assert 'decoder_init = "zeros" (free decoder rows) is not available for a cross-layer' in refusal(
+        'cross_layer = true\ndecoder_init = "zeros"\ntarget_hook = ["a", "b"]')
 
 
 def test_a_clt_resamples_its_dead_latents_at_badly_predicted_rows():

@@ -14,7 +14,9 @@ at norm ``decoder_init_norm`` (0.3 for the TopK family; SAELens and Anthropic us
 and JumpReLU do here): Adam's steps are about ``lr`` per entry whatever the norm, so small rows let directions and scales move quickly early in a run,
 where unit rows learn ten times slower (measured, TopK k=32, 100 steps at lr 4e-4: held-out FVU
 0.332 with unit rows, 0.295 at 0.1; at lr 1e-3, 0.195 at 0.1 and 0.169 at 0.3, with the tied
-bias at the data's mean and resampling on).
+bias at the data's mean and resampling on). With ``decoder_init = "zeros"`` (sparsify's transcoder
+init) the rows start at zero, where no direction exists, so the SAE computes with them as stored
+(``unit_rows`` false): the encoder ranks latents and the rows carry their scale.
 
 A transcoder (``cfg.target_hook``) is the same module predicting another hook's activations
 (``d_out`` wide) from its input: its decoder bias is the target's, and the input is centred by a
@@ -260,8 +262,21 @@ class SparseAutoencoder(nn.Module):
             self.initialize_tied_parameters(geometric_median_dataset)
 
     # -- initialisation ------------------------------------------------------------------------
+    @property
+    def unit_rows(self) -> bool:
+        """Whether the SAE computes with unit-norm decoder rows (see the module); with
+        ``decoder_init = "zeros"`` its rows are free, as sparsify's transcoders' are."""
+        return self.cfg.decoder_init != "zeros"
+
     def reset_parameters(self) -> None:
         generator = torch.Generator().manual_seed(self.cfg.seed)
+        if not self.unit_rows:  # sparsify's: nn.Linear's encoder init, a decoder from zero
+            bound = self.d_in ** -0.5
+            with torch.no_grad():
+                self.W_enc.copy_((torch.rand(self.W_enc.shape, generator=generator) * 2 - 1) * bound)
+                self.W_dec.zero_()
+                self.b_enc.zero_()
+            return
         W_dec = torch.randn(self.W_dec.shape, generator=generator)
         with torch.no_grad():
             self.W_dec.copy_(W_dec * (self.cfg.row_norm() / W_dec.norm(dim=-1, keepdim=True)))
@@ -320,10 +335,16 @@ class SparseAutoencoder(nn.Module):
         y = y.transpose(0, 1)
         return y.squeeze(1) if self.n_components is None else y
 
+    def row_scale(self) -> Float[Tensor, "component d_sae"]:
+        """What ``weights()`` divides each stored decoder row by: its norm, or 1 for free rows."""
+        if self.unit_rows:
+            return self.W_dec.norm(dim=-1).clamp_min(1e-8)
+        return torch.ones_like(self.decoder_gain)
+
     def weights(self) -> Weights:
         """Unit-norm decoder rows (times ``decoder_gain``, 1 while training), the stored rows' norms
-        moved into the encoder (see the module)."""
-        norm = self.W_dec.norm(dim=-1).clamp_min(1e-8)
+        moved into the encoder (see the module); free rows as stored."""
+        norm = self.row_scale()
         return Weights(self.W_enc * norm.unsqueeze(1), self.b_enc * norm,
                        self.W_dec * (self.decoder_gain / norm).unsqueeze(-1))
 

@@ -32,7 +32,7 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         directions = _unit(xc[c, picks] - sae.centre[c])
         alive = ~dead[c]
         # Stored rows at the decoder's initial norm; the encoder and bias set in computing units.
-        row_norm = sae.cfg.row_norm()
+        row_norm = sae.cfg.row_norm() if sae.unit_rows else 1.0  # free rows: stored is computing
         sae.W_dec[c, ids] = (_unit(yc[c, picks] - sae.b_dec[c]) if sae.transcoder else directions) * row_norm
         scale, bias = _encoder(sae, c, ids, directions, xc[c], acts[c], alive, w)
         sae.W_enc[c][:, ids] = directions.T * (scale / row_norm)

@@ -117,7 +117,7 @@ def _apply(sae: SparseAutoencoder, i: int, refit: Tensor) -> None:
     subtracts ``b_dec`` from its input, the shift folded into ``b_enc`` so no pre-activation moves."""
     rows, bias = refit[:-1], refit[-1]
     gain = rows.norm(dim=-1)
-    stored = sae.W_dec[i].norm(dim=-1, keepdim=True)
+    stored = sae.row_scale()[i][:, None]
     if not sae.transcoder:
         sae.b_enc[i] += (bias - sae.b_dec[i]) @ sae.W_enc[i]
     sae.b_dec[i] = bias
