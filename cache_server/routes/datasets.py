@@ -53,8 +53,8 @@ def get_hook_mean(dataset_id: str, hook: str, svc: Services = Depends(services))
 @router.get("/{dataset_id}/vocabulary")
 def get_vocabulary(dataset_id: str, svc: Services = Depends(services)) -> list[str]:
     """The source model's tokens by id, to render the stored token ids as text."""
-    manifest = _manifest(svc, dataset_id)
-    return svc.jobs.models.get(manifest.model.name, ask_hub=False).vocabulary()
+    _manifest(svc, dataset_id)
+    return svc.features.vocabulary(dataset_id)
 
 
 _CHUNK_RESPONSE = {200: {"content": {"application/octet-stream": {}},

@@ -5,10 +5,13 @@ A job reads the SAE's dataset rows (the first ``max_rows``) chunk by chunk, twic
 a feature's page is then answered from it, plus a few rows of tokens read for its examples.
 """
 
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +74,8 @@ class FeatureJobs(JobQueue):
         super().__init__(folder, quarantine)
         self.saes, self.store, self.models = saes, store, models
         self._stats: dict[str, FeatureStats] = {}
+        self._vocabularies: dict[str, list[str]] = {}
+        self._vocabulary_lock = threading.Lock()
 
     def submit(self, sae_id: str, max_rows: int, chunk_ids: list[int] | None = None) -> FeatureJob:
         """The statistics over ``chunk_ids`` (e.g. a trainer's held-out chunks) or else the dataset's
@@ -123,8 +128,26 @@ class FeatureJobs(JobQueue):
                                + (f": {job.error}" if job.error else ""), 409)
         return self._load(sae_id)
 
-    def _vocabulary(self, dataset_id: str) -> list[str]:
-        return self.models.get(self._manifest(dataset_id).model.name, ask_hub=False).vocabulary()
+    def vocabulary(self, dataset_id: str) -> list[str]:
+        """The token strings of the dataset's model, kept on disk by its fingerprint the first time
+        the model gives them: pages over finished statistics (``sae-browse`` of a run) then never
+        load the model. A file that does not read back as a list of strings is rebuilt."""
+        model = self._manifest(dataset_id).model
+        path = self.folder / "vocabularies" / f"{hashlib.sha256(model.fingerprint.encode()).hexdigest()[:32]}.json"
+        with self._vocabulary_lock:  # one writer of the file: no reader sees half of it
+            return self._vocabularies.get(path.name) or self._read_or_build(path, model.name)
+
+    def _read_or_build(self, path: Path, model_name: str) -> list[str]:
+        try:
+            vocabulary = json.loads(path.read_bytes())
+            if not (isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)):
+                raise ValueError("not a list of strings")
+        except (OSError, ValueError):
+            vocabulary = self.models.get(model_name, ask_hub=False).vocabulary()
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, json.dumps(vocabulary).encode())
+        self._vocabularies[path.name] = vocabulary
+        return vocabulary
 
     def _manifest(self, dataset_id: str) -> DatasetManifest:
         """The SAE's dataset; 409 when it is gone from the store (removed by hand, not through the API)."""
@@ -135,7 +158,7 @@ class FeatureJobs(JobQueue):
 
     def byte_level(self, dataset_id: str) -> bool:
         """Whether the dataset's vocabulary is byte-level BPE (GPT-2's Ġ space marks)."""
-        return any(t.startswith("Ġ") for t in self._vocabulary(dataset_id))
+        return any(t.startswith("Ġ") for t in self.vocabulary(dataset_id))
 
     def summary(self, sae_id: str) -> SaeSummary:
         data, sae, job = self._completed(sae_id), self.saes.info(sae_id), self.get(sae_id)
@@ -154,7 +177,7 @@ class FeatureJobs(JobQueue):
         """Features sorted by ``sort`` (index, density, max); with a ``query``, only those whose top
         examples' activating tokens contain it (case-insensitive), the most matches first."""
         data, sae = self._completed(sae_id), self.saes.info(sae_id)
-        stats, vocabulary = data.stats, self._vocabulary(sae.dataset_id)
+        stats, vocabulary = data.stats, self.vocabulary(sae.dataset_id)
         key = {"index": torch.arange(sae.d_sae, dtype=torch.float64), "density": stats.density,
                "max": stats.max_values.double()}[sort]
         order = key.argsort(descending=descending, stable=True)
@@ -198,7 +221,7 @@ class FeatureJobs(JobQueue):
         weights = self.saes.weights(sae_id)
         manifest = self._manifest(sae.dataset_id)
         group = zarr.open_group(store=self.store.zarr_store, path=sae.dataset_id, mode="r")
-        vocabulary = self._vocabulary(sae.dataset_id)
+        vocabulary = self.vocabulary(sae.dataset_id)
 
         byte_level = self.byte_level(sae.dataset_id)
 
@@ -350,6 +373,7 @@ class FeatureJobs(JobQueue):
         save_file(tensors, partial, metadata={"logit_lens_note": note or ""})
         os.replace(partial, self._stats_path(job.sae_id))
         self._stats.pop(job.sae_id, None)
+        self.vocabulary(manifest.dataset_id)  # the model is loaded now: its pages will not need it again
 
     def _logit_lens(self, weights, manifest: DatasetManifest):
         """The logit lens tables, or None and why there are none."""
