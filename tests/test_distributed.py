@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_trainer_e2e import HOOKS, SWEEP, dataset  # noqa: F401 (the module's dataset fixture)
+from tests.test_trainer_e2e import HOOKS, SWEEP, dataset, sae_train_here  # noqa: F401 (the module's dataset fixture)
 from trainer.data.client import CacheClient
 from trainer.data.stream import ChunkStream, StreamPosition
 
@@ -112,8 +112,7 @@ def test_two_ranks_train_what_one_process_trains_under_either_split_and_resume_o
     for run in ("ranks", "by-saes"):  # rank 0 exported both SAEs
         assert len(list((tmp_path / run / "saes").glob("*/sae_weights.safetensors"))) == 2
     assert json.loads((tmp_path / "by-saes" / "run.json").read_text())["run"]["split"] == "saes"
-    refused = subprocess.run([sys.executable, "-m", "trainer", "--cache-url", server.url, "--dataset", dataset.dataset_id,
-                              "--hook", HOOKS[0], "--config", str(tmp_path / "by-saes.toml"), "--tokens", str(tokens),
-                              "--out", str(tmp_path / "by-saes"), "--resume", "--split", "data", "--no-progress"],
-                             capture_output=True, text=True, timeout=300)
+    refused = sae_train_here("--cache-url", server.url, "--dataset", dataset.dataset_id, "--hook", HOOKS[0],
+                             "--config", str(tmp_path / "by-saes.toml"), "--tokens", str(tokens),
+                             "--out", str(tmp_path / "by-saes"), "--resume", "--split", "data", "--no-progress")
     assert refused.returncode == 1 and "sae-train: error: --out" in refused.stderr and "--split saes" in refused.stderr

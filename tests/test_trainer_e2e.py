@@ -408,7 +408,7 @@ def test_optional_loggers(server, dataset, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        result = run_cli(*base, "--tensorboard", "--out", str(tmp_path / "tb"))
+        result = sae_train_here(*base, "--tensorboard", "--out", str(tmp_path / "tb"))
         assert result.returncode == 1 and "pip install tensorboard" in result.stderr
         assert not (tmp_path / "tb").exists()  # refused before anything was written
     env_run = subprocess.run([sys.executable, "-m", "trainer", *base, "--wandb", "sae-test", "--out", str(tmp_path / "wb")],
