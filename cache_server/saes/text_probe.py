@@ -79,7 +79,7 @@ class TextProbes:
         with torch.inference_mode():
             acts = self.saes.weights(sae_id).encode(_side_by_side(group, sae.input_hooks(), row, row + 1, manifest.dtype))[0]
         best = acts.topk(min(top, sae.d_sae))
-        vocabulary = self.models.get(manifest.model.name, ask_hub=False).vocabulary()
+        vocabulary = self.features.vocabulary(sae.dataset_id)  # the stored one: a row page loads no model
         token, window, position = (int(v) for v in group[TOKENS_ARRAY][row])
         lo, hi = max(row - position, row - BEFORE), min(row + AFTER + 1, manifest.n_items)
         around = group[TOKENS_ARRAY][lo:hi]
