@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
                         help="this project's step (default: its default)")
     parser.add_argument("--lr", type=float, default=SAEConfig.lr, help="this project's lr (default: its default)")
     parser.add_argument("--part-one-only", action="store_true", help="layer 1's transcoders only (no CLT)")
+    parser.add_argument("--save-rows", type=Path, metavar="DIR",
+                        help="only write layer 1's normalised rows (train_x/y, eval_x/y .npy) to DIR, for bench/sparsify_lockstep.py")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another [[sae]] setting of this project's transcoders (a TOML value), e.g. resample_every=0")
     return parser.parse_args()
@@ -92,15 +94,8 @@ def part_one(client, manifest, args, work: Path) -> list[dict]:
     trainer.prepare(resume=False)
     trainer.train()
     results = trainer.evaluate_and_export()
-    rows, ys = trainer.split(trainer.stream.evaluation_rows()[0])
-    with ThreadPoolExecutor(4) as pool:
-        train_rows, _ = trainer.stream.load_rows(trainer.stream.train_chunk_ids, pool)
-    tx, tys = trainer.split(train_rows)
+    tx, rows = save_rows(trainer, work)
     s_in, s_out = trainer.scales[0], trainer.out_scales(sweep.saes[0])[0]
-    order = torch.randperm(tx.shape[0], generator=torch.Generator().manual_seed(0))
-    for name, t in (("train_x", tx[order]), ("train_y", tys[OUTPUTS[layer]][order]), ("eval_x", rows),
-                    ("eval_y", ys[OUTPUTS[layer]])):
-        np.save(work / f"{name}.npy", t.contiguous().numpy())
     table = []
     for (skip, k), state, mine in zip(PAIRS, trainer.saes, results):
         dead = _dead(state, tx, rows)
@@ -116,6 +111,20 @@ def part_one(client, manifest, args, work: Path) -> list[dict]:
         table.append(row)
         print(json.dumps(row), file=sys.stderr)
     return table
+
+
+def save_rows(trainer: Trainer, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 1's normalised rows as .npy in ``work`` (the training rows in a seeded shuffle), the
+    reference's input; returns the training and held-out inputs."""
+    rows, ys = trainer.split(trainer.stream.evaluation_rows()[0])
+    with ThreadPoolExecutor(4) as pool:
+        train_rows, _ = trainer.stream.load_rows(trainer.stream.train_chunk_ids, pool)
+    tx, tys = trainer.split(train_rows)
+    order = torch.randperm(tx.shape[0], generator=torch.Generator().manual_seed(0))
+    for name, t in (("train_x", tx[order]), ("train_y", tys[OUTPUTS[1]][order]), ("eval_x", rows),
+                    ("eval_y", ys[OUTPUTS[1]])):
+        np.save(work / f"{name}.npy", t.contiguous().numpy())
+    return tx, rows
 
 
 def _dead(state, train_x: torch.Tensor, eval_x: torch.Tensor) -> float:
@@ -194,6 +203,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.out) as tmp, LocalServer(args.out / "store", log=args.out / "server.log") as server, \
             CacheClient(server.url) as client:
         manifest = client.wait(client.harvest(HARVEST), progress=False)
+        if args.save_rows:
+            args.save_rows.mkdir(parents=True, exist_ok=True)
+            sweep = Sweep(run=run_config(args.tokens), saes=(SAEConfig(d_sae=D_SAE, target_hook=OUTPUTS[1]),))
+            trainer = Trainer(client, manifest, [INPUTS[1]], sweep, Path(tmp) / "rows", progress=False)
+            trainer.prepare(resume=False)
+            save_rows(trainer, args.save_rows)
+            return
         one = part_one(client, manifest, args, Path(tmp))
         two = [] if args.part_one_only else part_two(client, manifest, args, Path(tmp))
     print(f"shakespeare-gpt layer 1 MLP, {args.tokens:,} training tokens, d_sae {D_SAE}, same rows, ours {args.optimizer} "

@@ -273,7 +273,8 @@ def test_the_transcoder_job_trains_splices_and_browses_transcoders_and_a_clt(tmp
                                "transcoder-topk-vanilla-x8-k32-lr0.008-s0"]
     layers = [f"blocks.{l}.mlp.hook_in" for l in range(4)]  # shakespeare-gpt's four MLPs
     for name, r in results.items():
-        assert r["l0"] == 32 and r["fvu"] < 1, r
+        # TopK: k latents a row, fewer where a row has under k positive pre-activations (rare)
+        assert 31.9 < r["l0"] <= 32 and r["fvu"] < 1, r
         assert list(r["downstream"]) == (layers[:1] if name.startswith("clt") else layers), r["downstream"]
         for figures in r["downstream"].values():
             assert 0 < figures["kl_div_with_sae"] < figures["kl_div_with_ablation"], figures

@@ -55,7 +55,7 @@ def test_zeros_init_is_sparsifys_transcoder_init_and_its_rows_stay_free():
     assert torch.equal(w.W_dec, sae.W_dec) and torch.equal(w.W_enc, sae.W_enc)
     x, y = torch.randn(32, 9), torch.randn(32, 5)
     out = sae(x)
-    acts = ((x - sae.b_in[0]) @ sae.W_enc[0] + sae.b_enc[0]).topk(4, dim=-1)
+    acts = (x @ sae.W_enc[0] + sae.b_enc[0]).topk(4, dim=-1)
     dense = torch.zeros(32, 16).scatter(-1, acts.indices, acts.values.relu())
     torch.testing.assert_close(out.decoded_activations, dense @ sae.W_dec[0] + sae.b_dec[0])
     fresh = SparseAutoencoder(cfg, d_in=9, d_out=5)

@@ -83,7 +83,7 @@ def test_a_transcoder_learns_its_target_and_its_export_computes_the_same_on_raw_
     x, y = _synthetic()
     cfg = SAEConfig(activation=activation, d_sae=64, k=4, target_hook="t", skip=skip, decoder_init=decoder_init)
     sae = SparseAutoencoder(cfg, 16)
-    assert sae.W_enc.shape == (1, 16, 64) and sae.W_dec.shape == (1, 64, 16) and sae.b_in.shape == (1, 16)
+    assert sae.W_enc.shape == (1, 16, 64) and sae.W_dec.shape == (1, 64, 16) and sae.input_mean.shape == (1, 16)
     sae.initialize_tied_parameters(x.mean(0), y.mean(0))
     if decoder_init == "data":
         sae.initialize_from_data(x, y)
@@ -126,6 +126,32 @@ def test_the_sparse_topk_path_gives_the_dense_path_s_loss_for_a_transcoder():
     fast = sae_loss(sae, x, 0.0, None, y)
     dense = ((sae(x).decoded_activations - y) ** 2).sum(-1).mean()
     torch.testing.assert_close(fast.mse, dense, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder_init", ["data", "zeros"])
+def test_a_transcoder_s_encoder_reads_the_raw_input_from_pre_activations_centred_at_its_mean(decoder_init):
+    """No input mean is subtracted (centred rows gave W_enc another gradient and trained worse:
+    trainer/sae/autoencoder.py): b_enc starts the pre-activations at 0 on the mean input, and W_enc's
+    gradient is the naive one on the raw rows."""
+    x, y = _synthetic()
+    x = x + 3.0  # a mean far from zero, where centring would change W_enc's gradient
+    sae = SparseAutoencoder(SAEConfig(activation="topk", d_sae=64, k=4, target_hook="t", decoder_init=decoder_init), 16)
+    sae.initialize_tied_parameters(x.mean(0), y.mean(0))
+    if decoder_init == "data":
+        sae.initialize_from_data(x, y)
+    w = sae.weights()
+    torch.testing.assert_close(x.mean(0) @ w.W_enc[0] + w.b_enc[0], torch.zeros(64), atol=1e-5, rtol=0)
+    if decoder_init == "data":
+        return
+    with torch.no_grad():
+        sae.W_dec.normal_()  # free rows, computed as stored: the naive loss below is the module's
+    sae_loss(sae, x, 0.0, None, y).loss.backward()
+    W_enc, b_enc = sae.W_enc[0].detach().clone().requires_grad_(), sae.b_enc[0].detach().clone().requires_grad_()
+    top = (x @ W_enc + b_enc).topk(4, dim=-1)
+    acts = torch.zeros(x.shape[0], 64).scatter(-1, top.indices, top.values.relu())
+    ((acts @ sae.W_dec[0].detach() + sae.b_dec[0].detach() - y) ** 2).sum(-1).mean().backward()
+    torch.testing.assert_close(sae.W_enc.grad[0], W_enc.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sae.b_enc.grad[0], b_enc.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +202,15 @@ def test_a_sweep_trains_an_sae_a_transcoder_and_a_skip_transcoder_on_the_same_ba
             pred = exported(x).decoded_activations
         fvu = ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         assert fvu.item() == pytest.approx(results[name]["fvu"], abs=2e-3), name
-    # and the run resumes with its transcoders (the checkpoint holds b_in and W_skip)
+    # and the run resumes with its transcoders (the checkpoint holds input_mean and W_skip)
     trainer.prepare(resume=True)
-    assert trainer.finished and trainer.saes[2].sae.W_skip.abs().sum() > 0 and trainer.saes[1].sae.b_in.abs().sum() > 0
+    assert trainer.finished and trainer.saes[2].sae.W_skip.abs().sum() > 0 and trainer.saes[1].sae.input_mean.abs().sum() > 0
+    # A checkpoint from before transcoders read the raw input (a b_in subtracted) is refused in one line.
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint["saes"][1]["model"]["b_in"] = checkpoint["saes"][1]["model"].pop("input_mean")
+    torch.save(checkpoint, out / "checkpoint.pt")
+    with pytest.raises(RunError, match="earlier version.*start the run again"):
+        trainer.prepare(resume=True)
 
 
 def test_the_server_splices_a_transcoder_in_place_of_the_mlp_as_by_hand(server, mlp_dataset):
@@ -292,7 +324,7 @@ def test_a_clt_learns_every_layer_s_target_its_sparse_path_is_the_naive_one_and_
     with torch.no_grad():
         dense = []
         for l in range(3):
-            pre = (x[:, l] - clt.b_in[l]) @ W_enc[l] + b_enc[l]
+            pre = x[:, l] @ W_enc[l] + b_enc[l]
             top = pre.topk(4, dim=-1)
             dense.append(torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()))
         naive = torch.stack([clt.b_dec[j] + sum(dense[l] @ W_dec[l][:, j - l] for l in range(j + 1)) for j in range(3)], 1)

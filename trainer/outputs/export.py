@@ -89,7 +89,7 @@ def transcoder_state(sae: SparseAutoencoder, scales: tuple[float, float], c: int
     w = sae.weights()
     state = {
         "W_enc": w.W_enc[c] * s_in,
-        "b_enc": w.b_enc[c] - sae.b_in[c] @ w.W_enc[c],
+        "b_enc": w.b_enc[c],
         "W_dec": w.W_dec[c] / s_out,
         "b_dec": sae.b_dec[c] / s_out,
     }
@@ -124,13 +124,13 @@ def export_clt(clt: CrossLayerTranscoder, folder: Path, *, in_scales: list[float
     """circuit-tracer's CLT layout: per layer ``l``, ``W_enc_l.safetensors`` (``W_enc_l [d_sae, d_in]``,
     ``b_enc_l``, ``b_dec_l``, ``threshold_l``: a JumpReLU at the calibrated threshold) and
     ``W_dec_l.safetensors`` (``W_dec_l [d_sae, layers - l, d_out]``), on raw activations (each
-    input's scale and centre folded into its encoder, each target's scale into the decoders);
+    input's scale folded into its encoder, each target's scale into the decoders);
     ``cfg.json`` names the hooks and keeps ``k``, the exact TopK for ``load_clt``."""
     folder.mkdir(parents=True, exist_ok=True)
     W_enc, b_enc, W_dec = clt.weights()
     out = torch.tensor(out_scales, device=clt.b_dec.device)
     for l in range(clt.n_layers):
-        encoder = {f"W_enc_{l}": (W_enc[l] * in_scales[l]).T, f"b_enc_{l}": b_enc[l] - clt.b_in[l] @ W_enc[l],
+        encoder = {f"W_enc_{l}": (W_enc[l] * in_scales[l]).T, f"b_enc_{l}": b_enc[l],
                    f"b_dec_{l}": clt.b_dec[l] / out_scales[l], f"threshold_{l}": clt.threshold[l].expand(clt.d_sae)}
         _save_readable({k: v.detach().float().contiguous().cpu() for k, v in encoder.items()}, folder / f"W_enc_{l}.safetensors")
         decoder = W_dec[l] / out[l:, None]

@@ -10,8 +10,9 @@ coefficient tuned per width and longer runs than these CPUs give; this project's
 short-run recipe is the TopK family's.
 
 As in the SAE, each latent computes with a unit-norm decoder row (the concatenation of its blocks
-for every layer it writes to), its scale moved into its encoder column; the input is centred by a
-fixed ``b_in`` (each layer's mean). Memory: the decoders hold ``d_sae * d_out * L (L + 1) / 2``
+for every layer it writes to), its scale moved into its encoder column; as the transcoder's, each
+encoder reads its input as it is, its bias starting at ``-input_mean @ W_enc`` (see
+``trainer.sae.autoencoder``). Memory: the decoders hold ``d_sae * d_out * L (L + 1) / 2``
 weights, growing with the layers squared (``memory_bytes``). Dead latents: AuxK per layer (on the
 residual of every layer the latent writes to) and resampling (``resample``) as the TopK SAE's.
 """
@@ -43,7 +44,7 @@ class CrossLayerTranscoder(nn.Module):
         # W_dec[l] [d_sae, L - l, d_out]: layer l's latents into the outputs of layers l..L-1.
         self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(self.d_sae, L - l, self.d_out)) for l in range(L)])
         self.b_dec = nn.Parameter(torch.zeros(L, self.d_out))
-        self.register_buffer("b_in", torch.zeros(L, d_in))
+        self.register_buffer("input_mean", torch.zeros(L, d_in))
         self.register_buffer("threshold", torch.zeros(L))  # per layer, for the JumpReLU export
         self.reset_parameters()
 
@@ -60,23 +61,31 @@ class CrossLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def initialize_from_data(self, rows: Float[Tensor, "n layer d_in"], targets: Float[Tensor, "n layer d_out"]) -> None:
-        """Latent j of layer l reads its random row of layer l's input (from ``b_in``) and writes
-        towards that row's target at layer l (from ``b_dec``)."""
+        """Latent j of layer l reads its random row of layer l's input (from ``input_mean``) and
+        writes towards that row's target at layer l (from ``b_dec``)."""
         n = min(rows.shape[0], self.d_sae)
         picks = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
         x, y = rows[picks.to(rows.device)], targets[picks.to(targets.device)]
         for l in range(self.n_layers):
             self.W_dec[l][:n, 0] = _at_norm(y[:, l] - self.b_dec[l], self.cfg.row_norm())
-            self.W_enc[l][:, :n] = _at_norm(x[:, l] - self.b_in[l], self.cfg.row_norm()).T
+            self.W_enc[l][:, :n] = _at_norm(x[:, l] - self.input_mean[l], self.cfg.row_norm()).T
+        self._centre_pre_activations()
 
     def initialize_tied_parameters(self, centre: Float[Tensor, "layer d_in"], target_centre: Float[Tensor, "layer d_out"]):
         with torch.no_grad():
-            self.b_in.copy_(centre)
+            self.input_mean.copy_(centre)
             self.b_dec.copy_(target_centre)
+            self._centre_pre_activations()
+
+    @torch.no_grad()
+    def _centre_pre_activations(self) -> None:
+        """Each layer's ``b_enc`` at ``-input_mean @ W_enc`` (stored units, as in the SAE)."""
+        self.b_enc.copy_(-torch.bmm(self.input_mean.unsqueeze(1), self.W_enc).squeeze(1))
 
     @property
     def centre(self) -> Tensor:
-        return self.b_in
+        """What the encoders subtract from their inputs: nothing."""
+        return torch.zeros_like(self.input_mean)
 
     def target(self, xc: Tensor, yc: Tensor) -> Tensor:
         return yc
@@ -92,7 +101,7 @@ class CrossLayerTranscoder(nn.Module):
         return self.W_enc * norms.unsqueeze(1), self.b_enc * norms, W_dec
 
     def encode_sparse(self, xc: Float[Tensor, "layer batch d_in"], w) -> SparseCode:
-        codes = [_TopKEncode.apply(xc[l], self.b_in[l], w[0][l], w[1][l], self.cfg.k) for l in range(self.n_layers)]
+        codes = [_TopKEncode.apply(xc[l], self.centre[l], w[0][l], w[1][l], self.cfg.k) for l in range(self.n_layers)]
         return SparseCode(torch.stack([v for v, _ in codes]), torch.stack([i for _, i in codes]))
 
     def decode_sparse(self, code: SparseCode, w) -> Float[Tensor, "layer batch d_out"]:
@@ -119,7 +128,7 @@ class CrossLayerTranscoder(nn.Module):
             dead_ids = dead[l].nonzero().squeeze(1)
             if dead_ids.numel() == 0:
                 continue
-            pre = torch.addmm(w[1][l, dead_ids], xc[l] - self.b_in[l], w[0][l][:, dead_ids])
+            pre = torch.addmm(w[1][l, dead_ids], xc[l], w[0][l][:, dead_ids])
             values, indices = pre.topk(min(self.cfg.aux_k, dead_ids.numel()), dim=-1)
             recon = F.embedding_bag(indices, w[2][l][dead_ids].flatten(1), per_sample_weights=values.relu(), mode="sum")
             losses.append((recon - residual[l:].transpose(0, 1).flatten(1)).pow(2).sum(-1).mean() / (self.n_layers - l))
@@ -130,7 +139,7 @@ class CrossLayerTranscoder(nn.Module):
                  y: Float[Tensor, "n layer d_out"], generator: torch.Generator) -> int:
         """Point each layer's dead latents at rows whose targets are predicted worst (drawn by the
         squared error's square, as ``trainer.sae.resample``): the encoder column at the row's input
-        (from ``b_in``, at the alive latents' mean encoder norm), the own-layer decoder block at its
+        (from ``input_mean``, at the alive latents' mean encoder norm, its bias centring it there), the own-layer decoder block at its
         target (from ``b_dec``, at the initial norm), the blocks to later layers zero; their optimizer
         state reset. Returns how many."""
         xc, yc, w = self._components_first(x), self._components_first(y), self.weights()
@@ -147,8 +156,8 @@ class CrossLayerTranscoder(nn.Module):
             scale = w[0][l][:, alive].norm(dim=0).mean() if alive.any() else torch.ones(())
             self.W_dec[l][ids] = 0
             self.W_dec[l][ids, 0] = _at_norm(yc[l, picks] - self.b_dec[l], norm)
-            self.W_enc[l][:, ids] = _at_norm(xc[l, picks] - self.b_in[l], 1.0).T * (scale / norm)
-            self.b_enc[l, ids] = 0
+            self.W_enc[l][:, ids] = _at_norm(xc[l, picks] - self.input_mean[l], 1.0).T * (scale / norm)
+            self.b_enc[l, ids] = -(self.input_mean[l] @ self.W_enc[l][:, ids])
             for parameter, index in ((self.W_enc, (l, slice(None), ids)), (self.b_enc, (l, ids)), (self.W_dec[l], ids)):
                 reset_rows(optimizer, parameter, index)
             total += ids.numel()
@@ -161,7 +170,7 @@ class CrossLayerTranscoder(nn.Module):
         xc, w = self._components_first(x), self.weights()
         keep = self.cfg.k * xc.shape[1] + 1
         for l in range(self.n_layers):
-            pre = torch.cat([torch.addmm(w[1][l], xc[l, lo : lo + rows] - self.b_in[l], w[0][l]).relu_().flatten()
+            pre = torch.cat([torch.addmm(w[1][l], xc[l, lo : lo + rows], w[0][l]).relu_().flatten()
                              for lo in range(0, xc.shape[1], rows)])
             kept = pre.topk(min(keep, pre.numel())).values
             self.threshold[l] = ((kept[-1] + kept[-2]) / 2).clamp_min(torch.finfo(kept.dtype).tiny)

@@ -29,7 +29,7 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
         weights = losses[c].pow(2).cpu()
         weights = weights if weights.sum() > 0 else torch.ones_like(weights)
         picks = torch.multinomial(weights, ids.numel(), replacement=True, generator=generator).to(xc.device)
-        directions = _unit(xc[c, picks] - sae.centre[c])
+        directions = _unit(xc[c, picks] - sae.origin[c])
         alive = ~dead[c]
         # Stored rows at the decoder's initial norm; the encoder and bias set in computing units.
         row_norm = sae.cfg.row_norm() if sae.unit_rows else 1.0  # free rows: stored is computing
@@ -64,7 +64,8 @@ def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x:
              alive: Tensor, w: Weights) -> tuple[Tensor, Tensor]:
     """A resampled latent's computing encoder norm and bias.
 
-    TopK: the alive latents' mean encoder norm and no bias (a latent fires by outbidding the others).
+    TopK: the alive latents' mean encoder norm, the bias centring it at ``sae.origin`` (a latent
+    fires by outbidding the others).
     Gated activations (ReLU, JumpReLU, BatchTopK's threshold): chosen on ``x`` so that the new
     latent fires as often as an alive latent does on average, and its mean activation where it fires
     is theirs. sparse_autoencoder's bias of 0 (with 0.2 of the mean norm) makes a latent fire on about
@@ -74,7 +75,8 @@ def _encoder(sae: SparseAutoencoder, c: int, ids: Tensor, directions: Tensor, x:
     if not alive.any():
         return torch.ones(()), torch.zeros(())
     if sae.cfg.activation == "topk":
-        return w.W_enc[c][:, alive].norm(dim=0).mean(), torch.zeros(())
+        scale = w.W_enc[c][:, alive].norm(dim=0).mean()
+        return scale, -scale * (directions @ (sae.origin[c] - sae.centre[c]))
     alive_acts = acts[:, alive]
     active = alive_acts > 0
     n = x.shape[0]

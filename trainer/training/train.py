@@ -427,6 +427,10 @@ class Trainer:
 
     def _load(self, path: Path, every: bool = False) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
+        if any("b_in" in saved["model"] for saved in state["saes"]):
+            raise RunError("this run's checkpoint is from an earlier version, whose transcoders subtracted a fixed "
+                           "input mean (b_in); this one trains them on the raw input and cannot go on with it: "
+                           "start the run again in a new --out")
         self._build_saes({}, every)  # every value comes from the checkpoint
         for s, saved in zip(self.saes, [state["saes"][i] for i in self.indices], strict=True):
             s.sae.load_state_dict(saved["model"])
