@@ -37,9 +37,10 @@ def page_lines(results: list[dict], url: str) -> list[str]:
 
 def serve_pages(url: str, prog: str) -> int:
     """Keep a server this command started up for the browser until Ctrl-C (the caller stops it on
-    the way out)."""
-    print(f"serving the feature browser at {url}/saes/ until Ctrl-C", flush=True)
+    the way out). The line is printed inside the ``try``: a Ctrl-C the moment it appears is a stop,
+    not an interruption (a test sending SIGINT on the line got exit code 130)."""
     try:
+        print(f"serving the feature browser at {url}/saes/ until Ctrl-C", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
