@@ -93,8 +93,8 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
     figures from the exported files, on the model's own units. Returns the (normalised) held-out
     and training rows too, for the reference side."""
     train_rows = None
-    common = dict(d_sae=args.d_sae, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer,
-                  **settings(args.set))
+    common = dict(d_sae=args.d_sae, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer)
+    common |= settings(args.set)  # --set may override the schedule above (lr_decay also ends resampling)
     run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
     for label, config, _ in picked:
