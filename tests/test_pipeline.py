@@ -179,7 +179,9 @@ def test_pipeline_runs_end_to_end_continues_after_ctrl_c_and_serves_its_feature_
     for name, url in pages.items():
         (entry,) = results[name]["browser"].values()
         assert url.endswith(entry["path"]) and httpx.get(url, timeout=60).status_code == 200
-    # Its pages decode tokens with the vocabulary the run's feature jobs stored: no model is loaded.
+        for page in ("features/0", "rows/0", "text"):  # the steer form's causal flag is stored too
+            assert httpx.get(url + page, timeout=60).status_code == 200, page
+    # Its pages decode tokens with the model facts the run's feature jobs stored: no model is loaded.
     assert httpx.get(url.split("/saes/")[0] + "/v1/models", timeout=60).json()["loaded"] == []
     assert "stopped serving" not in next(browse)
 

@@ -86,9 +86,10 @@ def test_a_server_starts_on_a_store_with_a_corrupt_file_of_each_kind(tmp_path):
     weights.write_bytes(weights.read_bytes()[:500])
     (root / "corpora" / f"{corpus['corpus_id']}.json").write_text("[]")
     (root / "datasets" / broken / "zarr.json").write_text('{"attributes": {"manifest": {"dataset_id": 5}}}')
-    (vocabulary_file,) = (root / "features" / "vocabularies").glob("*.json")  # written by the feature jobs
-    vocabulary = json.loads(vocabulary_file.read_text())
-    vocabulary_file.write_text("[1, 2]")
+    (facts_file,) = (root / "features" / "models").glob("*.json")  # written by the feature jobs
+    facts = json.loads(facts_file.read_text())
+    vocabulary = facts["vocabulary"]
+    facts_file.write_text('{"vocabulary": [1, 2], "causal": true}')
 
     server.start()
     try:
@@ -117,9 +118,9 @@ def test_a_server_starts_on_a_store_with_a_corrupt_file_of_each_kind(tmp_path):
             refused(client.get(f"/saes/{stats_sae}/"), 409)
             refused(client.get(f"/v1/saes/{good_sae}/features"), 404, "no feature statistics yet")
             assert client.get(f"/v1/datasets/{kept}").status_code == 200
-            # A vocabulary file that is not a list of strings is rebuilt from the model.
+            # A model-facts file whose vocabulary is not a list of strings is rebuilt from the model.
             assert client.get(f"/v1/datasets/{kept}/vocabulary").json() == vocabulary
-            assert json.loads(vocabulary_file.read_text()) == vocabulary and len(vocabulary) > 100
+            assert json.loads(facts_file.read_text()) == facts and len(vocabulary) > 100
 
             # Recomputing repairs; the unreadable dataset can be deleted and harvested again.
             assert client.post(f"/v1/saes/{stats_sae}/features", params={"max_rows": 256}).status_code == 202

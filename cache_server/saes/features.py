@@ -13,6 +13,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,13 @@ WORD_SLACK = 6
 """Tokens read beyond that context on each side, so a word cut by its edge is shown whole."""
 _FIELDS = ("fired", "sum_values", "max_values", "top_values", "top_rows", "histogram", "interval_rows", "interval_values")
 LENS = 10  # tokens shown each way by the logit lens
+
+
+class ModelFacts(NamedTuple):
+    """What the pages need of a dataset's model, stored beside the feature jobs (``model_facts``)."""
+
+    vocabulary: list[str]
+    causal: bool
 
 
 class FeatureError(ServiceError):
@@ -74,8 +82,8 @@ class FeatureJobs(JobQueue):
         super().__init__(folder, quarantine)
         self.saes, self.store, self.models = saes, store, models
         self._stats: dict[str, FeatureStats] = {}
-        self._vocabularies: dict[str, list[str]] = {}
-        self._vocabulary_lock = threading.Lock()
+        self._model_facts: dict[str, ModelFacts] = {}
+        self._model_facts_lock = threading.Lock()
 
     def submit(self, sae_id: str, max_rows: int, chunk_ids: list[int] | None = None) -> FeatureJob:
         """The statistics over ``chunk_ids`` (e.g. a trainer's held-out chunks) or else the dataset's
@@ -128,26 +136,37 @@ class FeatureJobs(JobQueue):
                                + (f": {job.error}" if job.error else ""), 409)
         return self._load(sae_id)
 
-    def vocabulary(self, dataset_id: str) -> list[str]:
-        """The token strings of the dataset's model, kept on disk by its fingerprint the first time
-        the model gives them: pages over finished statistics (``sae-browse`` of a run) then never
-        load the model. A file that does not read back as a list of strings is rebuilt."""
+    def model_facts(self, dataset_id: str) -> ModelFacts:
+        """What pages need of the dataset's model (its token strings, whether it is a causal LM),
+        kept on disk by its fingerprint the first time the model gives them: pages over finished
+        statistics (``sae-browse`` of a run) then never load the model. A file that does not read
+        back as those facts is rebuilt."""
         model = self._manifest(dataset_id).model
-        path = self.folder / "vocabularies" / f"{hashlib.sha256(model.fingerprint.encode()).hexdigest()[:32]}.json"
-        with self._vocabulary_lock:  # one writer of the file: no reader sees half of it
-            return self._vocabularies.get(path.name) or self._read_or_build(path, model.name)
+        path = self.folder / "models" / f"{hashlib.sha256(model.fingerprint.encode()).hexdigest()[:32]}.json"
+        with self._model_facts_lock:  # one writer of the file: no reader sees half of it
+            return self._model_facts.get(path.name) or self._read_or_build(path, model.name)
 
-    def _read_or_build(self, path: Path, model_name: str) -> list[str]:
+    def vocabulary(self, dataset_id: str) -> list[str]:
+        return self.model_facts(dataset_id).vocabulary
+
+    def causal(self, dataset_id: str) -> bool:
+        """Whether the dataset's model is a causal LM (steering and attribution apply)."""
+        return self.model_facts(dataset_id).causal
+
+    def _read_or_build(self, path: Path, model_name: str) -> ModelFacts:
         try:
-            vocabulary = json.loads(path.read_bytes())
-            if not (isinstance(vocabulary, list) and all(isinstance(t, str) for t in vocabulary)):
-                raise ValueError("not a list of strings")
-        except (OSError, ValueError):
-            vocabulary = self.models.get(model_name, ask_hub=False).vocabulary()
+            stored = json.loads(path.read_bytes())
+            facts = ModelFacts(stored["vocabulary"], stored["causal"])
+            if not (isinstance(facts.vocabulary, list) and all(isinstance(t, str) for t in facts.vocabulary)
+                    and isinstance(facts.causal, bool)):
+                raise ValueError("not a vocabulary and a causal flag")
+        except (OSError, ValueError, TypeError, KeyError):
+            model = self.models.get(model_name, ask_hub=False)
+            facts = ModelFacts(model.vocabulary(), not_causal_reason(model) is None)
             path.parent.mkdir(exist_ok=True)
-            atomic_write(path, json.dumps(vocabulary).encode())
-        self._vocabularies[path.name] = vocabulary
-        return vocabulary
+            atomic_write(path, json.dumps(facts._asdict()).encode())
+        self._model_facts[path.name] = facts
+        return facts
 
     def _manifest(self, dataset_id: str) -> DatasetManifest:
         """The SAE's dataset; 409 when it is gone from the store (removed by hand, not through the API)."""
@@ -373,7 +392,7 @@ class FeatureJobs(JobQueue):
         save_file(tensors, partial, metadata={"logit_lens_note": note or ""})
         os.replace(partial, self._stats_path(job.sae_id))
         self._stats.pop(job.sae_id, None)
-        self.vocabulary(manifest.dataset_id)  # the model is loaded now: its pages will not need it again
+        self.model_facts(manifest.dataset_id)  # the model is loaded now: its pages will not need it again
 
     def _logit_lens(self, weights, manifest: DatasetManifest):
         """The logit lens tables, or None and why there are none."""

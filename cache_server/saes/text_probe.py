@@ -127,9 +127,9 @@ class TextProbes:
             raise ProbeError(f"feature {feature} is out of range: SAE '{sae_id}' has {d_sae} (0..{d_sae - 1})", 404)
 
     def causal(self, sae_id: str) -> bool:
-        """Whether the SAE's model is a causal LM (steering and attribution apply)."""
-        model = self.models.get(self._manifest(self.saes.info(sae_id)).model.name, ask_hub=False)
-        return not_causal_reason(model) is None
+        """Whether the SAE's model is a causal LM (steering and attribution apply): stored with the
+        vocabulary, so a page that only shows the steer form loads no model."""
+        return self.features.causal(self._manifest(self.saes.info(sae_id)).dataset_id)
 
     def max_tokens(self, sae_id: str) -> int:
         return self._manifest(self.saes.info(sae_id)).context_size
