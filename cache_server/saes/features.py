@@ -13,9 +13,9 @@ import os
 import random
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import zarr

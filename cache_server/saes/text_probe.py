@@ -129,7 +129,7 @@ class TextProbes:
     def causal(self, sae_id: str) -> bool:
         """Whether the SAE's model is a causal LM (steering and attribution apply): stored with the
         vocabulary, so a page that only shows the steer form loads no model."""
-        return self.features.causal(self._manifest(self.saes.info(sae_id)).dataset_id)
+        return self.features.causal(self.saes.info(sae_id).dataset_id)  # 409 there if the dataset is gone
 
     def max_tokens(self, sae_id: str) -> int:
         return self._manifest(self.saes.info(sae_id)).context_size

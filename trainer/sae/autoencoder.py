@@ -239,6 +239,15 @@ def _at_norm(directions: Tensor, norm: float) -> Tensor:
     return directions * (norm / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
 
+@torch.no_grad()
+def centre_pre_activations(b_enc: Tensor, input_mean: Float[Tensor, "component d_in"],
+                           W_enc: Float[Tensor, "component d_in d_sae"]) -> None:
+    """``b_enc`` at ``-input_mean @ W_enc``: each pre-activation 0 at the mean input, as subtracting
+    the mean would make it (a transcoder's or a CLT's, which read the raw input; stored units, which
+    ``weights()`` scales alike)."""
+    b_enc.copy_(-torch.bmm(input_mean.unsqueeze(1), W_enc).squeeze(1))
+
+
 class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig, d_in: int, n_components: int | None = None,
                  geometric_median_dataset: Tensor | None = None, d_out: int | None = None):
@@ -322,11 +331,8 @@ class SparseAutoencoder(nn.Module):
                 centre = target_centre
             self.b_dec.copy_(centre.reshape(-1, self.d_out).expand_as(self.b_dec))
 
-    @torch.no_grad()
     def _centre_pre_activations(self) -> None:
-        """A transcoder's ``b_enc`` at ``-input_mean @ W_enc``: each pre-activation 0 at the mean
-        input, as subtracting the mean would make it (stored units: ``weights()`` scales both alike)."""
-        self.b_enc.copy_(-torch.bmm(self.input_mean.unsqueeze(1), self.W_enc).squeeze(1))
+        centre_pre_activations(self.b_enc, self.input_mean, self.W_enc)
 
     @property
     def centre(self) -> Float[Tensor, "component d_in"]:

@@ -23,7 +23,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from trainer.config import SAEConfig
-from trainer.sae.autoencoder import ForwardPassResult, SparseCode, _at_norm, _SparseDecode, _TopKEncode
+from trainer.sae.autoencoder import ForwardPassResult, SparseCode, _at_norm, _SparseDecode, _TopKEncode, \
+    centre_pre_activations
 from trainer.sae.resample import reset_rows
 
 
@@ -77,10 +78,8 @@ class CrossLayerTranscoder(nn.Module):
             self.b_dec.copy_(target_centre)
             self._centre_pre_activations()
 
-    @torch.no_grad()
     def _centre_pre_activations(self) -> None:
-        """Each layer's ``b_enc`` at ``-input_mean @ W_enc`` (stored units, as in the SAE)."""
-        self.b_enc.copy_(-torch.bmm(self.input_mean.unsqueeze(1), self.W_enc).squeeze(1))
+        centre_pre_activations(self.b_enc, self.input_mean, self.W_enc)
 
     @property
     def centre(self) -> Tensor:
