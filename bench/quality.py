@@ -1,7 +1,7 @@
 """SAE quality, side by side: a fixed sweep trained by this project's trainer, by SAELens and (the
 TopK rows) by sparsify on the same cached activations, the same budget and the same held-out rows.
 
-    .venv/bin/python bench/quality.py [--lr 4e-4] [--tokens 409600] [--saelens-python /work/saelens-venv/bin/python]
+    .venv/bin/python bench/quality.py [--case minilm|shakespeare] [--tokens 409600] [--lr 4e-4] [--saelens-lr LR]
 
 The data (``--case``): all-MiniLM-L6-v2 ``blocks.3.hook_resid_post`` (the default; the whole
 built-in corpus, 290,944 rows) or shakespeare-gpt ``blocks.1.hook_resid_post`` (250,000 rows),
@@ -11,7 +11,7 @@ project trains through its real path (stream from the server, ``Trainer``, expor
 computed from the exported safetensors on the held-out rows in the model's units. SAELens (its own
 virtual environment, see bench/saelens_reference.py) trains on the same training rows, shuffled,
 and is evaluated on the same held-out rows. Both use batch 4096, d_sae 8 x d (3072 for MiniLM) and the given lr
-with no warmup or decay; every other setting is each library's default. sparsify (its venv, see
+(``--saelens-lr`` for SAELens' own) with no warmup or decay; every other setting is each library's default. sparsify (its venv, see
 bench/sparsify_reference.py) trains its TopK SAEs with its own Trainer's step and lr (SignSGD
 under schedule-free averaging, lr 5e-3 / sqrt(d_sae / 2^14), FVU loss, decoder renormalised every
 step), not the given lr.
@@ -21,9 +21,16 @@ final weights never fire it on any of the corpus's rows (training and held-out, 
 the stricter share that never fires on the 20,480 held-out rows alone, which also counts latents
 that are only rare (a latent firing once in 10^5 rows is silent there a fifth of the time).
 
-Prints one row per SAE (L0, FVU, dead %, silent %, training tokens/s, each side) and writes
-``frontier-lr<lr>-<tokens>.png`` (FVU against L0, log axes; marker = architecture, colour =
-library) and ``quality-lr<lr>-<tokens>.json`` into --out.
+Downstream (a causal LM's case): every SAE of every side is uploaded to the server in the model's
+units (the references' weights with the normalising scale folded in) and spliced in place of the
+hook on ``--downstream-tokens`` of the corpus after the harvested part, which no SAE saw: its CE
+loss score and KL, as the server's evaluations compute them.
+
+Prints one row per SAE (L0, FVU, dead %, silent %, CE loss score, training tokens/s, each side, and
+its FVU over the best anchor's at its L0: sparsify's TopK at the same k for the TopK family,
+SAELens' points of the same activation interpolated for ReLU and JumpReLU) and writes
+``frontier-<tag>.png`` (FVU against L0, log axes; marker = architecture, colour = library) and
+``quality-<tag>.json`` into --out.
 """
 
 import argparse
@@ -38,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.config import RunConfig, SAEConfig, Sweep  # noqa: E402
-from trainer.data.client import CacheClient  # noqa: E402
+from trainer.data.client import CacheClient, sae_upload_body  # noqa: E402
 from trainer.data.local_server import LocalServer  # noqa: E402
 from trainer.evaluation.metrics import evaluate  # noqa: E402
 from trainer.outputs.export import load_saelens  # noqa: E402
@@ -76,7 +84,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--case", choices=sorted(CASES), default="minilm",
                         help="minilm: MiniLM blocks.3 (d 384); shakespeare: shakespeare-gpt blocks.1 (d 192)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE (both sides)")
-    parser.add_argument("--lr", type=float, default=4e-4, help="both sides (4e-4: issue 13's reference runs)")
+    parser.add_argument("--lr", type=float, default=4e-4, help="this project's lr (and SAELens' unless --saelens-lr)")
+    parser.add_argument("--saelens-lr", type=float, help="SAELens' lr (default: --lr)")
+    parser.add_argument("--downstream-tokens", type=int, default=65_536,
+                        help="held-out tokens the server splices each SAE into the model on, for the CE loss "
+                             "score and KL (a causal LM's case only; 0: none)")
     parser.add_argument("--saelens-python", default="/work/saelens-venv/bin/python",
                         help="python of a venv with sae-lens (skipped when missing)")
     parser.add_argument("--sparsify-python", default="/work/sparsify-venv/bin/python",
@@ -88,10 +100,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
     """Train each SAE through the real trainer (one run each, so each has its own tokens/s);
     figures from the exported files, on the model's own units. Returns the (normalised) held-out
-    and training rows too, for the reference side."""
+    and training rows too, for the reference side, and the normalising scale."""
     train_rows = None
     common = dict(d_sae=args.d_sae, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer)
     common |= settings(args.set)  # --set may override the schedule above (lr_decay also ends resampling)
@@ -114,12 +126,40 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
         fired_in_training = evaluate(sae, train_rows / trainer.scales[0]).freqs > 0
         dead = int(((held_out.freqs == 0) & ~fired_in_training).sum())
         results[label] = {"l0": held_out.l0, "fvu": held_out.fvu, "dead_pct": 100 * dead / sae.d_sae,
-                          "silent_pct": 100 * held_out.n_dead / sae.d_sae, "tokens_per_second": rate}
+                          "silent_pct": 100 * held_out.n_dead / sae.d_sae, "tokens_per_second": rate,
+                          **spliced(client, manifest, args, sae_upload_body(out / "saes" / trainer.saes[0].name))}
         print(f"ours {label}: {results[label]}", file=sys.stderr)
-    return results, rows, train_rows
+    return results, rows, train_rows, trainer.scales[0]
 
 
-def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> dict:
+def spliced(client: CacheClient, manifest, args, body: bytes) -> dict:
+    """CE loss score and KL with the SAE (an upload body, on the model's units) in place of the
+    hook's output, by the server on held-out text; none where the model is not a causal LM."""
+    if not args.downstream_tokens or not args.causal:
+        return {}
+    sae = client.request("POST", "/v1/saes", params={"dataset_id": manifest.dataset_id, "hook": args.hook}, content=body)
+    result = client.wait_evaluation(client.evaluate({"sae_id": sae.json()["sae_id"], "n_tokens": args.downstream_tokens})).result
+    if result.downstream is None:  # a masked LM: say so once, and stop asking
+        print(f"(no CE loss score: {result.downstream_unavailable})", file=sys.stderr)
+        args.causal = False
+        return {}
+    # the server's FVU on that text, beside the held-out rows' (a check that the file computes what was trained)
+    return {"ce_score": result.downstream.ce_loss_score, "kl": result.downstream.kl_div_with_sae,
+            "spliced_fvu": 1 - result.explained_variance}
+
+
+def reference_body(cfg: dict, t: dict[str, torch.Tensor], scale: float) -> bytes:
+    """A reference SAE trained on the normalised rows (raw x scale), SAELens' layout, as an upload
+    body on the model's units: the scale folded in, and the decoder norms where SAELens' TopK
+    rescales its activations by them (the server runs the file as stored)."""
+    if cfg.pop("rescale_acts_by_decoder_norm", False):
+        norms = t["W_dec"].norm(dim=-1)
+        t = {**t, "W_enc": t["W_enc"] * norms, "b_enc": t["b_enc"] * norms, "W_dec": t["W_dec"] / norms[:, None]}
+    t = {**t, "W_enc": t["W_enc"] * scale, "W_dec": t["W_dec"] / scale, "b_dec": t["b_dec"] / scale}
+    return save({n: v.contiguous() for n, v in t.items()}, metadata={"cfg": json.dumps(cfg)})
+
+
+def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor, splice) -> dict:
     python = Path(args.saelens_python)
     if not python.exists():
         print(f"(no SAELens venv at {python}: reference column skipped)", file=sys.stderr)
@@ -132,16 +172,20 @@ def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> 
         for label, _, (arch, flags) in picked:
             command = [str(python), str(Path(__file__).with_name("saelens_reference.py")), "--train", f"{tmp}/train.npy",
                        "--eval", f"{tmp}/eval.npy", "--arch", arch, *flags, "--tokens", str(args.tokens),
-                       "--batch-size", "4096", "--lr", str(args.lr), "--d-sae", str(args.d_sae), "--seed", "0"]
+                       "--batch-size", "4096", "--lr", str(args.saelens_lr), "--d-sae", str(args.d_sae), "--seed", "0",
+                       "--save", f"{tmp}/{arch}"]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(f"SAELens {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
-            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+            cfg = json.loads(Path(f"{tmp}/{arch}/cfg.json").read_text())
+            results[label] = {**json.loads(done.stdout.strip().splitlines()[-1]),
+                              **splice(cfg, load_file(f"{tmp}/{arch}/sae_weights.safetensors"))}
+            print(f"SAELens {label}: {results[label]}", file=sys.stderr)
     return results
 
 
-def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) -> dict:
+def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor, splice) -> dict:
     """sparsify's TopK SAEs with its own step and lr (bench/sparsify_reference.py) on the same rows."""
     python = Path(args.sparsify_python)
     topk = [(label, config) for label, config, _ in picked if config["activation"] == "topk"]
@@ -161,9 +205,36 @@ def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor) ->
             if done.returncode:
                 print(f"sparsify {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
-            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+            # its SparseCoder computes as SAELens' TopK does (b_dec off the input, top k of the ReLU'd
+            # pre-activations, decoder rows as stored)
+            cfg = {"architecture": "topk", "d_in": args.d_in, "d_sae": args.d_sae, "k": config["k"],
+                   "apply_b_dec_to_input": True, "metadata": {"hook_name": args.hook}}
+            results[label] = {**json.loads(done.stdout.strip().splitlines()[-1]),
+                              **splice(cfg, load_file(f"{tmp}/sae.safetensors"))}
             print(f"sparsify {label}: {results[label]}", file=sys.stderr)
     return results
+
+
+def versus_anchor(mine: dict, config: dict, reference: dict, strongest: dict) -> str | None:
+    """This SAE's held-out FVU over the best anchor's at its L0: sparsify's TopK at the same k for
+    the TopK family; for ReLU and JumpReLU, SAELens' points of the same activation, log-log
+    interpolated at this L0. Past the sparse end of its points, the ratio to its sparsest is an
+    upper bound ("<="), its FVU only rising as L0 falls; past the dense end, a lower bound (">=")."""
+    if "k" in config:
+        anchor = strongest.get(f"topk k{config['k']}")
+        return anchor and f"{mine['fvu'] / anchor['fvu']:.2f}x"
+    points = sorted((r["l0"], r["fvu"]) for label, c, _ in SWEEP
+                    if c["activation"] == config["activation"] and (r := reference.get(label)))
+    if not points:
+        return None
+    l0, fvu = mine["l0"], mine["fvu"]
+    if l0 <= points[0][0]:
+        return f"<={fvu / points[0][1]:.2f}x"
+    if l0 >= points[-1][0]:
+        return f">={fvu / points[-1][1]:.2f}x"
+    (a, fa), (b, fb) = next((p, q) for p, q in zip(points, points[1:]) if p[0] <= l0 <= q[0])
+    t = math.log(l0 / a) / math.log(b / a)
+    return f"{fvu / math.exp((1 - t) * math.log(fa) + t * math.log(fb)):.2f}x"
 
 
 def frontier(table: list[dict], path: Path, title: str) -> None:
@@ -196,30 +267,39 @@ def main() -> None:
     picked = [s for s in SWEEP if not args.only or s[0] in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     args.hook, harvest = CASES[args.case]
-    tag = ("" if args.case == "minilm" else f"{args.case}-") + f"lr{args.lr:g}-{args.tokens}"
+    tag = (("" if args.case == "minilm" else f"{args.case}-") + f"lr{args.lr:g}-{args.tokens}"
+           + (f"-saelens{args.saelens_lr:g}" if args.saelens_lr else ""))
     run_folder = args.out / f"train-{tag}"
     shutil.rmtree(run_folder, ignore_errors=True)  # a fresh run each time
+    args.saelens_lr = args.saelens_lr or args.lr
+    args.causal = True  # until the server says otherwise
     with LocalServer(args.out / "store", log=args.out / "cache-server.log") as server, CacheClient(server.url) as client:
         manifest = client.wait(client.harvest({**harvest, "hooks": [args.hook]}), progress=False)
-        args.d_sae = 8 * manifest.hook(args.hook).d
-        mine, scaled_eval, scaled_train = ours(client, manifest, args, picked, run_folder)
-    reference = saelens(args, picked, scaled_eval, scaled_train)
-    strongest = sparsify(args, picked, scaled_eval, scaled_train)
+        args.d_in = manifest.hook(args.hook).d
+        args.d_sae = 8 * args.d_in
+        mine, scaled_eval, scaled_train, scale = ours(client, manifest, args, picked, run_folder)
+
+        def splice(cfg: dict, weights: dict) -> dict:
+            return spliced(client, manifest, args, reference_body(cfg, weights, scale))
+
+        reference = saelens(args, picked, scaled_eval, scaled_train, splice)
+        strongest = sparsify(args, picked, scaled_eval, scaled_train, splice)
     table = [{"label": label, "ours": mine[label], **({"saelens": reference[label]} if label in reference else {}),
-              **({"sparsify": strongest[label]} if label in strongest else {})}
-             for label, _, _ in picked]
+              **({"sparsify": strongest[label]} if label in strongest else {}),
+              "vs_anchor": versus_anchor(mine[label], config, reference, strongest)}
+             for label, config, _ in picked]
     title = f"{manifest.model.name} {args.hook}"
-    print(f"{title}: {manifest.n_items:,} rows, d_sae {args.d_sae}, {args.tokens:,} training tokens, lr {args.lr:g}, "
-          f"{scaled_eval.shape[0]:,} held-out rows")
-    head = f"{'L0':>7} {'FVU':>7} {'dead%':>6} {'silent%':>7} {'tok/s':>7}"
-    print(f"{'SAE':26} {head} | SAELens {head} | sparsify {head}")
+    print(f"{title}: {manifest.n_items:,} rows, d_sae {args.d_sae}, {args.tokens:,} training tokens, lr {args.lr:g} "
+          f"(SAELens {args.saelens_lr:g}), {scaled_eval.shape[0]:,} held-out rows")
+    head = f"{'L0':>6} {'FVU':>6} {'dead%':>5} {'silent%':>7} {'CE':>5} {'tok/s':>6}"
+    print(f"{'SAE':26} {head} | vs anchor | SAELens {head} | sparsify {head}")
 
     def cells(r: dict) -> str:
-        return (f"{r['l0']:7.1f} {r['fvu']:7.3f} {r['dead_pct']:6.2f} {r['silent_pct']:7.2f} "
-                f"{r['tokens_per_second']:7.0f}")
+        return (f"{r['l0']:6.1f} {r['fvu']:6.3f} {r['dead_pct']:5.2f} {r['silent_pct']:7.2f} "
+                f"{r.get('ce_score', math.nan):5.3f} {r['tokens_per_second']:6.0f}")
 
     for row in table:
-        print(f"{row['label']:26} {cells(row['ours'])} | " + " | ".join(
+        print(f"{row['label']:26} {cells(row['ours'])} | {row['vs_anchor'] or '-':>9} | " + " | ".join(
             cells(row[side]) if side in row else "-" for side in ("saelens", "sparsify")))
     (args.out / f"quality-{tag}.json").write_text(json.dumps({"lr": args.lr, "tokens": args.tokens, "table": table}, indent=1))
     frontier(table, args.out / f"frontier-{tag}.png", title)

@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr-decay-steps", type=int, default=0)
     p.add_argument("--coefficient-warmup-steps", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--save", help="a folder to keep the inference model in (SAELens' cfg.json and sae_weights.safetensors)")
     return p.parse_args()
 
 
@@ -150,8 +151,8 @@ def main() -> None:
     # end of a run. topk -> TopKSAE (decoder norms folded in); batchtopk and matryoshka_batchtopk ->
     # JumpReLUSAE with topk_threshold as every latent's threshold; standard / jumprelu -> their own class.
     with tempfile.TemporaryDirectory() as tmp:
-        sae.save_inference_model(tmp)
-        inference_sae = SAE.load_from_disk(tmp, device="cpu")
+        sae.save_inference_model(args.save or tmp)
+        inference_sae = SAE.load_from_disk(args.save or tmp, device="cpu")
     inference_sae.eval()
     log(f"evaluating as {type(inference_sae).__name__} on {len(eval_rows)} held-out rows")
     figures = held_out(inference_sae, eval_rows, args.batch_size)
