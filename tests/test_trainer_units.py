@@ -172,18 +172,66 @@ def test_resampling_moves_dead_latents_and_resets_their_optimizer_state():
     assert not optimizer.state[sae.W_dec]["exp_avg_sq"][0][[1, 5]].any()
 
 
-@pytest.mark.parametrize("step", ["signsgd", "schedulefree_adam"])
-def test_signsgd_moves_each_weight_by_lr_and_the_schedule_free_average_is_what_gets_exported(step):
-    """sparsify's step (issue 32): SignSGD under a schedule-free wrapper. A bare SignSGD step moves
-    every weight by exactly lr; the wrapper keeps the gradient point y and the average x apart, and
-    ``at_average`` puts x in the parameters; a resampled latent's base iterate z is reset with it,
-    so its averaged weights are the new ones, not a blend with the old."""
-    from trainer.training.optimizers import SignSGD, at_average, make_optimizer
+class SignSGD(torch.optim.Optimizer):
+    """The naive sign step, ``p -= lr * sign(grad)``, for schedulefree's own wrapper to wrap."""
 
-    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    w.grad = torch.tensor([0.5, -1e-6, 0.0])
-    SignSGD([w], lr=0.1).step()
-    torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def test_the_sign_step_is_schedulefree_s_wrapper_around_signsgd_until_a_row_restarts():
+    """``ScheduleFreeSign`` against the package's ``ScheduleFreeWrapper(SignSGD)`` on the same
+    gradients, through an LR warmup (the average's weights follow lr_max^2): the same y every step
+    and the same x at the end. After ``restart`` of some rows, those rows' x is the plain mean of
+    their z since (the wrapper's would still hold the restart value at weight t/T); the others'
+    stay the wrapper's."""
+    from schedulefree import ScheduleFreeWrapper
+    from trainer.training.optimizers import ScheduleFreeSign
+
+    torch.manual_seed(0)
+    ours, theirs = (torch.nn.Parameter(torch.randn(2, 3, 5)) for _ in range(2))
+    theirs.data.copy_(ours.data)
+    fast, naive = ScheduleFreeSign([ours], lr=0.1), ScheduleFreeWrapper(SignSGD([theirs], lr=0.1), momentum=0.95)
+    naive.train()
+    for step in range(12):
+        grad = torch.randn(2, 3, 5)
+        for optimizer, p in ((fast, ours), (naive, theirs)):
+            optimizer.param_groups[0]["lr"] = 0.1 * min(1.0, (step + 1) / 4)
+            p.grad = grad.clone()
+            optimizer.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach())
+    index = (1, slice(None), torch.tensor([0, 3]))  # latents 0 and 3 of component 1, as resampling indexes
+    with torch.no_grad():
+        ours[index] = 7.0
+    fast.restart(ours, index)
+    zs = []
+    for _ in range(5):
+        grad = torch.randn(2, 3, 5)
+        for optimizer, p in ((fast, ours), (naive, theirs)):
+            p.grad = grad.clone()
+            optimizer.step()
+        zs.append(fast.state[ours]["z"][index].clone())
+    fast.eval(), naive.eval()
+    torch.testing.assert_close(ours[index], torch.stack(zs).mean(0))
+    others = torch.ones(2, 3, 5, dtype=torch.bool)
+    others[1, :, [0, 3]] = False
+    torch.testing.assert_close(ours[others], theirs[others])
+    fast.train()
+    assert not torch.allclose(ours[index], torch.stack(zs).mean(0))  # back at y
+
+
+@pytest.mark.parametrize("step", ["signsgd", "schedulefree_adam"])
+def test_a_schedule_free_step_trains_and_its_average_is_what_gets_exported(step):
+    """sparsify's step (issue 32) and schedule-free Adam train an SAE; ``at_average`` puts the
+    average x in the parameters; a resampled latent's base iterate z is reset with it, so its
+    averaged weights are the new ones, not a blend with the old."""
+    from trainer.training.optimizers import at_average, make_optimizer
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(activation="topk", k=2, expansion=2, optimizer=step, lr=1e-2), d_in=4)

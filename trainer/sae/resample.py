@@ -47,7 +47,11 @@ def resample_dead_neurons(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
 def reset_rows(optimizer, parameter: torch.Tensor, index: tuple) -> None:
     """A resampled latent starts afresh: Adam's moments zeroed; a schedule-free optimizer's base
-    iterate set to the new weights (so its average and interpolation are them too)."""
+    iterate set to the new weights (so its average and interpolation are them too), and under the
+    sign step its average restarted (``ScheduleFreeSign.restart``)."""
+    if hasattr(optimizer, "restart"):
+        optimizer.restart(parameter, index)
+        return
     state = optimizer.state.get(parameter, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
