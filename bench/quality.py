@@ -214,14 +214,18 @@ def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor, sp
 
 def versus_anchor(mine: dict, config: dict, reference: dict, strongest: dict) -> str | None:
     """This SAE's held-out FVU over the best anchor's at its L0: sparsify's TopK at the same k for
-    the TopK family; for ReLU and JumpReLU, SAELens' points of the same activation, log-log
-    interpolated at this L0. Past the sparse end of its points, the ratio to its sparsest is an
-    upper bound ("<="), its FVU only rising as L0 falls; past the dense end, a lower bound (">=")."""
+    the TopK family; for ReLU and JumpReLU, the frontier of SAELens' ReLU and JumpReLU points (those
+    no sparser point beats), log-log interpolated at this L0. Past the frontier's sparse end, the
+    ratio to its sparsest point is an upper bound ("<="), its FVU only rising as L0 falls; past its
+    dense end, a lower bound (">=")."""
     if "k" in config:
         anchor = strongest.get(f"topk k{config['k']}")
         return anchor and f"{mine['fvu'] / anchor['fvu']:.2f}x"
-    points = sorted((r["l0"], r["fvu"]) for label, c, _ in SWEEP
-                    if c["activation"] == config["activation"] and (r := reference.get(label)))
+    points = []
+    for l0, fvu in sorted((r["l0"], r["fvu"]) for label, c, _ in SWEEP
+                          if c["activation"] in ("relu", "jumprelu") and (r := reference.get(label))):
+        if not points or fvu < points[-1][1]:
+            points.append((l0, fvu))
     if not points:
         return None
     l0, fvu = mine["l0"], mine["fvu"]
