@@ -167,8 +167,8 @@ def sparsify(args, work: Path, k: int, skip: bool, scales: tuple[float, float]) 
 def part_two(client, manifest, args, work: Path) -> list[dict]:
     """A CLT against a transcoder per layer, k = 32 a layer, each in place of every MLP at once."""
     targets = tuple(OUTPUTS)
-    sweep = Sweep(run=run_config(args.tokens), saes=(SAEConfig(k=32, d_sae=D_SAE, target_hook=targets),
-                                                     SAEConfig(k=32, d_sae=D_SAE, target_hook=targets, cross_layer=True)))
+    common = dict(k=32, d_sae=D_SAE, target_hook=targets, optimizer=args.optimizer, lr=args.lr, **settings(args.set))
+    sweep = Sweep(run=run_config(args.tokens), saes=(SAEConfig(**common), SAEConfig(**common, cross_layer=True)))
     trainer = Trainer(client, manifest, INPUTS, sweep, work / "layers", progress=False)
     trainer.prepare(resume=False)
     trainer.train()
