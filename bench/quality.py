@@ -10,7 +10,7 @@ the trainer does (mean norm sqrt(d)). 16 chunks (20,480 rows) are held out; no S
 project trains through its real path (stream from the server, ``Trainer``, export); its figures are
 computed from the exported safetensors on the held-out rows in the model's units. SAELens (its own
 virtual environment, see bench/saelens_reference.py) trains on the same training rows, shuffled,
-and is evaluated on the same held-out rows. Both use batch 4096, d_sae 8 x d (3072 for MiniLM) and the given lr
+and is evaluated on the same held-out rows. Both use batch 4096 (``--batch-size``), d_sae 8 x d (3072 for MiniLM) and the given lr
 (``--saelens-lr`` for SAELens' own) with no warmup or decay; every other setting is each library's default. sparsify (its venv, see
 bench/sparsify_reference.py) trains its TopK SAEs with its own Trainer's step and lr (SignSGD
 under schedule-free averaging, lr 5e-3 / sqrt(d_sae / 2^14), FVU loss, decoder renormalised every
@@ -85,6 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--case", choices=sorted(CASES), default="minilm",
                         help="minilm: MiniLM blocks.3 (d 384); shakespeare: shakespeare-gpt blocks.1 (d 192)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE (both sides)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows a step (every side)")
     parser.add_argument("--lr", type=float, default=4e-4, help="this project's lr (and SAELens' unless --saelens-lr)")
     parser.add_argument("--saelens-lr", type=float, help="SAELens' lr (default: --lr)")
     parser.add_argument("--downstream-tokens", type=int, default=65_536,
@@ -108,7 +109,7 @@ def ours(client: CacheClient, manifest, args, picked, folder: Path) -> tuple[dic
     train_rows = None
     common = dict(d_sae=args.d_sae, lr=args.lr, lr_warmup=0, lr_decay=0, sparsity_warmup=0, optimizer=args.optimizer)
     common |= settings(args.set)  # --set may override the schedule above (lr_decay also ends resampling)
-    run = RunConfig(batch_size=4096, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
+    run = RunConfig(batch_size=args.batch_size, tokens=args.tokens, eval_chunks=16, log_every=10_000, checkpoint_every=10_000)
     results = {}
     for label, config, _ in picked:
         out = folder / label.replace(" ", "-")
@@ -169,7 +170,7 @@ def saelens(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor, spl
         for label, _, (arch, flags) in picked:
             command = [str(python), str(Path(__file__).with_name("saelens_reference.py")), "--train", f"{tmp}/train.npy",
                        "--eval", f"{tmp}/eval.npy", "--arch", arch, *flags, "--tokens", str(args.tokens),
-                       "--batch-size", "4096", "--lr", str(args.saelens_lr), "--d-sae", str(args.d_sae), "--seed", "0",
+                       "--batch-size", str(args.batch_size), "--lr", str(args.saelens_lr), "--d-sae", str(args.d_sae), "--seed", "0",
                        "--save", f"{tmp}/{arch}"]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
@@ -197,7 +198,8 @@ def sparsify(args, picked, eval_rows: torch.Tensor, train_rows: torch.Tensor, sp
         for label, config in topk:
             command = [str(python), str(Path(__file__).with_name("sparsify_reference.py")), "--train-x",
                        f"{tmp}/train.npy", "--eval-x", f"{tmp}/eval.npy", "--out", f"{tmp}/sae.safetensors",
-                       "--k", str(config["k"]), "--d-sae", str(args.d_sae), "--tokens", str(args.tokens)]
+                       "--k", str(config["k"]), "--d-sae", str(args.d_sae), "--tokens", str(args.tokens),
+                       "--batch-size", str(args.batch_size)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(f"sparsify {label} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -269,6 +271,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.hook, harvest = CASES[args.case]
     tag = (("" if args.case == "minilm" else f"{args.case}-") + f"lr{args.lr:g}-{args.tokens}"
+           + ("" if args.batch_size == 4096 else f"-batch{args.batch_size}")
            + (f"-saelens{args.saelens_lr:g}" if args.saelens_lr else ""))
     run_folder = args.out / f"train-{tag}"
     shutil.rmtree(run_folder, ignore_errors=True)  # a fresh run each time
