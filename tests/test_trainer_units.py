@@ -1,6 +1,7 @@
 """SAE parts and metrics against hand-computed cases."""
 
 import collections
+import copy
 
 import numpy as np
 import pytest
@@ -190,7 +191,7 @@ def test_the_sign_step_is_schedulefree_s_wrapper_around_signsgd_until_a_row_rest
     gradients, through an LR warmup (the average's weights follow lr_max^2): the same y every step
     and the same x at the end. After ``restart`` of some rows, those rows' x is the plain mean of
     their z since (the wrapper's would still hold the restart value at weight t/T); the others'
-    stay the wrapper's."""
+    stay the wrapper's; a state_dict round trip resumes to the same step."""
     from schedulefree import ScheduleFreeWrapper
     from trainer.training.optimizers import ScheduleFreeSign
 
@@ -217,6 +218,16 @@ def test_the_sign_step_is_schedulefree_s_wrapper_around_signsgd_until_a_row_rest
             p.grad = grad.clone()
             optimizer.step()
         zs.append(fast.state[ours]["z"][index].clone())
+    # a checkpoint (the restarted rows' own weight sums included) resumes to the same steps
+    resumed = torch.nn.Parameter(ours.detach().clone())
+    again = ScheduleFreeSign([resumed], lr=0.1)
+    again.load_state_dict(copy.deepcopy(fast.state_dict()))  # as torch.save / torch.load would: no shared tensors
+    grad = torch.randn(2, 3, 5)
+    for optimizer, p in ((fast, ours), (naive, theirs), (again, resumed)):
+        p.grad = grad.clone()
+        optimizer.step()
+    zs.append(fast.state[ours]["z"][index].clone())
+    torch.testing.assert_close(resumed.detach(), ours.detach())
     fast.eval(), naive.eval()
     torch.testing.assert_close(ours[index], torch.stack(zs).mean(0))
     others = torch.ones(2, 3, 5, dtype=torch.bool)
