@@ -84,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--case", choices=sorted(CASES), default="minilm",
                         help="minilm: MiniLM blocks.3 (d 384); shakespeare: shakespeare-gpt blocks.1 (d 192)")
+    parser.add_argument("--layer", type=int, help="the residual stream after this block (default: the case's: "
+                        "3 for MiniLM, 1 for shakespeare-gpt)")
     parser.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE (both sides)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows a step (every side)")
     parser.add_argument("--lr", type=float, default=4e-4, help="this project's lr (and SAELens' unless --saelens-lr)")
@@ -270,7 +272,10 @@ def main() -> None:
     picked = [s for s in SWEEP if not args.only or s[0] in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     args.hook, harvest = CASES[args.case]
-    tag = (("" if args.case == "minilm" else f"{args.case}-") + f"lr{args.lr:g}-{args.tokens}"
+    if args.layer is not None:
+        args.hook = f"blocks.{args.layer}.hook_resid_post"
+    tag = (("" if args.case == "minilm" else f"{args.case}-") + ("" if args.layer is None else f"layer{args.layer}-")
+           + f"lr{args.lr:g}-{args.tokens}"
            + ("" if args.batch_size == 4096 else f"-batch{args.batch_size}")
            + (f"-saelens{args.saelens_lr:g}" if args.saelens_lr else ""))
     run_folder = args.out / f"train-{tag}"
