@@ -86,9 +86,10 @@ class SAEConfig:
     torch's Adam, with ``lr_decay``. ``signsgd``: EleutherAI sparsify's step, SignSGD (every weight
     moves by ``lr`` along its gradient's sign) under schedule-free averaging (momentum 0.95; sparsify's
     lr for it: 5e-3 / sqrt(d_sae / 16384)), a resampled latent's average restarted
-    (``ScheduleFreeSign``). At 4,096 rows a step and sparsify's lr it beat schedule-free Adam on
-    every SAE architecture on shakespeare-gpt (TopK at 0.86-0.9x sparsify's FVU) and the ReLU family
-    on MiniLM; at 1,024 rows it wants half that lr; transcoders do worse under it (docs/benchmarks.md).
+    (``ScheduleFreeSign``). At 100 steps of 4,096 rows and sparsify's lr it beat schedule-free Adam
+    on every SAE architecture on shakespeare-gpt (TopK at 0.86-0.9x sparsify's FVU) and the ReLU
+    family on MiniLM; at 1,024 rows it wants half that lr; transcoders do worse under it, and by 500
+    steps it stops improving where schedule-free Adam goes on (docs/benchmarks.md).
     The schedule-free steps take no LR decay (``lr_decay`` then only ends resampling)."""
     lr_warmup: Schedule = 0.0
     """Linear LR warmup from 0 (fraction of the run's steps, or steps)."""
