@@ -27,8 +27,8 @@ hook on ``--downstream-tokens`` of the corpus after the harvested part, which no
 loss score and KL, as the server's evaluations compute them.
 
 Prints one row per SAE (L0, FVU, dead %, silent %, CE loss score, training tokens/s, each side, and
-its FVU over the best anchor's at its L0: sparsify's TopK at the same k for the TopK family,
-SAELens' points of the same activation interpolated for ReLU and JumpReLU) and writes
+its FVU over the best anchor's at its L0: sparsify's TopK at the same k for the TopK family, the
+frontier of SAELens' ReLU and JumpReLU points for those two; see ``versus_anchor``) and writes
 ``frontier-<tag>.png`` (FVU against L0, log axes; marker = architecture, colour = library) and
 ``quality-<tag>.json`` into --out.
 """
@@ -54,7 +54,7 @@ from trainer.data.local_server import LocalServer  # noqa: E402
 from trainer.evaluation.metrics import evaluate  # noqa: E402
 from trainer.outputs.export import load_saelens  # noqa: E402
 from trainer.training.train import Trainer  # noqa: E402
-from bench.transcoders import settings  # noqa: E402
+from bench.transcoders import evaluation, settings  # noqa: E402
 
 # (hook, harvest request) of each case; d_sae is 8 x the hook's width
 CASES = {
@@ -141,8 +141,7 @@ def spliced(client: CacheClient, manifest, args, body: bytes) -> dict:
     hook's output, by the server on held-out text; none where the model is not a causal LM."""
     if not args.downstream_tokens or not args.causal:
         return {}
-    sae = client.request("POST", "/v1/saes", params={"dataset_id": manifest.dataset_id, "hook": args.hook}, content=body)
-    result = client.wait_evaluation(client.evaluate({"sae_id": sae.json()["sae_id"], "n_tokens": args.downstream_tokens})).result
+    result = evaluation(client, manifest, body, args.hook, args.downstream_tokens)
     # the server's FVU on that text, beside the held-out rows' (a check that the file computes what was trained)
     return {"ce_score": result.downstream.ce_loss_score, "kl": result.downstream.kl_div_with_sae,
             "spliced_fvu": 1 - result.explained_variance}

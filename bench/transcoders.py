@@ -72,10 +72,15 @@ def run_config(tokens: int) -> RunConfig:
                      checkpoint_every=10_000)
 
 
-def downstream(client: CacheClient, manifest, body: bytes, hook: str, n_tokens: int) -> dict:
+def evaluation(client: CacheClient, manifest, body: bytes, hook: str, n_tokens: int):
+    """The server's evaluation (``EvaluationResult``) of an SAE upload body registered at ``hook``,
+    spliced into the model on ``n_tokens`` held-out tokens."""
     sae = client.request("POST", "/v1/saes", params={"dataset_id": manifest.dataset_id, "hook": hook}, content=body).json()
-    job = client.wait_evaluation(client.evaluate({"sae_id": sae["sae_id"], "n_tokens": n_tokens}))
-    return job.result.downstream.model_dump()
+    return client.wait_evaluation(client.evaluate({"sae_id": sae["sae_id"], "n_tokens": n_tokens})).result
+
+
+def downstream(client: CacheClient, manifest, body: bytes, hook: str, n_tokens: int) -> dict:
+    return evaluation(client, manifest, body, hook, n_tokens).downstream.model_dump()
 
 
 def folder_body(folder: Path) -> bytes:
